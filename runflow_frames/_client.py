@@ -1,0 +1,284 @@
+"""The Runflow HTTP client: the only module that imports httpx.
+
+Every httpx exception and every error status is translated here, once, into the tree of
+``_errors.py``. The API key lives in one private attribute and in the Authorization header of
+outgoing requests; it is never formatted into a message, a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Final, Self
+from urllib.parse import quote, urlsplit
+
+import httpx
+import orjson
+
+from ._errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    InputError,
+    InsufficientCreditError,
+    PermissionDeniedError,
+    ProtocolError,
+    RateLimitError,
+    RequestRejectedError,
+    ServerError,
+)
+from ._version import __version__
+
+DEFAULT_BASE_URL: Final = "https://api.runflow.io"
+DEFAULT_TIMEOUT: Final = 60.0
+DEFAULT_CONNECT_TIMEOUT: Final = 10.0
+
+_log = logging.getLogger("runflow_frames")
+_REQUEST_ID_HEADERS: Final = ("x-request-id", "runflow-request-id", "request-id")
+
+
+def model_path(owner: str, slug: str) -> str:
+    """The percent-encoded model path for ``owner`` and ``slug`` (which may contain ``/``).
+
+    >>> model_path("google", "nano-banana-pro/edit")
+    'google/nano-banana-pro/edit'
+    """
+    segments = [*owner.split("/"), *slug.split("/")]
+    for segment in segments:
+        if segment in ("", ".", ".."):
+            raise InputError(f"model path {owner + '/' + slug!r} has an empty, '.' or '..' segment")
+    return "/".join(quote(s, safe="") for s in segments)
+
+
+def _check_base_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return url.rstrip("/")
+    if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
+        return url.rstrip("/")
+    raise InputError(
+        f"base URL {url!r} must be https:// (plain http:// is allowed only for loopback hosts, "
+        "such as the local emulator)"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AsyncRunflowClient:
+    """Async client for the Runflow batch API.
+
+    Parameters
+    ----------
+    api_key : str, optional
+        Defaults to the ``RUNFLOW_API_KEY`` environment variable.
+    base_url : str, optional
+        Defaults to ``RUNFLOW_BASE_URL``, then ``https://api.runflow.io``.
+    org_id : str, optional
+        Sent as ``X-Organization-Id``; defaults to ``RUNFLOW_ORG_ID``.
+    timeout : float
+        Seconds a request may take (connecting takes at most 10 s of it).
+    transport : httpx.AsyncBaseTransport, optional
+        For tests: for example ``httpx.ASGITransport(app)`` to talk to an in-process emulator.
+
+    Use it as an async context manager::
+
+        async with AsyncRunflowClient() as client:
+            batch = await client.get_batch(batch_id)
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        org_id: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        key = api_key if api_key is not None else os.environ.get("RUNFLOW_API_KEY")
+        if not key:
+            raise InputError("no API key: pass api_key= or set RUNFLOW_API_KEY")
+        if timeout <= 0:
+            raise InputError(f"timeout must be positive, got {timeout}")
+        self.base_url = _check_base_url(
+            base_url or os.environ.get("RUNFLOW_BASE_URL") or DEFAULT_BASE_URL
+        )
+        self.org_id = org_id if org_id is not None else os.environ.get("RUNFLOW_ORG_ID") or None
+        self.timeout = timeout
+        self.__key = key
+        self._transport = transport
+        self._http: httpx.AsyncClient | None = None
+        self.requests_made = 0
+
+    def __repr__(self) -> str:
+        return f"AsyncRunflowClient(base_url={self.base_url!r}, org_id={self.org_id!r})"
+
+    async def __aenter__(self) -> Self:
+        headers = {
+            "Authorization": f"Bearer {self.__key}",
+            "Accept": "application/json",
+            "User-Agent": f"runflow-frames/{__version__}",
+        }
+        if self.org_id:
+            headers["X-Organization-Id"] = self.org_id
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, DEFAULT_CONNECT_TIMEOUT)),
+            transport=self._transport,
+            # One pool for the whole job; the pipeline, not httpx, bounds concurrency.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    async def create_batch(
+        self, path: str, body: bytes, *, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """``POST /v1/models/{path}/batches`` with an already-encoded body; returns the 201 body."""
+        headers = {"Content-Type": "application/json"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        return await self._request(
+            "POST", f"/v1/models/{path}/batches", content=body, headers=headers
+        )
+
+    async def get_batch(self, batch_id: str) -> dict[str, Any]:
+        """``GET /v1/batches/{id}``: the batch with its lean ``items[]``."""
+        return await self._request("GET", f"/v1/batches/{quote(batch_id, safe='')}")
+
+    async def list_batch_items(
+        self, batch_id: str, *, limit: int = 100, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """One page of ``GET /v1/batches/{id}/items``."""
+        params: dict[str, str | int] = {"limit": limit}
+        if cursor is not None:
+            params["pq"] = cursor
+        return await self._request(
+            "GET", f"/v1/batches/{quote(batch_id, safe='')}/items", params=params
+        )
+
+    async def get_batch_item(self, batch_id: str, item_id: str) -> dict[str, Any]:
+        """``GET /v1/batches/{batch_id}/items/{id}``."""
+        return await self._request(
+            "GET", f"/v1/batches/{quote(batch_id, safe='')}/items/{quote(item_id, safe='')}"
+        )
+
+    async def get_run(self, run_id: str) -> dict[str, Any]:
+        """``GET /v1/runs/{id}``."""
+        return await self._request("GET", f"/v1/runs/{quote(run_id, safe='')}")
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /v1/health``."""
+        return await self._request("GET", "/v1/health")
+
+    # -- the one boundary ------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str | int] | None = None,
+    ) -> dict[str, Any]:
+        if self._http is None:
+            raise RuntimeError("use the client as `async with AsyncRunflowClient() as client:`")
+        what = f"{method} {path}"
+        self.requests_made += 1
+        try:
+            response = await self._http.request(
+                method, path, content=content, headers=headers, params=params
+            )
+        except httpx.TimeoutException as exc:
+            raise APITimeoutError(f"{what} timed out after {self.timeout:g} s") from exc
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+        _log.debug("%s -> %d", what, response.status_code)
+        if response.is_success:
+            try:
+                data = orjson.loads(response.content)
+            except orjson.JSONDecodeError as exc:
+                raise ProtocolError(f"{what}: the {response.status_code} body is not JSON") from exc
+            if not isinstance(data, dict):
+                raise ProtocolError(f"{what}: expected a JSON object, got {type(data).__name__}")
+            return data
+        raise _status_error(what, response)
+
+
+def _status_error(what: str, response: httpx.Response) -> APIStatusError:
+    status = response.status_code
+    code, message, errors = _parse_error_body(response.content)
+    request_id = next(
+        (response.headers[h] for h in _REQUEST_ID_HEADERS if h in response.headers), None
+    )
+    text = (
+        f"{what} -> {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
+    )
+    if request_id:
+        text += f" (request id {request_id})"
+    cls: type[APIStatusError]
+    if status == 401:
+        cls = AuthenticationError
+        text += "; check RUNFLOW_API_KEY or api_key="
+    elif status == 402:
+        cls = InsufficientCreditError
+    elif status == 403:
+        cls = PermissionDeniedError
+    elif status == 429:
+        cls = RateLimitError
+    elif status >= 500:
+        cls = ServerError
+    else:
+        cls = RequestRejectedError
+    return cls(text, status_code=status, code=code, errors=errors, request_id=request_id)
+
+
+def _parse_error_body(content: bytes) -> tuple[str | None, str | None, list[Any] | None]:
+    """Reads ``{code, message, errors}``, ``{"error": {...}}``, ``{"error": "..."}`` and
+    FastAPI's ``{"detail": ...}``; falls back to the start of the raw text."""
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        text = content[:200].decode("utf-8", "replace").strip()
+        return None, text or None, None
+    if isinstance(data, dict):
+        inner = data.get("error")
+        if isinstance(inner, dict):
+            data = inner
+        elif isinstance(inner, str):
+            return None, inner, None
+        code = data.get("code")
+        message = data.get("message", data.get("detail"))
+        errors = data.get("errors")
+        return (
+            str(code) if code is not None else None,
+            message
+            if isinstance(message, str) or message is None
+            else orjson.dumps(message).decode(),
+            errors if isinstance(errors, list) else None,
+        )
+    return None, orjson.dumps(data)[:200].decode(), None

@@ -1,0 +1,147 @@
+"""The exception tree of runflow-frames.
+
+Every error the library raises on purpose derives from ``RunflowError``::
+
+    RunflowError
+    ├── InputError (also ValueError)      bad input or options, refused before any request
+    ├── SubmissionError                    a job stopped part-way; carries the rows it did submit
+    └── APIError                           something went wrong talking to the API
+        ├── APIConnectionError             no usable HTTP response (DNS, refused, reset, TLS)
+        │   └── APITimeoutError            the request timed out
+        ├── ProtocolError                  a response that breaks the contract (bad JSON,
+        │                                  handles that do not match the submitted rows)
+        └── APIStatusError                 the API answered with an error status
+            ├── AuthenticationError        401: missing or invalid API key
+            ├── PermissionDeniedError      403
+            ├── InsufficientCreditError    402: out of credit
+            ├── RateLimitError             429
+            ├── RequestRejectedError       400, 404, 409, 422 and other 4xx: the request itself is wrong
+            └── ServerError                5xx
+
+``InputError`` is a misuse error (fix the call); the ``APIError`` family is operational. HTTP
+library exceptions are translated into this tree in exactly one place, ``_client.py``; the API
+key never appears in any message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class RunflowError(Exception):
+    """Base class of every error runflow-frames raises on purpose."""
+
+
+class InputError(RunflowError, ValueError):
+    """The input frame or an option cannot work; nothing was sent.
+
+    ``column`` and ``keys`` name where the problem is, when it is in the data.
+    """
+
+    def __init__(
+        self, message: str, *, column: str | None = None, keys: Sequence[object] = ()
+    ) -> None:
+        super().__init__(message)
+        self.column = column
+        self.keys = list(keys)
+
+
+class APIError(RunflowError):
+    """Something went wrong talking to the Runflow API."""
+
+
+class APIConnectionError(APIError):
+    """No usable HTTP response: the connection failed, was reset, or TLS failed."""
+
+
+class APITimeoutError(APIConnectionError):
+    """The request timed out before a response arrived."""
+
+
+class ProtocolError(APIError):
+    """A response broke the API contract (unparseable body, handles that do not match)."""
+
+
+class APIStatusError(APIError):
+    """The API answered with an error status.
+
+    Attributes
+    ----------
+    status_code : int
+        The HTTP status.
+    code : str or None
+        The machine-readable ``code`` of the error envelope, when the body had one.
+    errors : list or None
+        Field-level details of a 422.
+    request_id : str or None
+        The request id header of the response, for support tickets.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        code: str | None = None,
+        errors: list[Any] | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.errors = errors
+        self.request_id = request_id
+
+
+class AuthenticationError(APIStatusError):
+    """401: the API key is missing or invalid. Set ``RUNFLOW_API_KEY`` or pass ``api_key=``."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: the key may not do this (role, organization, unverified email)."""
+
+
+class InsufficientCreditError(APIStatusError):
+    """402: the organization is out of credit."""
+
+
+class RateLimitError(APIStatusError):
+    """429: too many requests."""
+
+
+class RequestRejectedError(APIStatusError):
+    """400, 404, 409, 422 and other 4xx: the request is wrong and retrying will not help."""
+
+
+class ServerError(APIStatusError):
+    """5xx: the API failed; usually worth retrying later."""
+
+
+class SubmissionError(RunflowError):
+    """A job stopped before every row was submitted.
+
+    Nothing already submitted is lost: ``result`` is the input frame with the handles of every
+    row the server accepted (rows not submitted have null handle columns). The underlying error
+    is ``__cause__``.
+
+    Attributes
+    ----------
+    result : pandas.DataFrame
+        The joined frame, with handles for the rows that were submitted.
+    submitted : int
+        Rows the server accepted.
+    not_submitted : int
+        Rows that were not (or not known to be) accepted.
+    """
+
+    def __init__(
+        self, message: str, *, result: pd.DataFrame, submitted: int, not_submitted: int
+    ) -> None:
+        super().__init__(message)
+        self.result = result
+        self.submitted = submitted
+        self.not_submitted = not_submitted

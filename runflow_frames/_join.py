@@ -1,0 +1,105 @@
+"""Handles -> frame, verified one to one (pure).
+
+A create response must hand back exactly one item per submitted ``client_ref``; anything else
+(missing, extra or repeated refs, items without ids) is a ``ProtocolError``, never a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, Final, NamedTuple
+
+import pandas as pd
+
+from ._errors import InputError, ProtocolError
+
+
+class Handle(NamedTuple):
+    """What the server gave back for one submitted row."""
+
+    batch_id: str
+    item_id: str
+    run_id: str
+    sequence_index: int | None
+    status: str | None
+
+
+# Output columns, in order: the client_ref sent, then the Handle fields.
+CLIENT_REF_COLUMN: Final = "runflow_client_ref"
+HANDLE_COLUMNS: Final = (
+    CLIENT_REF_COLUMN,
+    "runflow_batch_id",
+    "runflow_item_id",
+    "runflow_run_id",
+    "runflow_sequence_index",
+    "runflow_status",
+)
+
+
+def check_no_collision(columns: Sequence[Hashable]) -> None:
+    """Refuse an input that already has one of the output columns (we never rename silently)."""
+    clash = [c for c in HANDLE_COLUMNS if c in set(columns)]
+    if clash:
+        raise InputError(
+            f"the frame already has output column(s) {clash}; drop or rename them first "
+            "(for example df.drop(columns=[c for c in df if c.startswith('runflow_')]))",
+            column=clash[0],
+        )
+
+
+def verify_handles(refs: Sequence[str], response: Mapping[str, Any]) -> dict[str, Handle]:
+    """The handles of a create response, keyed by client_ref, checked against ``refs``."""
+    batch_id = response.get("id")
+    items = response.get("items")
+    if not isinstance(batch_id, str) or not batch_id:
+        raise ProtocolError("create response has no batch id")
+    if not isinstance(items, list):
+        raise ProtocolError(f"create response for batch {batch_id} has no items[] list")
+    handles: dict[str, Handle] = {}
+    for item in items:
+        if not isinstance(item, dict):
+            raise ProtocolError(f"batch {batch_id}: an item handle is not an object")
+        ref, item_id, run_id = item.get("client_ref"), item.get("id"), item.get("run_id")
+        if not isinstance(ref, str):
+            raise ProtocolError(f"batch {batch_id}: an item handle has no client_ref")
+        if ref in handles:
+            raise ProtocolError(f"batch {batch_id}: client_ref {ref!r} came back twice")
+        if not isinstance(item_id, str) or not isinstance(run_id, str):
+            raise ProtocolError(f"batch {batch_id}: item {ref!r} has no id or run_id")
+        seq = item.get("sequence_index")
+        status = item.get("status_code")
+        handles[ref] = Handle(
+            batch_id,
+            item_id,
+            run_id,
+            seq if isinstance(seq, int) else None,
+            status if isinstance(status, str) else None,
+        )
+    expected = set(refs)
+    if len(expected) != len(refs):
+        raise ProtocolError("a chunk was submitted with repeated client_refs")  # our own bug
+    if handles.keys() != expected:
+        missing = sorted(expected - handles.keys())
+        extra = sorted(handles.keys() - expected)
+        raise ProtocolError(
+            f"batch {batch_id}: the handles do not match the submitted rows "
+            f"(missing {missing[:5]}, unexpected {extra[:5]})"
+        )
+    return handles
+
+
+def join_handles(
+    df: pd.DataFrame, refs: Sequence[str], handles: Mapping[str, Handle]
+) -> pd.DataFrame:
+    """A new frame: the input (index, order, columns) plus the handle columns.
+
+    Rows without a handle (not submitted) get nulls.
+    """
+    rows = [handles.get(r) for r in refs]
+    out = df.copy(deep=False)
+    out[CLIENT_REF_COLUMN] = pd.array(refs, dtype="string")
+    for position, name in enumerate(HANDLE_COLUMNS[1:]):
+        values = [None if h is None else h[position] for h in rows]
+        dtype = "Int64" if name == "runflow_sequence_index" else "string"
+        out[name] = pd.array(values, dtype=dtype)
+    return out

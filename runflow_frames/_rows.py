@@ -1,0 +1,404 @@
+"""Frame -> request bodies: row keys become ``client_ref``s, values become faithful JSON (pure).
+
+Everything here runs before the first request, so every refusal (duplicate or null keys, values
+JSON cannot carry) happens while nothing has been sent. Columns are converted column-wise, with
+vectorised fast paths for numeric, boolean and datetime dtypes, and a per-value path for object
+and extension dtypes.
+
+JSON mapping (documented in the README):
+
+- integers, booleans, strings: as themselves; floats as numbers, NaN is a missing value,
+  infinities are refused;
+- ``Decimal``: an exact JSON number (``Decimal("1.10")`` goes out as ``1.10``);
+- datetimes: ISO 8601, with the offset when time-zone aware, at the finest unit the column needs
+  (``2024-01-01T12:00:00``, ``2024-01-01T12:00:00.123456789+01:00``); dates: ``2024-01-01``;
+- categoricals: their category values; lists, tuples, arrays, dicts and nested Arrow types: arrays
+  and objects, recursively (a missing value inside them is ``null``);
+- missing values (None, NaN, NaT, pd.NA) in a column: the field is left out of the item, or sent
+  as ``null`` with ``missing="null"``;
+- anything else (bytes, timedeltas, sets, arbitrary objects, dicts with non-string keys,
+  integers beyond 64 bits): refused, naming the column and the row keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import math
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Final, Literal
+
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow as pa
+
+from ._errors import InputError
+
+MAX_CLIENT_REF_LEN: Final = 255
+MAX_CHUNK_SIZE: Final = 100
+MAX_CALLBACK_URL_LEN: Final = 2048
+CLIENT_REF_FIELD: Final = "client_ref"
+
+# Rows converted at a time: bounds the Python objects alive during encoding.
+_BLOCK_ROWS: Final = 20_000
+# Offending keys named in an error message; the rest are counted.
+_KEYS_SHOWN: Final = 5
+
+Missing = Literal["omit", "null"]
+
+
+class _MissingType:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final = _MissingType()
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+_PER_SECOND: Final = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One request's worth of rows: their client_refs, in order, and the exact body to POST."""
+
+    number: int
+    refs: tuple[str, ...]
+    body: bytes
+
+
+class _Unencodable(Exception):  # noqa: N818 - internal signal, never escapes this module
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# keys
+
+
+def client_refs(df: pd.DataFrame, key: Hashable | None) -> list[str]:
+    """The ``client_ref`` of every row: the string form of the index, or of column ``key``.
+
+    Refuses null, empty, over-long and duplicate keys (duplicates after conversion to strings
+    too: ``1`` and ``"1"`` would be the same ``client_ref``).
+    """
+    if key is None:
+        if isinstance(df.index, pd.MultiIndex):
+            raise InputError(
+                "a MultiIndex cannot be a row key; pass key='<column>' or reset_index() first"
+            )
+        keys = pd.Series(df.index, index=df.index)
+        where = "index"
+    else:
+        if key not in df.columns:
+            raise InputError(f"key column {key!r} is not in the frame", column=str(key))
+        keys = df[key]
+        if isinstance(keys, pd.DataFrame):
+            raise InputError(f"key column {key!r} appears more than once", column=str(key))
+        where = f"key column {key!r}"
+
+    nulls = keys.isna().to_numpy()
+    if nulls.any():
+        positions = np.flatnonzero(nulls)
+        raise InputError(
+            f"{where} has {len(positions)} null key(s), at row position(s) "
+            f"{_show(positions.tolist())}; every row needs a unique, non-null key",
+            column=None if key is None else str(key),
+            keys=[None] * len(positions),
+        )
+
+    refs = _key_strings(keys, where)
+    too_long = [r for r in refs if len(r) > MAX_CLIENT_REF_LEN]
+    if too_long:
+        raise InputError(
+            f"{where}: {len(too_long)} key(s) are longer than {MAX_CLIENT_REF_LEN} characters "
+            f"as strings, e.g. {too_long[0][:40]!r}...",
+            keys=too_long,
+        )
+    if any(r == "" for r in refs):
+        raise InputError(f"{where}: the empty string cannot be a row key", keys=[""])
+    ref_index = pd.Index(refs)
+    if not ref_index.is_unique:
+        dup = ref_index[ref_index.duplicated(keep=False)]
+        originals = keys[ref_index.isin(dup)].tolist()
+        raise InputError(
+            f"{where}: {dup.nunique()} key(s) are not unique as strings: "
+            f"{_show(sorted(set(dup.tolist())))} (rows {_show(originals)})",
+            column=None if key is None else str(key),
+            keys=sorted(set(dup.tolist())),
+        )
+    return refs
+
+
+def _key_strings(keys: pd.Series, where: str) -> list[str]:
+    dtype = keys.dtype
+    if dtype.kind == "M" or isinstance(dtype, pd.DatetimeTZDtype):
+        return [str(v) for v in _datetime_strings(keys)]
+    out: list[str] = []
+    for value in keys.tolist():
+        v = value.item() if isinstance(value, np.generic) else value
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, bool | int | Decimal):
+            out.append(str(v))
+        elif isinstance(v, float):
+            out.append(repr(v))
+        elif isinstance(v, dt.datetime | dt.date):
+            out.append(v.isoformat())
+        else:
+            raise InputError(
+                f"{where}: key {value!r} of type {type(value).__name__} has no stable string "
+                "form; use strings, integers or datetimes as keys",
+                keys=[value],
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# values
+
+
+def item_columns(
+    df: pd.DataFrame, key: Hashable | None, columns: Sequence[Hashable] | None
+) -> list[Hashable]:
+    """The columns that become item fields: ``columns``, or every column but the key."""
+    if columns is None:
+        chosen = [c for c in df.columns if key is None or c != key]
+    else:
+        chosen = list(columns)
+        missing = [c for c in chosen if c not in df.columns]
+        if missing:
+            raise InputError(f"columns not in the frame: {_show(missing)}")
+        if len(set(chosen)) != len(chosen):
+            raise InputError("columns= names a column more than once")
+    if not df.columns.is_unique:
+        dup = [c for c in chosen if (df.columns == c).sum() > 1]
+        if dup:
+            raise InputError(f"the frame has duplicate column names: {_show(dup)}")
+    for c in chosen:
+        if not isinstance(c, str):
+            raise InputError(
+                f"column name {c!r} is not a string; JSON field names must be strings "
+                "(rename it, e.g. df.columns = df.columns.map(str))",
+                column=str(c),
+            )
+        if c == CLIENT_REF_FIELD:
+            raise InputError(
+                f"column {c!r} would collide with the item's client_ref; pass key={c!r} to use "
+                "it as the row key, or rename it",
+                column=c,
+            )
+    return chosen
+
+
+def column_values(series: pd.Series, name: str, refs: Sequence[str]) -> list[Any]:
+    """JSON-ready values of one column; ``MISSING`` marks a missing value.
+
+    Raises InputError naming the column and the keys of the rows it cannot encode.
+    """
+    dtype = series.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        categories = column_values(pd.Series(dtype.categories), name, [""] * len(dtype.categories))
+        codes = series.cat.codes.to_numpy()
+        return [categories[c] if c >= 0 else MISSING for c in codes.tolist()]
+    if isinstance(dtype, np.dtype):
+        if dtype.kind in "biu":
+            return series.to_numpy().tolist()  # type: ignore[no-any-return]
+        if dtype.kind == "f":
+            arr = series.to_numpy()
+            inf = np.isinf(arr)
+            if inf.any():
+                bad = [refs[i] for i in np.flatnonzero(inf)]
+                raise _refusal(name, bad, "infinity has no JSON representation")
+            values: list[Any] = arr.tolist()
+            for i in np.flatnonzero(np.isnan(arr)).tolist():
+                values[i] = MISSING
+            return values
+        if dtype.kind == "M":
+            return _datetime_strings(series)
+        if dtype.kind == "m":
+            raise _refusal(
+                name,
+                refs[:1],
+                "timedeltas have no JSON form; convert them first, e.g. "
+                "s.dt.total_seconds() or s.astype(str)",
+            )
+        if dtype.kind in "OSU":
+            return _each(series.tolist(), name, refs)
+    if isinstance(dtype, pd.DatetimeTZDtype):
+        return _datetime_strings(series)
+    try:
+        # Extension dtypes (Int64, boolean, Float64, string, Arrow types): Arrow gives us
+        # Python values with None for missing ones; _each then normalises them.
+        values = pa.array(series, from_pandas=True).to_pylist()
+    except (pa.ArrowException, TypeError, ValueError):
+        values = series.tolist()
+    return _each(values, name, refs)
+
+
+def _each(values: list[Any], name: str, refs: Sequence[str]) -> list[Any]:
+    bad: list[str] = []
+    reason = ""
+    for i, v in enumerate(values):
+        try:
+            values[i] = _top(v)
+        except _Unencodable as exc:
+            if not bad:
+                reason = exc.reason
+            bad.append(refs[i])
+    if bad:
+        raise _refusal(name, bad, reason)
+    return values
+
+
+def _top(v: Any) -> Any:
+    """A column value: missing values become MISSING, the rest goes through _json."""
+    if v is None or v is pd.NaT or v is pd.NA:
+        return MISSING
+    if isinstance(v, float | np.floating) and math.isnan(v):
+        return MISSING
+    return _json(v)
+
+
+def _json(v: Any) -> Any:
+    # Order: most common types first.
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int):
+        if not _INT64_MIN <= v <= _UINT64_MAX:
+            raise _Unencodable(f"integer {v} is beyond 64 bits")
+        return v
+    if isinstance(v, float):
+        if math.isinf(v):
+            raise _Unencodable("infinity has no JSON representation")
+        return None if math.isnan(v) else float(v)  # float(): np.float64 is a float subclass
+    if v is None or v is pd.NaT or v is pd.NA:
+        return None
+    if isinstance(v, np.generic):
+        if isinstance(v, np.datetime64 | np.timedelta64):
+            return _json(pd.Timestamp(v) if isinstance(v, np.datetime64) else pd.Timedelta(v))
+        if isinstance(v, np.bytes_ | np.void):
+            raise _Unencodable(f"{type(v).__name__} values have no JSON form")
+        return _json(v.item())
+    if isinstance(v, Decimal):
+        if not v.is_finite():
+            raise _Unencodable(f"Decimal {v} has no JSON representation")
+        return orjson.Fragment(str(v).encode())
+    if isinstance(v, dt.datetime | dt.date | dt.time):
+        return v.isoformat()
+    if isinstance(v, dict):
+        out = {}
+        for k, item in v.items():
+            if not isinstance(k, str):
+                raise _Unencodable(f"dict key {k!r} is not a string")
+            out[k] = _json(item)
+        return out
+    if isinstance(v, np.ndarray):
+        return [_json(x) for x in v.tolist()]
+    if isinstance(v, list | tuple):
+        return [_json(x) for x in v]
+    raise _Unencodable(f"{type(v).__name__} values have no JSON form")
+
+
+def _datetime_strings(series: pd.Series) -> list[Any]:
+    """ISO 8601 strings for a datetime column, vectorised; NaT becomes MISSING."""
+    tz = getattr(series.dtype, "tz", None)
+    local = series.dt.tz_localize(None) if tz is not None else series
+    wall = local.to_numpy()
+    per_tick = _PER_SECOND[np.datetime_data(wall.dtype)[0]]
+    nat = np.isnat(wall)
+    valid = wall.view("i8")[~nat]
+    # The coarsest unit that loses nothing, so whole seconds print without a fraction.
+    out_unit = next(
+        u
+        for u, per in _PER_SECOND.items()
+        if per <= per_tick and not (valid % (per_tick // per)).any()
+    )
+    text = np.datetime_as_string(wall, unit=out_unit).tolist()
+    if tz is not None:
+        utc = series.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy()
+        offsets = ((wall - utc) // np.timedelta64(1, "s")).astype("i8")
+        suffix = {int(o): _offset(int(o)) for o in np.unique(offsets[~nat])}
+        text = [
+            t if n else t + suffix[o]
+            for t, o, n in zip(text, offsets.tolist(), nat.tolist(), strict=True)
+        ]
+    values: list[Any] = text
+    for i in np.flatnonzero(nat).tolist():
+        values[i] = MISSING
+    return values
+
+
+def _offset(seconds: int) -> str:
+    sign = "+" if seconds >= 0 else "-"
+    h, m = divmod(abs(seconds) // 60, 60)
+    return f"{sign}{h:02d}:{m:02d}"
+
+
+def _refusal(column: str, keys: Sequence[str], reason: str) -> InputError:
+    return InputError(
+        f"column {column!r}: {len(keys)} value(s) cannot be sent as JSON ({reason}); "
+        f"row key(s) {_show(list(keys))}",
+        column=column,
+        keys=keys,
+    )
+
+
+def _show(values: Sequence[Any]) -> str:
+    shown = ", ".join(repr(v) for v in values[:_KEYS_SHOWN])
+    more = len(values) - _KEYS_SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+# ---------------------------------------------------------------------------------------------
+# bodies
+
+
+def iter_chunks(
+    df: pd.DataFrame,
+    refs: Sequence[str],
+    columns: Sequence[Hashable],
+    *,
+    chunk_size: int,
+    missing: Missing = "omit",
+    metadata: dict[str, Any] | None = None,
+    callback_url: str | None = None,
+    first_number: int = 0,
+) -> Iterator[Chunk]:
+    """Lazily encode rows into chunks, converting ``_BLOCK_ROWS`` rows at a time."""
+    names = [str(c) for c in columns]
+    extra: dict[str, Any] = {}
+    if metadata is not None:
+        extra["metadata"] = metadata
+    if callback_url is not None:
+        extra["callback_url"] = callback_url
+    null = None if missing == "null" else MISSING
+    block = max(chunk_size, _BLOCK_ROWS // chunk_size * chunk_size)
+    number = first_number
+    for start in range(0, len(df), block):
+        part = df.iloc[start : start + block]
+        part_refs = refs[start : start + block]
+        cols = [column_values(part[c], n, part_refs) for c, n in zip(columns, names, strict=True)]
+        items: list[dict[str, Any]] = []
+        rows = zip(*cols, strict=True) if cols else itertools.repeat((), len(part_refs))
+        for ref, values in zip(part_refs, rows, strict=True):
+            item: dict[str, Any] = {CLIENT_REF_FIELD: ref}
+            for n, v in zip(names, values, strict=True):
+                if v is MISSING:
+                    if null is MISSING:
+                        continue
+                    v = None
+                item[n] = v
+            items.append(item)
+        for i in range(0, len(items), chunk_size):
+            batch = items[i : i + chunk_size]
+            body = orjson.dumps({"input": batch, **extra})
+            yield Chunk(number, tuple(part_refs[i : i + chunk_size]), body)
+            number += 1

@@ -1,0 +1,115 @@
+"""Models the emulator serves: declared inputs, price, and a deterministic output function."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+# The JSON types an input declaration may name, and the Python values that satisfy them.
+_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _echo(item: dict[str, Any]) -> dict[str, Any]:
+    return {"echo": item}
+
+
+def _uppercase(item: dict[str, Any]) -> dict[str, Any]:
+    return {"text": str(item["text"]).upper() * int(item.get("repeat", 1))}
+
+
+def _image(item: dict[str, Any]) -> dict[str, Any]:
+    url = f"https://assets.emulator.runflow.invalid/{_digest(item)[:32]}.png"
+    return {"outputs": [{"type": "image", "url": url}]}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the emulator serves.
+
+    Parameters
+    ----------
+    path : str
+        The model id, two or more ``/``-separated segments, e.g. ``"acme/echo"``.
+    required, optional : mapping of field name to JSON type
+        Declared inputs (``"string"``, ``"integer"``, ``"number"``, ``"boolean"``, ``"object"``,
+        ``"array"``). ``required=None`` accepts any input. Undeclared fields are allowed.
+        An item that fails its declarations fails as an item (``INPUT_VALIDATION_FAILED``);
+        the batch is still created.
+    batch_capable : bool
+        ``False`` makes the batch route answer 422, as Runflow does for per-provider models.
+    price : Decimal
+        Cost of one successful run; failed runs cost ``0``.
+    output : callable
+        Deterministic function of the (validated) item input to the run's output object.
+    """
+
+    path: str
+    required: Mapping[str, str] | None = None
+    optional: Mapping[str, str] = field(default_factory=dict)
+    batch_capable: bool = True
+    price: Decimal = Decimal("0.001")
+    output: Callable[[dict[str, Any]], dict[str, Any]] = _echo
+
+    def __post_init__(self) -> None:
+        segments = self.path.split("/")
+        if len(segments) < 2 or any(s in ("", ".", "..") for s in segments):
+            raise ValueError(f"model path {self.path!r} needs two or more non-empty segments")
+        for kind in [*(self.required or {}).values(), *self.optional.values()]:
+            if kind not in _CHECKS:
+                raise ValueError(f"unknown input type {kind!r}; use one of {sorted(_CHECKS)}")
+
+    def validate(self, item: Mapping[str, Any]) -> str | None:
+        """Why ``item`` fails the declared inputs, or None when it passes."""
+        if self.required is None:
+            return None
+        for name, kind in self.required.items():
+            if name not in item:
+                return f"missing required input {name!r}"
+            if not _CHECKS[kind](item[name]):
+                return f"input {name!r} must be of type {kind}"
+        for name, kind in self.optional.items():
+            if name in item and item[name] is not None and not _CHECKS[kind](item[name]):
+                return f"input {name!r} must be of type {kind}"
+        return None
+
+
+def builtin_models() -> list[ModelSpec]:
+    """The models every emulator starts with."""
+    return [
+        # Any input accepted; the output echoes it.
+        ModelSpec("acme/echo"),
+        # Typed inputs: items without a string "text" fail as items.
+        ModelSpec(
+            "acme/uppercase",
+            required={"text": "string"},
+            optional={"repeat": "integer"},
+            price=Decimal("0.002"),
+            output=_uppercase,
+        ),
+        # A three-segment model path, with a media-style output.
+        ModelSpec(
+            "acme/image/edit",
+            required={"prompt": "string"},
+            optional={"strength": "number"},
+            price=Decimal("0.04"),
+            output=_image,
+        ),
+        # Runs exist for it, batches do not: the batch route answers 422.
+        ModelSpec("acme/solo", batch_capable=False),
+    ]

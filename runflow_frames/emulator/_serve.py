@@ -1,0 +1,75 @@
+"""Serving the emulator over real HTTP on loopback: in a background thread, or in the foreground."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+
+from ._app import create_app
+from ._state import Emulator
+
+_STARTUP_TIMEOUT = 10.0
+
+
+def _server(emulator: Emulator) -> uvicorn.Server:
+    config = uvicorn.Config(
+        create_app(emulator),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        # Clients keep connections alive across a whole job.
+        timeout_keep_alive=30,
+    )
+    return uvicorn.Server(config)
+
+
+@contextmanager
+def serve(emulator: Emulator | None = None, *, port: int = 0) -> Iterator[str]:
+    """Serve ``emulator`` on 127.0.0.1 in a background thread; yields the base URL.
+
+    ``port=0`` picks a free port.
+
+    Examples
+    --------
+    >>> from runflow_frames.emulator import Emulator, serve
+    >>> emulator = Emulator()
+    >>> with serve(emulator) as base_url:  # doctest: +SKIP
+    ...     run_batches(df, "acme", "echo", base_url=base_url, api_key="test")
+    """
+    emulator = emulator if emulator is not None else Emulator()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    bound = sock.getsockname()[1]
+    server = _server(emulator)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="runflow-emulator", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + _STARTUP_TIMEOUT
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError("the emulator's server did not start")
+        time.sleep(0.005)
+    try:
+        yield f"http://127.0.0.1:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=_STARTUP_TIMEOUT)
+        sock.close()
+
+
+def run_forever(
+    emulator: Emulator | None = None, *, host: str = "127.0.0.1", port: int = 8080
+) -> None:
+    """Serve in the foreground until interrupted (what ``runflow-frames emulator`` runs)."""
+    server = _server(emulator if emulator is not None else Emulator())
+    server.config.host = host
+    server.config.port = port
+    server.run()
