@@ -15,7 +15,7 @@ Every error the library raises on purpose derives from ``RunflowError``::
             ├── PermissionDeniedError      403
             ├── InsufficientCreditError    402: out of credit
             ├── RateLimitError             429
-            ├── RequestRejectedError       400, 404, 409, 422 and other 4xx: the request itself is wrong
+            ├── RequestRejectedError       400, 404, 409, 422, other 4xx: a wrong request
             └── ServerError                5xx
 
 ``InputError`` is a misuse error (fix the call); the ``APIError`` family is operational. HTTP

@@ -99,7 +99,8 @@ def join_handles(
     out = df.copy(deep=False)
     out[CLIENT_REF_COLUMN] = pd.array(refs, dtype="string")
     for position, name in enumerate(HANDLE_COLUMNS[1:]):
-        values = [None if h is None else h[position] for h in rows]
-        dtype = "Int64" if name == "runflow_sequence_index" else "string"
-        out[name] = pd.array(values, dtype=dtype)
+        values: list[Any] = [None if h is None else h[position] for h in rows]
+        out[name] = pd.array(
+            values, dtype="Int64" if name == "runflow_sequence_index" else "string"
+        )
     return out

@@ -28,7 +28,7 @@ import math
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import numpy as np
 import orjson
@@ -59,7 +59,8 @@ class _MissingType:
 
 MISSING: Final = _MissingType()
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
-_PER_SECOND: Final = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+_Unit = Literal["s", "ms", "us", "ns"]
+_PER_SECOND: Final[dict[_Unit, int]] = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +166,9 @@ def _key_strings(keys: pd.Series, where: str) -> list[str]:
 
 def item_columns(
     df: pd.DataFrame, key: Hashable | None, columns: Sequence[Hashable] | None
-) -> list[Hashable]:
+) -> list[str]:
     """The columns that become item fields: ``columns``, or every column but the key."""
+    chosen: list[Hashable]
     if columns is None:
         chosen = [c for c in df.columns if key is None or c != key]
     else:
@@ -180,6 +182,7 @@ def item_columns(
         dup = [c for c in chosen if (df.columns == c).sum() > 1]
         if dup:
             raise InputError(f"the frame has duplicate column names: {_show(dup)}")
+    names: list[str] = []
     for c in chosen:
         if not isinstance(c, str):
             raise InputError(
@@ -193,7 +196,8 @@ def item_columns(
                 "it as the row key, or rename it",
                 column=c,
             )
-    return chosen
+        names.append(c)
+    return names
 
 
 def column_values(series: pd.Series, name: str, refs: Sequence[str]) -> list[Any]:
@@ -203,17 +207,16 @@ def column_values(series: pd.Series, name: str, refs: Sequence[str]) -> list[Any
     """
     dtype = series.dtype
     if isinstance(dtype, pd.CategoricalDtype):
-        categories = column_values(pd.Series(dtype.categories), name, [""] * len(dtype.categories))
-        codes = series.cat.codes.to_numpy()
-        return [categories[c] if c >= 0 else MISSING for c in codes.tolist()]
+        return _each(series.tolist(), name, refs)
     if isinstance(dtype, np.dtype):
         if dtype.kind in "biu":
-            return series.to_numpy().tolist()  # type: ignore[no-any-return]
+            ints: list[Any] = series.to_numpy().tolist()
+            return ints
         if dtype.kind == "f":
             arr = series.to_numpy()
             inf = np.isinf(arr)
             if inf.any():
-                bad = [refs[i] for i in np.flatnonzero(inf)]
+                bad = [refs[i] for i in np.flatnonzero(inf).tolist()]
                 raise _refusal(name, bad, "infinity has no JSON representation")
             values: list[Any] = arr.tolist()
             for i in np.flatnonzero(np.isnan(arr)).tolist():
@@ -311,8 +314,8 @@ def _datetime_strings(series: pd.Series) -> list[Any]:
     """ISO 8601 strings for a datetime column, vectorised; NaT becomes MISSING."""
     tz = getattr(series.dtype, "tz", None)
     local = series.dt.tz_localize(None) if tz is not None else series
-    wall = local.to_numpy()
-    per_tick = _PER_SECOND[np.datetime_data(wall.dtype)[0]]
+    wall: np.ndarray[Any, np.dtype[np.datetime64]] = local.to_numpy()
+    per_tick = _PER_SECOND[cast("_Unit", np.datetime_data(wall.dtype)[0])]
     nat = np.isnat(wall)
     valid = wall.view("i8")[~nat]
     # The coarsest unit that loses nothing, so whole seconds print without a fraction.
@@ -364,7 +367,7 @@ def _show(values: Sequence[Any]) -> str:
 def iter_chunks(
     df: pd.DataFrame,
     refs: Sequence[str],
-    columns: Sequence[Hashable],
+    columns: Sequence[str],
     *,
     chunk_size: int,
     missing: Missing = "omit",
@@ -373,7 +376,6 @@ def iter_chunks(
     first_number: int = 0,
 ) -> Iterator[Chunk]:
     """Lazily encode rows into chunks, converting ``_BLOCK_ROWS`` rows at a time."""
-    names = [str(c) for c in columns]
     extra: dict[str, Any] = {}
     if metadata is not None:
         extra["metadata"] = metadata
@@ -385,12 +387,12 @@ def iter_chunks(
     for start in range(0, len(df), block):
         part = df.iloc[start : start + block]
         part_refs = refs[start : start + block]
-        cols = [column_values(part[c], n, part_refs) for c, n in zip(columns, names, strict=True)]
+        cols = [column_values(part[c], c, part_refs) for c in columns]
         items: list[dict[str, Any]] = []
         rows = zip(*cols, strict=True) if cols else itertools.repeat((), len(part_refs))
         for ref, values in zip(part_refs, rows, strict=True):
             item: dict[str, Any] = {CLIENT_REF_FIELD: ref}
-            for n, v in zip(names, values, strict=True):
+            for n, v in zip(columns, values, strict=True):
                 if v is MISSING:
                     if null is MISSING:
                         continue

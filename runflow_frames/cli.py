@@ -16,7 +16,8 @@ def _demo(rows: int) -> int:
     import pandas as pd
 
     from ._api import run_batches
-    from .emulator import Emulator, serve
+    from .emulator import Emulator
+    from .emulator._serve import serve
 
     emulator = Emulator()
     df = pd.DataFrame(

@@ -57,12 +57,16 @@ def create_app(emulator: Emulator) -> Starlette:
         model = [unquote(s) for s in segments[3:-1]]
         if segments[-1] != "batches" or len(model) < 2:
             return _error(404, "NOT_FOUND", f"no route {request.url.path}")
-        body = await request.body()
-        if emulator.timing.create_latency > 0:
-            await anyio.sleep(emulator.timing.create_latency)
-        return emulator.create_batch(
-            token, "/".join(model), body, request.headers.get("idempotency-key")
-        )
+        emulator.create_started()
+        try:
+            body = await request.body()
+            if emulator.timing.create_latency > 0:
+                await anyio.sleep(emulator.timing.create_latency)
+            return emulator.create_batch(
+                token, "/".join(model), body, request.headers.get("idempotency-key")
+            )
+        finally:
+            emulator.create_finished()
 
     async def get_batch(request: Request, token: str) -> Answer:
         return emulator.get_batch(token, request.path_params["batch_id"])

@@ -16,6 +16,16 @@ from ._state import Emulator
 _STARTUP_TIMEOUT = 10.0
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit TCP_NODELAY from the listening one. Without it, a response
+    # written as headers then body waits ~40 ms for the client's delayed ACK (Nagle).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    return sock
+
+
 def _server(emulator: Emulator) -> uvicorn.Server:
     config = uvicorn.Config(
         create_app(emulator),
@@ -42,9 +52,7 @@ def serve(emulator: Emulator | None = None, *, port: int = 0) -> Iterator[str]:
     ...     run_batches(df, "acme", "echo", base_url=base_url, api_key="test")
     """
     emulator = emulator if emulator is not None else Emulator()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    sock = _bind("127.0.0.1", port)
     bound = sock.getsockname()[1]
     server = _server(emulator)
     thread = threading.Thread(
@@ -70,6 +78,5 @@ def run_forever(
 ) -> None:
     """Serve in the foreground until interrupted (what ``runflow-frames emulator`` runs)."""
     server = _server(emulator if emulator is not None else Emulator())
-    server.config.host = host
-    server.config.port = port
-    server.run()
+    with _bind(host, port) as sock:
+        server.run(sockets=[sock])

@@ -109,6 +109,7 @@ class Accounting:
     requests_by_route: dict[str, int]
     responses_by_status: dict[int, int]
     idempotent_replays: int
+    max_creates_in_flight: int
 
     def duplicate_refs(self) -> dict[str, int]:
         """client_refs that got more than one run."""
@@ -166,7 +167,7 @@ class Emulator:
         self.timing = timing or Timing()
         self.api_keys = None if api_keys is None else frozenset(api_keys)
         self.clock = clock
-        self._rng = random.Random(seed if seed is not None else os.urandom(16))
+        self._rng = random.Random(seed if seed is not None else os.urandom(16))  # noqa: S311 - ids, not secrets
         self._lock = threading.Lock()
         self._models: dict[str, ModelSpec] = {}
         for spec in builtin_models() if models is None else models:
@@ -180,6 +181,8 @@ class Emulator:
         self._requests_by_route: Counter[str] = Counter()
         self._responses_by_status: Counter[int] = Counter()
         self._replays = 0
+        self._creates_in_flight = 0
+        self._max_creates_in_flight = 0
 
     def __repr__(self) -> str:
         return f"Emulator(models={sorted(self._models)}, batches={len(self._batches)})"
@@ -207,6 +210,7 @@ class Emulator:
                 requests_by_route=dict(self._requests_by_route),
                 responses_by_status=dict(self._responses_by_status),
                 idempotent_replays=self._replays,
+                max_creates_in_flight=self._max_creates_in_flight,
             )
 
     def received(self) -> list[dict[str, Any]]:
@@ -229,6 +233,16 @@ class Emulator:
         with self._lock:
             self._requests_by_route[route] += 1
             self._responses_by_status[status] += 1
+
+    def create_started(self) -> None:
+        """A create request arrived (its body may still be on its way)."""
+        with self._lock:
+            self._creates_in_flight += 1
+            self._max_creates_in_flight = max(self._max_creates_in_flight, self._creates_in_flight)
+
+    def create_finished(self) -> None:
+        with self._lock:
+            self._creates_in_flight -= 1
 
     # -- operations ------------------------------------------------------------------------
 
