@@ -327,8 +327,9 @@ def _datetime_strings(series: pd.Series) -> list[Any]:
     text = np.datetime_as_string(wall, unit=out_unit).tolist()
     if tz is not None:
         utc = series.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy()
-        offsets = ((wall - utc) // np.timedelta64(1, "s")).astype("i8")
-        suffix = {int(o): _offset(int(o)) for o in np.unique(offsets[~nat])}
+        offsets = np.zeros(len(wall), dtype="i8")
+        offsets[~nat] = (wall[~nat] - utc[~nat]) // np.timedelta64(1, "s")
+        suffix = {o: _offset(o) for o in np.unique(offsets[~nat]).tolist()}
         text = [
             t if n else t + suffix[o]
             for t, o, n in zip(text, offsets.tolist(), nat.tolist(), strict=True)

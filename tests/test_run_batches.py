@@ -1,0 +1,363 @@
+"""run_batches end to end against the emulator: real loopback HTTP, and in-process for speed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from typing import Any
+
+import anyio
+import httpx
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+
+from runflow_frames import (
+    HANDLE_COLUMNS,
+    APIConnectionError,
+    AsyncRunflowClient,
+    AuthenticationError,
+    InputError,
+    ProtocolError,
+    RequestRejectedError,
+    ServerError,
+    SubmissionError,
+    arun_batches,
+    run_batches,
+)
+from runflow_frames.emulator import Emulator, Timing, create_app, serve
+
+from .conftest import API_KEY
+
+LOCAL = "http://localhost"  # in-process tests: the transport answers, no socket
+CREATE = "POST /v1/models/{model}/batches"
+
+
+def frame(n: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"text": [f"t{i}" for i in range(n)], "n": np.arange(n), "f": np.linspace(0, 1, n)},
+        index=pd.Index([f"k{i:04d}" for i in range(n)], name="key"),
+    )
+
+
+def server_view(emulator: Emulator) -> dict[str, dict[str, Any]]:
+    """client_ref -> what the model received, straight from the emulator."""
+    return {r["client_ref"]: r for r in emulator.received()}
+
+
+def test_every_row_gets_its_own_handle_over_real_http(emulator: Emulator, base_url: str) -> None:
+    df = frame(1234)
+    out = run_batches(df, "acme", "echo", base_url=base_url, api_key=API_KEY)
+
+    # The input comes back untouched: index, order, columns, values.
+    pd.testing.assert_frame_equal(out[df.columns], df)
+    assert list(out.columns) == [*df.columns, *HANDLE_COLUMNS]
+    # The server saw each row exactly once, with exactly the row's values.
+    seen = emulator.accounting()
+    assert seen.runs_by_client_ref == dict.fromkeys(df.index, 1)
+    assert seen.requests_by_route == {CREATE: 13}
+    received = server_view(emulator)
+    for key, row in df.iterrows():
+        assert received[str(key)]["input"] == {"text": row["text"], "n": row["n"], "f": row["f"]}
+    # Each row's handle is the server's record for that row.
+    for key, row in out.iterrows():
+        r = received[str(key)]
+        assert (row["runflow_run_id"], row["runflow_item_id"], row["runflow_batch_id"]) == (
+            r["run_id"],
+            r["item_id"],
+            r["batch_id"],
+        )
+        assert row["runflow_sequence_index"] == r["sequence_index"]
+        assert row["runflow_client_ref"] == key
+    assert set(out["runflow_status"]) == {"queued"}
+    assert out["runflow_batch_id"].value_counts().max() == 100
+
+
+def test_key_column_columns_and_chunk_size(emulator: Emulator, asgi: httpx.ASGITransport) -> None:
+    df = pd.DataFrame({"id": [10, 20, 30], "a": [1, 2, 3], "b": ["x", "y", "z"], "c": [0.5] * 3})
+    out = run_batches(
+        df,
+        "acme",
+        "echo",
+        key="id",
+        columns=["b", "a"],
+        chunk_size=2,
+        api_key=API_KEY,
+        transport=asgi,
+        base_url=LOCAL,
+    )
+    assert list(out["runflow_client_ref"]) == ["10", "20", "30"]
+    received = server_view(emulator)
+    assert received["20"]["input"] == {"b": "y", "a": 2}
+    assert emulator.accounting().batches_created == 2
+    assert out.index.equals(df.index)
+
+
+def test_metadata_and_callback_url_go_on_every_batch(
+    emulator: Emulator, http: httpx.Client, base_url: str
+) -> None:
+    out = run_batches(
+        frame(250),
+        "acme",
+        "echo",
+        metadata={"job": "nightly", "n": 1},
+        callback_url="https://example.com/hook",
+        base_url=base_url,
+        api_key=API_KEY,
+    )
+    batch_ids = out["runflow_batch_id"].unique()
+    assert len(batch_ids) == 3
+    for batch_id in batch_ids:
+        batch = http.get(f"/v1/batches/{batch_id}").json()
+        assert batch["metadata"] == {"job": "nightly", "n": 1}
+        assert batch["callback_url"] == "https://example.com/hook"
+
+
+def test_three_segment_model_path(emulator: Emulator, asgi: httpx.ASGITransport) -> None:
+    df = pd.DataFrame({"prompt": ["a", "b"]})
+    out = run_batches(df, "acme", "image/edit", api_key=API_KEY, transport=asgi, base_url=LOCAL)
+    assert out["runflow_run_id"].notna().all()
+    assert emulator.accounting().requests_by_route == {CREATE: 1}
+
+
+def test_works_from_inside_a_running_event_loop(emulator: Emulator, base_url: str) -> None:
+    async def notebook_cell() -> pd.DataFrame:
+        asyncio.get_running_loop()  # a loop is running here, as in Jupyter
+        return run_batches(frame(300), "acme", "echo", base_url=base_url, api_key=API_KEY)
+
+    out = asyncio.run(notebook_cell())
+    assert out["runflow_run_id"].notna().all()
+    assert len(emulator.accounting().runs_by_client_ref) == 300
+
+
+def test_async_api(emulator: Emulator, asgi: httpx.ASGITransport) -> None:
+    async def main() -> pd.DataFrame:
+        return await arun_batches(
+            frame(120), "acme", "echo", api_key=API_KEY, transport=asgi, base_url=LOCAL
+        )
+
+    out = anyio.run(main)
+    assert out["runflow_run_id"].notna().all()
+    assert emulator.accounting().batches_created == 2
+
+
+def test_pipeline_keeps_max_concurrency_requests_in_flight(
+    emulator: Emulator, base_url: str
+) -> None:
+    emulator.timing = Timing(create_latency=0.05)
+    run_batches(frame(3000), "acme", "echo", max_concurrency=5, base_url=base_url, api_key=API_KEY)
+    assert emulator.accounting().max_creates_in_flight == 5
+
+
+def test_environment_variables_configure_the_client(
+    emulator: Emulator, base_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNFLOW_API_KEY", API_KEY)
+    monkeypatch.setenv("RUNFLOW_BASE_URL", base_url)
+    out = run_batches(frame(3), "acme", "echo")
+    assert out["runflow_run_id"].notna().all()
+
+
+# -- bad input: a clear error, and the server receives nothing ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("df", "kwargs", "message"),
+    [
+        (pd.DataFrame({"v": [1, 2]}, index=["a", "a"]), {}, "not unique"),
+        (pd.DataFrame({"v": [1, 2]}, index=["a", None]), {}, "null key"),
+        (pd.DataFrame({"v": [1.0, np.inf]}, index=["a", "b"]), {}, "column 'v'.*'b'"),
+        (pd.DataFrame({"v": [b"x", "y"]}), {}, "bytes"),
+        (frame(2), {"chunk_size": 0}, "chunk_size"),
+        (frame(2), {"chunk_size": 101}, "chunk_size"),
+        (frame(2), {"max_concurrency": 0}, "max_concurrency"),
+        (frame(2), {"missing": "drop"}, "missing"),
+        (frame(2), {"metadata": [1]}, "metadata"),
+        (frame(2), {"callback_url": "https://x/" + "a" * 2048}, "callback_url"),
+        (frame(2), {"key": "nope"}, "not in the frame"),
+        (frame(2), {"columns": ["nope"]}, "not in the frame"),
+        (frame(2).assign(runflow_run_id="x"), {}, "runflow_run_id"),
+        (frame(2), {"slug": "echo/../x"}, "segment"),
+        (frame(2), {"slug": ""}, "segment"),
+        (frame(2), {"api_key": ""}, "API key"),
+        (frame(2), {"base_url": "http://api.example.com"}, "https://"),
+        (frame(2), {"timeout": 0}, "timeout"),
+        ([{"v": 1}], {}, "DataFrame"),
+    ],
+)
+def test_bad_input_is_refused_before_any_request(
+    emulator: Emulator, base_url: str, df: Any, kwargs: dict[str, Any], message: str
+) -> None:
+    options: dict[str, Any] = {"base_url": base_url, "api_key": API_KEY, "slug": "echo", **kwargs}
+    slug = options.pop("slug")
+    with pytest.raises(InputError, match=message):
+        run_batches(df, "acme", slug, **options)
+    assert emulator.accounting().requests_by_route == {}
+
+
+def test_missing_api_key_is_refused(base_url: str, emulator: Emulator) -> None:
+    with pytest.raises(InputError, match="RUNFLOW_API_KEY"):
+        run_batches(frame(1), "acme", "echo", base_url=base_url)
+    assert emulator.accounting().requests_by_route == {}
+
+
+def test_empty_frame_returns_empty_result_without_requests(
+    emulator: Emulator, base_url: str
+) -> None:
+    out = run_batches(frame(0), "acme", "echo", base_url=base_url, api_key=API_KEY)
+    assert len(out) == 0
+    assert list(out.columns)[-len(HANDLE_COLUMNS) :] == list(HANDLE_COLUMNS)
+    assert emulator.accounting().requests_by_route == {}
+
+
+# -- errors during a job ------------------------------------------------------------------------
+
+
+def test_401_stops_the_job_with_an_auth_error_and_hides_the_key(base_url: str) -> None:
+    emulator = Emulator(api_keys={"the-right-one"})
+    with serve(emulator) as url, pytest.raises(SubmissionError) as info:
+        run_batches(frame(500), "acme", "echo", base_url=url, api_key=API_KEY, max_concurrency=2)
+    err = info.value
+    assert isinstance(err.__cause__, AuthenticationError)
+    assert err.__cause__.status_code == 401
+    assert err.submitted == 0
+    assert err.not_submitted == 500
+    assert err.result["runflow_run_id"].isna().all()
+    # After the first failure no new chunk starts: at most the in-flight ones were sent.
+    assert emulator.accounting().requests_by_route[CREATE] <= 2
+    text = "".join(traceback.format_exception(err)) + repr(err) + repr(err.__cause__)
+    assert API_KEY not in text
+
+
+def test_unknown_model_is_rejected(base_url: str) -> None:
+    with pytest.raises(SubmissionError) as info:
+        run_batches(frame(5), "acme", "nope", base_url=base_url, api_key=API_KEY)
+    assert isinstance(info.value.__cause__, RequestRejectedError)
+    assert info.value.__cause__.status_code == 404
+    assert info.value.__cause__.code == "MODEL_NOT_FOUND"
+
+
+class FailNthCreate(httpx.AsyncBaseTransport):
+    """The emulator in-process, except that the n-th create POST answers 500 unprocessed."""
+
+    def __init__(self, emulator: Emulator, n: int) -> None:
+        self.inner = httpx.ASGITransport(app=create_app(emulator))
+        self.n = n
+        self.creates = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            self.creates += 1
+            if self.creates == self.n:
+                return httpx.Response(
+                    500, json={"code": "INTERNAL", "message": "boom", "errors": None}
+                )
+        return await self.inner.handle_async_request(request)
+
+
+def test_a_failure_mid_job_keeps_every_submitted_handle(emulator: Emulator) -> None:
+    df = frame(1000)
+    with pytest.raises(SubmissionError) as info:
+        run_batches(
+            df,
+            "acme",
+            "echo",
+            max_concurrency=1,
+            api_key=API_KEY,
+            base_url=LOCAL,
+            transport=FailNthCreate(emulator, 4),
+        )
+    err = info.value
+    assert isinstance(err.__cause__, ServerError)
+    assert (err.submitted, err.not_submitted) == (300, 700)
+    assert "300 submitted" in str(err)
+    assert "700 of 1000" in str(err)
+    result = err.result
+    pd.testing.assert_frame_equal(result[df.columns], df)
+    submitted = result[result["runflow_run_id"].notna()]
+    received = server_view(emulator)
+    assert set(submitted.index) == set(received)
+    for key, row in submitted.iterrows():
+        assert row["runflow_run_id"] == received[str(key)]["run_id"]
+
+
+class Tamper(httpx.AsyncBaseTransport):
+    """Forwards to the emulator, then rewrites the create response's items."""
+
+    def __init__(self, emulator: Emulator, edit: Any) -> None:
+        self.inner = httpx.ASGITransport(app=create_app(emulator))
+        self.edit = edit
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.method != "POST":
+            return response
+        body = orjson.loads(await response.aread())
+        self.edit(body["items"])
+        return httpx.Response(201, content=orjson.dumps(body))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda items: items.pop(), "missing"),
+        (lambda items: items.append(dict(items[0])), "came back twice"),
+        (lambda items: items[0].update(client_ref="intruder"), "unexpected"),
+        (lambda items: items[0].pop("run_id"), "no id or run_id"),
+        (lambda items: items[0].pop("client_ref"), "no client_ref"),
+    ],
+)
+def test_handles_that_do_not_match_are_an_error_not_a_misjoin(
+    emulator: Emulator, edit: Any, message: str
+) -> None:
+    with pytest.raises(SubmissionError) as info:
+        run_batches(
+            frame(10),
+            "acme",
+            "echo",
+            api_key=API_KEY,
+            base_url=LOCAL,
+            transport=Tamper(emulator, edit),
+        )
+    assert isinstance(info.value.__cause__, ProtocolError)
+    assert message in str(info.value.__cause__)
+    assert info.value.result["runflow_run_id"].isna().all()
+
+
+def test_connection_refused_is_a_connection_error() -> None:
+    with serve(Emulator()) as url:
+        pass  # the port is closed again
+    with pytest.raises(SubmissionError) as info:
+        run_batches(frame(3), "acme", "echo", base_url=url, api_key=API_KEY)
+    assert isinstance(info.value.__cause__, APIConnectionError)
+
+
+def test_the_key_never_appears_in_reprs_or_logs(
+    base_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = AsyncRunflowClient(api_key=API_KEY, base_url=base_url)
+    assert API_KEY not in repr(client)
+    assert API_KEY not in str(client)
+    run_batches(frame(150), "acme", "echo", base_url=base_url, api_key=API_KEY)
+    assert caplog.records  # the request log is on at DEBUG
+    assert all(API_KEY not in r.getMessage() for r in caplog.records)
+
+
+def test_org_id_header_is_sent(emulator: Emulator) -> None:
+    seen: list[str | None] = []
+    inner = httpx.ASGITransport(app=create_app(emulator))
+
+    class Spy(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            seen.append(request.headers.get("x-organization-id"))
+            assert request.headers["authorization"] == f"Bearer {API_KEY}"
+            assert request.headers["idempotency-key"].startswith("rff-")
+            return await inner.handle_async_request(request)
+
+    run_batches(
+        frame(3), "acme", "echo", api_key=API_KEY, org_id="org-1", base_url=LOCAL, transport=Spy()
+    )
+    assert seen == ["org-1"]
