@@ -123,8 +123,8 @@ def client_refs(df: pd.DataFrame, key: Hashable | None) -> list[str]:
         )
     if any(r == "" for r in refs):
         raise InputError(f"{where}: the empty string cannot be a row key", keys=[""])
-    ref_index = pd.Index(refs)
-    if not ref_index.is_unique:
+    if len(set(refs)) != len(refs):
+        ref_index = pd.Index(refs)
         dup = ref_index[ref_index.duplicated(keep=False)]
         originals = keys[ref_index.isin(dup)].tolist()
         raise InputError(
@@ -140,6 +140,8 @@ def _key_strings(keys: pd.Series, where: str) -> list[str]:
     dtype = keys.dtype
     if dtype.kind == "M" or isinstance(dtype, pd.DatetimeTZDtype):
         return [str(v) for v in _datetime_strings(keys)]
+    if isinstance(dtype, np.dtype) and dtype.kind in "iu":  # the common RangeIndex, fast
+        return list(map(str, keys.to_numpy().tolist()))
     out: list[str] = []
     for value in keys.tolist():
         v = value.item() if isinstance(value, np.generic) else value
@@ -374,7 +376,6 @@ def iter_chunks(
     missing: Missing = "omit",
     metadata: dict[str, Any] | None = None,
     callback_url: str | None = None,
-    first_number: int = 0,
 ) -> Iterator[Chunk]:
     """Lazily encode rows into chunks, converting ``_BLOCK_ROWS`` rows at a time."""
     extra: dict[str, Any] = {}
@@ -384,7 +385,7 @@ def iter_chunks(
         extra["callback_url"] = callback_url
     null = None if missing == "null" else MISSING
     block = max(chunk_size, _BLOCK_ROWS // chunk_size * chunk_size)
-    number = first_number
+    number = 0
     for start in range(0, len(df), block):
         part = df.iloc[start : start + block]
         part_refs = refs[start : start + block]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import httpx
@@ -10,6 +11,8 @@ import pytest
 from runflow_frames.emulator import Emulator, create_app, serve
 
 API_KEY = "rf_live_test_secret_0123456789"
+# Read once, before the autouse fixture below hides it from every other test.
+LIVE_API_KEY = os.environ.get("RUNFLOW_API_KEY")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -66,3 +66,40 @@ def test_console_script_runs_the_demo() -> None:
     )
     assert "150 rows -> 2 batches, 150 runs" in out.stdout
     assert "duplicates: 0" in out.stdout
+
+
+def test_console_script_serves_the_emulator() -> None:
+    import socket
+    import time
+
+    import httpx
+    import pandas as pd
+
+    from runflow_frames import run_batches
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(sys.executable).with_name("runflow-frames")
+    proc = subprocess.Popen([str(script), "emulator", "--port", str(port)], stdout=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/v1/health").raise_for_status()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the emulator did not come up"
+                time.sleep(0.05)
+        out = run_batches(
+            pd.DataFrame({"v": range(150)}), "acme", "echo", base_url=url, api_key="k"
+        )
+        seen = httpx.get(url + "/_emulator/accounting").json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert seen["runs_by_client_ref"] == {str(i): 1 for i in range(150)}
+    assert out["runflow_run_id"].notna().all()
