@@ -1,6 +1,7 @@
 """runflow-frames: push a dataframe through Runflow's batch API, exactly once, joined back."""
 
 from ._api import arun_batches, run_batches
+from ._checkpoint import read_checkpoint
 from ._client import AsyncRunflowClient
 from ._errors import (
     APIConnectionError,
@@ -8,6 +9,7 @@ from ._errors import (
     APIStatusError,
     APITimeoutError,
     AuthenticationError,
+    CheckpointError,
     InputError,
     InsufficientCreditError,
     PermissionDeniedError,
@@ -16,6 +18,7 @@ from ._errors import (
     RequestRejectedError,
     RunflowError,
     ServerError,
+    StaleIntentWarning,
     SubmissionError,
 )
 from ._join import HANDLE_COLUMNS
@@ -29,6 +32,7 @@ __all__ = [
     "APITimeoutError",
     "AsyncRunflowClient",
     "AuthenticationError",
+    "CheckpointError",
     "InputError",
     "InsufficientCreditError",
     "PermissionDeniedError",
@@ -37,8 +41,10 @@ __all__ = [
     "RequestRejectedError",
     "RunflowError",
     "ServerError",
+    "StaleIntentWarning",
     "SubmissionError",
     "__version__",
     "arun_batches",
+    "read_checkpoint",
     "run_batches",
 ]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
-from collections.abc import Hashable, Sequence
+import warnings
+from collections.abc import Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import pandas as pd
 
+from ._checkpoint import Checkpoint, Intent, plan_resume, row_digest
 from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient, model_path
-from ._errors import InputError, SubmissionError
+from ._errors import InputError, StaleIntentWarning, SubmissionError
 from ._join import Handle, check_no_collision, join_handles
 from ._pipeline import submit_chunks
 from ._rows import (
@@ -18,9 +21,11 @@ from ._rows import (
     MAX_CHUNK_SIZE,
     Chunk,
     Missing,
+    body_suffix,
+    chunk_body,
     client_refs,
+    encode_rows,
     item_columns,
-    iter_chunks,
 )
 from ._sync import run_sync
 
@@ -29,6 +34,8 @@ if TYPE_CHECKING:
 
 DEFAULT_CHUNK_SIZE: Final = MAX_CHUNK_SIZE
 DEFAULT_MAX_CONCURRENCY: Final = 8
+# Idempotency-Key retention is undocumented; a day is the common convention (Stripe's, e.g.).
+DEFAULT_MAX_INTENT_AGE: Final = 24 * 3600.0
 
 
 async def arun_batches(
@@ -43,6 +50,8 @@ async def arun_batches(
     metadata: dict[str, Any] | None = None,
     callback_url: str | None = None,
     missing: Missing = "omit",
+    checkpoint: str | os.PathLike[str] | None = None,
+    max_intent_age: float = DEFAULT_MAX_INTENT_AGE,
     api_key: str | None = None,
     base_url: str | None = None,
     org_id: str | None = None,
@@ -55,6 +64,122 @@ async def arun_batches(
     --------
     >>> result = await arun_batches(df, "acme", "echo")  # doctest: +SKIP
     """
+    _check_options(df, chunk_size, max_concurrency, missing, metadata, callback_url, max_intent_age)
+    path = model_path(owner, slug)
+    check_no_collision(list(df.columns))
+    fields = item_columns(df, key, columns)
+    refs = client_refs(df, key)
+    # Encode everything before the first request: every refusal happens while nothing is sent.
+    items = encode_rows(df, refs, fields, missing=missing)
+    suffix = body_suffix(metadata, callback_url)
+    client = AsyncRunflowClient(
+        api_key=api_key, base_url=base_url, org_id=org_id, timeout=timeout, transport=transport
+    )
+
+    ckpt: Checkpoint | None = None
+    handles: dict[str, Handle] = {}
+    try:
+        if checkpoint is None:
+            job_id, first_number = uuid.uuid4().hex, 0
+            pending: list[tuple[Intent, list[int]]] = []
+            unsent: Sequence[int] = range(len(refs))
+        else:
+            ckpt = Checkpoint.open(
+                checkpoint,
+                {
+                    "model": path,
+                    "base_url": client.base_url,
+                    "org_id": client.org_id,
+                    "key": None if key is None else str(key),
+                    "columns": fields,
+                    "missing": missing,
+                    "metadata": metadata,
+                    "callback_url": callback_url,
+                },
+            )
+            pending, unsent = plan_resume(ckpt.state, refs, items)
+            _warn_if_stale([intent for intent, _ in pending], max_intent_age)
+            job_id, first_number = ckpt.job_id, ckpt.state.next_chunk()
+            handles = ckpt.state.handles()
+            ckpt.start()
+
+        def chunks() -> Iterator[Chunk]:
+            # Pending intents first, byte for byte and with their recorded keys.
+            for intent, rows in pending:
+                body = chunk_body([items[i] for i in rows], suffix)
+                yield Chunk(intent.chunk, tuple(rows), intent.refs, body, intent.key)
+            for n, start in enumerate(range(0, len(unsent), chunk_size)):
+                rows = list(unsent[start : start + chunk_size])
+                number = first_number + n
+                body = chunk_body([items[i] for i in rows], suffix)
+                yield Chunk(
+                    number,
+                    tuple(rows),
+                    tuple(refs[i] for i in rows),
+                    body,
+                    f"rff-{job_id}-{number}",
+                )
+
+        def before_send(group: Sequence[Chunk]) -> None:
+            if ckpt is None:
+                return
+            now = time.time()
+            ckpt.intend(
+                Intent(c.number, c.key, now, c.refs, tuple(row_digest(items[i]) for i in c.rows))
+                for c in group
+                if c.number not in ckpt.state.intents
+            )
+
+        def on_submitted(chunk: Chunk, chunk_handles: list[Handle]) -> None:
+            handles.update(zip(chunk.refs, chunk_handles, strict=True))
+            if ckpt is not None:
+                ckpt.record(chunk.number, chunk_handles)
+
+        started = time.monotonic()
+        async with client:
+            failures = await submit_chunks(
+                client,
+                path,
+                chunks(),
+                max_concurrency=max_concurrency,
+                on_submitted=on_submitted,
+                before_send=before_send,
+                group=2 * max_concurrency,
+            )
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+
+    result = join_handles(df, refs, handles)
+    if failures:
+        first = failures[0].error
+        not_submitted = len(refs) - len(handles)
+        how = (
+            f"re-run the same call with checkpoint={os.fspath(checkpoint)!r} to send the rest "
+            "(nothing is sent twice)"
+            if checkpoint is not None
+            else "to send the rest, pass df[err.result['runflow_run_id'].isna()]"
+        )
+        raise SubmissionError(
+            f"{not_submitted} of {len(refs)} rows were not submitted after "
+            f"{time.monotonic() - started:.1f} s: {first}. The {len(handles)} submitted rows' "
+            f"handles are in this error's .result; {how}.",
+            result=result,
+            submitted=len(handles),
+            not_submitted=not_submitted,
+        ) from first
+    return result
+
+
+def _check_options(
+    df: object,
+    chunk_size: int,
+    max_concurrency: int,
+    missing: str,
+    metadata: object,
+    callback_url: object,
+    max_intent_age: float,
+) -> None:
     if not isinstance(df, pd.DataFrame):
         raise InputError(f"expected a pandas DataFrame, got {type(df).__name__}")
     if not (isinstance(chunk_size, int) and 1 <= chunk_size <= MAX_CHUNK_SIZE):
@@ -73,56 +198,22 @@ async def arun_batches(
         raise InputError(
             f"callback_url must be a string of at most {MAX_CALLBACK_URL_LEN} characters"
         )
+    if not max_intent_age > 0:
+        raise InputError(f"max_intent_age must be positive seconds, got {max_intent_age!r}")
 
-    path = model_path(owner, slug)
-    check_no_collision(list(df.columns))
-    fields = item_columns(df, key, columns)
-    refs = client_refs(df, key)
-    # Encode everything before the first request: every refusal happens while nothing is sent.
-    chunks = list(
-        iter_chunks(
-            df,
-            refs,
-            fields,
-            chunk_size=chunk_size,
-            missing=missing,
-            metadata=metadata,
-            callback_url=callback_url,
+
+def _warn_if_stale(pending: Sequence[Intent], max_age: float) -> None:
+    now = time.time()
+    stale = [i for i in pending if now - i.at > max_age]
+    if stale:
+        oldest = max(now - i.at for i in stale)
+        warnings.warn(
+            f"re-sending {len(stale)} chunk(s) ({sum(len(i.refs) for i in stale)} rows) whose "
+            f"first POST may be up to {oldest / 3600:.1f} h old; if the server no longer "
+            "remembers their Idempotency-Keys, rows it did receive then will run twice",
+            StaleIntentWarning,
+            stacklevel=3,
         )
-    )
-    client = AsyncRunflowClient(
-        api_key=api_key, base_url=base_url, org_id=org_id, timeout=timeout, transport=transport
-    )
-
-    handles: dict[str, Handle] = {}
-
-    def on_submitted(_chunk: Chunk, chunk_handles: dict[str, Handle]) -> None:
-        handles.update(chunk_handles)
-
-    started = time.monotonic()
-    async with client:
-        failures = await submit_chunks(
-            client,
-            path,
-            chunks,
-            job_id=uuid.uuid4().hex,
-            max_concurrency=max_concurrency,
-            on_submitted=on_submitted,
-        )
-    result = join_handles(df, refs, handles)
-    if failures:
-        first = failures[0].error
-        not_submitted = len(refs) - len(handles)
-        raise SubmissionError(
-            f"{not_submitted} of {len(refs)} rows were not submitted after "
-            f"{time.monotonic() - started:.1f} s: {first}. The {len(handles)} submitted rows' "
-            "handles are in this error's .result; to send the rest, pass "
-            "df[err.result['runflow_run_id'].isna()].",
-            result=result,
-            submitted=len(handles),
-            not_submitted=not_submitted,
-        ) from first
-    return result
 
 
 def run_batches(
@@ -137,6 +228,8 @@ def run_batches(
     metadata: dict[str, Any] | None = None,
     callback_url: str | None = None,
     missing: Missing = "omit",
+    checkpoint: str | os.PathLike[str] | None = None,
+    max_intent_age: float = DEFAULT_MAX_INTENT_AGE,
     api_key: str | None = None,
     base_url: str | None = None,
     org_id: str | None = None,
@@ -171,6 +264,16 @@ def run_batches(
     missing : {"omit", "null"}, default "omit"
         Whether a missing value (None, NaN, NaT, pd.NA) leaves its field out of the item or
         sends it as ``null``.
+    checkpoint : path, optional
+        A directory where the job records, durably, what it is about to send and what the
+        server answered. Re-running the same call with the same directory resumes: chunks
+        whose answer was lost are re-sent byte for byte with their Idempotency-Key (the server
+        replays them), rows never sent are sent, nothing is sent twice, and the result holds
+        every row's handle. New rows added to the input are sent; a different model, server,
+        key, columns or options, or changed values for recorded rows, are refused.
+    max_intent_age : float, default 86400
+        Seconds after which a resume warns (StaleIntentWarning) before re-sending a chunk
+        whose answer was lost: the server may have forgotten its Idempotency-Key.
     api_key, base_url, org_id : str, optional
         Default to ``RUNFLOW_API_KEY``, ``RUNFLOW_BASE_URL`` (then ``https://api.runflow.io``)
         and ``RUNFLOW_ORG_ID``.
@@ -190,6 +293,8 @@ def run_batches(
     ------
     InputError
         Before any request, for bad keys, unencodable values or impossible options.
+    CheckpointError
+        Before any request, when ``checkpoint`` is corrupted or belongs to another job.
     SubmissionError
         When the job stopped part-way; ``.result`` holds every submitted row's handle.
 
@@ -215,6 +320,8 @@ def run_batches(
             metadata=metadata,
             callback_url=callback_url,
             missing=missing,
+            checkpoint=checkpoint,
+            max_intent_age=max_intent_age,
             api_key=api_key,
             base_url=base_url,
             org_id=org_id,

@@ -4,6 +4,7 @@ Every error the library raises on purpose derives from ``RunflowError``::
 
     RunflowError
     ├── InputError (also ValueError)      bad input or options, refused before any request
+    ├── CheckpointError                    a checkpoint is corrupted or belongs to another job
     ├── SubmissionError                    a job stopped part-way; carries the rows it did submit
     └── APIError                           something went wrong talking to the API
         ├── APIConnectionError             no usable HTTP response (DNS, refused, reset, TLS)
@@ -17,6 +18,8 @@ Every error the library raises on purpose derives from ``RunflowError``::
             ├── RateLimitError             429
             ├── RequestRejectedError       400, 404, 409, 422, other 4xx: a wrong request
             └── ServerError                5xx
+
+``StaleIntentWarning`` (a UserWarning) warns before re-sending old intents.
 
 ``InputError`` is a misuse error (fix the call); the ``APIError`` family is operational. HTTP
 library exceptions are translated into this tree in exactly one place, ``_client.py``; the API
@@ -48,6 +51,17 @@ class InputError(RunflowError, ValueError):
         super().__init__(message)
         self.column = column
         self.keys = list(keys)
+
+
+class CheckpointError(RunflowError):
+    """A checkpoint cannot be used: corrupted, or made by a different job.
+
+    ``changes`` lists what differs when the job's fingerprint does not match.
+    """
+
+    def __init__(self, message: str, *, changes: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.changes = list(changes)
 
 
 class APIError(RunflowError):
@@ -145,3 +159,11 @@ class SubmissionError(RunflowError):
         self.result = result
         self.submitted = submitted
         self.not_submitted = not_submitted
+
+
+class StaleIntentWarning(UserWarning):
+    """A resume is about to re-send chunks whose first POST is older than ``max_intent_age``.
+
+    The server keeps Idempotency-Keys for an undocumented time; if it has forgotten them, a chunk
+    whose first POST did reach it would be created a second time.
+    """

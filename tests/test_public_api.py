@@ -20,6 +20,7 @@ def test_public_names() -> None:
             "APITimeoutError",
             "AsyncRunflowClient",
             "AuthenticationError",
+            "CheckpointError",
             "InputError",
             "InsufficientCreditError",
             "PermissionDeniedError",
@@ -28,9 +29,11 @@ def test_public_names() -> None:
             "RequestRejectedError",
             "RunflowError",
             "ServerError",
+            "StaleIntentWarning",
             "SubmissionError",
             "__version__",
             "arun_batches",
+            "read_checkpoint",
             "run_batches",
         ]
     )
@@ -43,7 +46,7 @@ def test_public_names() -> None:
 def test_every_error_is_a_runflow_error() -> None:
     for name in runflow_frames.__all__:
         obj = getattr(runflow_frames, name)
-        if isinstance(obj, type) and issubclass(obj, Exception):
+        if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, Warning):
             assert issubclass(obj, runflow_frames.RunflowError)
     assert issubclass(runflow_frames.InputError, ValueError)
 

@@ -17,15 +17,20 @@ from hypothesis import strategies as st
 from hypothesis.extra import pandas as hpd
 
 from runflow_frames import InputError
-from runflow_frames._rows import client_refs, item_columns, iter_chunks
+from runflow_frames._rows import (
+    body_suffix,
+    chunk_body,
+    client_refs,
+    encode_rows,
+    item_columns,
+)
 
 
 def encode(df: pd.DataFrame, *, key: str | None = None, **options: Any) -> list[dict[str, Any]]:
-    """The items run_batches would send for ``df``, decoded back from the request bodies."""
+    """The items run_batches would send for ``df``, decoded back from a request body."""
     refs = client_refs(df, key)
-    columns = item_columns(df, key, None)
-    chunks = iter_chunks(df, refs, columns, chunk_size=options.pop("chunk_size", 100), **options)
-    return [item for chunk in chunks for item in orjson.loads(chunk.body)["input"]]
+    items = encode_rows(df, refs, item_columns(df, key, None), **options)
+    return orjson.loads(chunk_body(items, body_suffix(None, None)))["input"]
 
 
 def one(values: Any, **series_kwargs: Any) -> list[Any]:
@@ -74,8 +79,7 @@ def test_dtypes_become_faithful_json(
 
 def test_decimal_goes_out_as_an_exact_number() -> None:
     df = pd.DataFrame({"v": [Decimal("0.1000000000000000000001")]})
-    body = next(iter_chunks(df, ["0"], ["v"], chunk_size=1)).body
-    assert b'"v":0.1000000000000000000001' in body
+    assert encode_rows(df, ["0"], ["v"]) == [b'{"client_ref":"0","v":0.1000000000000000000001}']
 
 
 @pytest.mark.parametrize(
@@ -223,29 +227,35 @@ def test_column_choice_and_collisions() -> None:
         item_columns(pd.DataFrame([[1, 2]], columns=["a", "a"]), None, None)
 
 
-def test_chunks_hold_chunk_size_rows_in_order_with_metadata() -> None:
-    df = pd.DataFrame({"v": range(250)})
-    refs = client_refs(df, None)
-    chunks = list(
-        iter_chunks(df, refs, ["v"], chunk_size=100, metadata={"m": 1}, callback_url="https://cb")
-    )
-    assert [len(c.refs) for c in chunks] == [100, 100, 50]
-    assert [c.number for c in chunks] == [0, 1, 2]
-    assert [r for c in chunks for r in c.refs] == refs
-    body = orjson.loads(chunks[2].body)
-    assert body["metadata"] == {"m": 1}
-    assert body["callback_url"] == "https://cb"
-    assert [i["client_ref"] for i in body["input"]] == refs[200:]
+@pytest.mark.parametrize(
+    ("metadata", "callback_url"),
+    [(None, None), ({"m": [1, {"x": None}]}, None), (None, "https://cb"), ({}, "https://cb")],
+)
+def test_bodies_are_exactly_what_orjson_writes_for_the_whole_request(
+    metadata: dict[str, Any] | None, callback_url: str | None
+) -> None:
+    df = pd.DataFrame({"v": [1.5, 2.0], "s": ["x", None]}, index=["a", "b"])
+    items = encode_rows(df, ["a", "b"], ["v", "s"])
+    expected: dict[str, Any] = {"input": [{"client_ref": "a", "v": 1.5, "s": "x"}, {"client_ref": "b", "v": 2.0}]}
+    if metadata is not None:
+        expected["metadata"] = metadata
+    if callback_url is not None:
+        expected["callback_url"] = callback_url
+    assert chunk_body(items, body_suffix(metadata, callback_url)) == orjson.dumps(expected)
 
 
-def test_encoding_in_blocks_gives_the_same_bytes_as_one_pass() -> None:
+def test_metadata_json_cannot_carry_is_refused() -> None:
+    with pytest.raises(InputError, match="metadata"):
+        body_suffix({"when": object()}, None)
+
+
+def test_encoding_in_blocks_matches_row_by_row() -> None:
     df = pd.DataFrame({"v": np.arange(45_000) / 3, "s": [f"s{i}" for i in range(45_000)]})
     refs = client_refs(df, None)
-    chunks = list(iter_chunks(df, refs, ["v", "s"], chunk_size=7))
-    assert sum(len(c.refs) for c in chunks) == 45_000
-    assert len({c.number for c in chunks}) == len(chunks)
-    items = [i for c in chunks for i in orjson.loads(c.body)["input"]]
-    assert items[44_999] == {"client_ref": "44999", "v": 44_999 / 3, "s": "s44999"}
+    items = encode_rows(df, refs, ["v", "s"])
+    assert len(items) == 45_000
+    assert orjson.loads(items[44_999]) == {"client_ref": "44999", "v": 44_999 / 3, "s": "s44999"}
+    assert orjson.loads(items[20_000]) == {"client_ref": "20000", "v": 20_000 / 3, "s": "s20000"}
 
 
 @settings(max_examples=60, deadline=None)

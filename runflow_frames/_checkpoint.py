@@ -1,0 +1,590 @@
+"""Checkpoints: the durable half of the exactly-once protocol. The only module that touches them.
+
+A row goes *unsent* -> *intended* -> *submitted*. Before a chunk's first POST, an **intent**
+record (its chunk number, Idempotency-Key, client_refs and a digest of each row's item bytes)
+is fsync'd; after the 201, a **done** record holds its handles. Every POST of a chunk sends the
+same bytes with the same key, so re-sending an intent whose response was lost makes the server
+replay the first batch rather than create a second one.
+
+Layout of a checkpoint directory::
+
+    manifest.json           the job's fingerprint (model, server, key, columns, options), once
+    journal-000007.log      append-only records of one run: intents, then done records
+    segment-000003.parquet  done rows, compacted from journals
+
+Journal records are framed as ``<u32 length><u32 crc32><orjson payload>``. A frame that runs past
+the end of the file, or fails its CRC with nothing valid after it, is a torn tail from a crash and
+is ignored; a bad frame followed by valid ones is corruption and an error. Manifest and segments
+are written to a temporary file, fsync'd, renamed into place and the directory fsync'd, so they
+are whole or absent. Each run appends to a fresh journal; at start it carries forward the intents
+that are still pending, folds the done records of older journals into a segment and deletes
+those journals. The same record may exist twice across files after a crash mid-compaction;
+records are keyed by chunk number and loading deduplicates them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import struct
+import time
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._errors import CheckpointError
+from ._join import Handle
+
+FORMAT: Final = 1
+MANIFEST: Final = "manifest.json"
+LOCK: Final = ".lock"
+_FRAME: Final = struct.Struct("<II")
+_JOURNAL_RE: Final = re.compile(r"journal-(\d{6})\.log")
+_SEGMENT_RE: Final = re.compile(r"segment-(\d{6})\.parquet")
+# Fields of the manifest that must match for a resume: they decide the bytes of every item and
+# where they go. chunk_size is not among them: it only shapes chunks not yet formed.
+FINGERPRINT: Final = (
+    "model",
+    "base_url",
+    "org_id",
+    "key",
+    "columns",
+    "missing",
+    "metadata",
+    "callback_url",
+)
+
+_SEGMENT_SCHEMA: Final = pa.schema(
+    [
+        ("client_ref", pa.string()),
+        ("chunk", pa.int64()),
+        ("digest", pa.int64()),
+        ("intent_at", pa.float64()),
+        ("submitted_at", pa.float64()),
+        ("batch_id", pa.string()),
+        ("item_id", pa.string()),
+        ("run_id", pa.string()),
+        ("sequence_index", pa.int64()),
+        ("status", pa.string()),
+    ]
+)
+
+
+def row_digest(item: bytes) -> int:
+    """A 64-bit digest of a row's item bytes: how a resume knows the row did not change."""
+    return int.from_bytes(hashlib.blake2b(item, digest_size=8).digest(), "little", signed=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """A chunk about to be (or maybe already) sent."""
+
+    chunk: int
+    key: str
+    at: float
+    refs: tuple[str, ...]
+    digests: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class State:
+    """Everything a checkpoint records, deduplicated by chunk number."""
+
+    intents: dict[int, Intent] = field(default_factory=dict)
+    done: dict[int, tuple[float, list[Handle]]] = field(default_factory=dict)
+    compacted: set[int] = field(default_factory=set)
+
+    def pending(self) -> list[Intent]:
+        """Intents without handles: maybe sent, response unknown. Oldest first."""
+        return [i for c, i in sorted(self.intents.items()) if c not in self.done]
+
+    def handles(self) -> dict[str, Handle]:
+        out: dict[str, Handle] = {}
+        for chunk, (_, handles) in self.done.items():
+            out.update(zip(self.intents[chunk].refs, handles, strict=True))
+        return out
+
+    def next_chunk(self) -> int:
+        return max(self.intents, default=-1) + 1
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through ``write(tmp_path)``, fsync, rename into place, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def _frame(record: Mapping[str, Any]) -> bytes:
+    payload = orjson.dumps(record)
+    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _read_journal(path: Path) -> list[dict[str, Any]]:
+    data = path.read_bytes()
+    records: list[dict[str, Any]] = []
+    pos = 0
+    while pos < len(data):
+        bad = _bad_frame(data, pos)
+        if bad is not None:
+            if _any_valid_frame_after(data, pos + 1):
+                raise CheckpointError(
+                    f"checkpoint journal {path} is corrupted at byte {pos} ({bad}); it is not a "
+                    "torn tail, so it is not safe to guess: restore the checkpoint or start anew"
+                )
+            break  # a torn tail: the record being written when the process died
+        size = _FRAME.unpack_from(data, pos)[0]
+        records.append(orjson.loads(data[pos + _FRAME.size : pos + _FRAME.size + size]))
+        pos += _FRAME.size + size
+    return records
+
+
+def _bad_frame(data: bytes, pos: int) -> str | None:
+    if pos + _FRAME.size > len(data):
+        return "truncated frame header"
+    size, crc = _FRAME.unpack_from(data, pos)
+    end = pos + _FRAME.size + size
+    if end > len(data):
+        return "truncated record"
+    payload = data[pos + _FRAME.size : end]
+    if zlib.crc32(payload) != crc:
+        return "checksum mismatch"
+    try:
+        record = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return "unparseable record"
+    return None if isinstance(record, dict) and record.get("t") in ("i", "d") else "unknown record"
+
+
+def _any_valid_frame_after(data: bytes, start: int) -> bool:
+    # Brute force over byte offsets, only on the error path: is there a whole valid frame later?
+    return any(_bad_frame(data, p) is None for p in range(start, len(data) - _FRAME.size))
+
+
+def _numbered(directory: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
+    found = []
+    for p in directory.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _read_segment(path: Path, state: State) -> None:
+    try:
+        table = pq.read_table(path, schema=_SEGMENT_SCHEMA)
+    except (pa.ArrowException, OSError) as exc:
+        raise CheckpointError(f"checkpoint segment {path} cannot be read: {exc}") from exc
+    cols = table.to_pydict()
+    by_chunk: dict[int, list[int]] = {}
+    for i, chunk in enumerate(cols["chunk"]):
+        by_chunk.setdefault(chunk, []).append(i)
+    for chunk, rows in by_chunk.items():
+        first = rows[0]
+        state.intents.setdefault(
+            chunk,
+            Intent(
+                chunk,
+                "",  # a done chunk is never re-sent, its key is not needed again
+                cols["intent_at"][first],
+                tuple(cols["client_ref"][i] for i in rows),
+                tuple(cols["digest"][i] for i in rows),
+            ),
+        )
+        handles = [
+            Handle(
+                cols["batch_id"][i],
+                cols["item_id"][i],
+                cols["run_id"][i],
+                cols["sequence_index"][i],
+                cols["status"][i],
+            )
+            for i in rows
+        ]
+        state.done.setdefault(chunk, (cols["submitted_at"][first], handles))
+        state.compacted.add(chunk)
+
+
+def _apply(record: Mapping[str, Any], state: State) -> None:
+    chunk = record["c"]
+    if record["t"] == "i":
+        state.intents.setdefault(
+            chunk,
+            Intent(chunk, record["k"], record["at"], tuple(record["r"]), tuple(record["d"])),
+        )
+    else:
+        handles = [Handle(record["b"], h[0], h[1], h[2], h[3]) for h in record["h"]]
+        state.done.setdefault(chunk, (record["at"], handles))
+
+
+def load_state(directory: Path) -> State:
+    """Everything recorded under ``directory``, verified consistent."""
+    state = State()
+    for _, path in _numbered(directory, _SEGMENT_RE):
+        _read_segment(path, state)
+    for _, path in _numbered(directory, _JOURNAL_RE):
+        for record in _read_journal(path):
+            _apply(record, state)
+    owner: dict[str, int] = {}
+    for chunk, intent in state.intents.items():
+        for ref in intent.refs:
+            if owner.setdefault(ref, chunk) != chunk:
+                raise CheckpointError(
+                    f"checkpoint {directory} records row {ref!r} in chunks {owner[ref]} and "
+                    f"{chunk}; it is inconsistent and cannot be resumed safely"
+                )
+    for chunk, (_, handles) in state.done.items():
+        if chunk not in state.intents or len(handles) != len(state.intents[chunk].refs):
+            raise CheckpointError(
+                f"checkpoint {directory}: chunk {chunk} has handles but no intent"
+            )
+    return state
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    path = directory / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint manifest {path} is not valid JSON") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a runflow-frames checkpoint manifest (format {FORMAT})"
+        )
+    return manifest
+
+
+def fingerprint_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints."""
+    return [
+        f"{name}: {recorded.get(name)!r} -> {current.get(name)!r}"
+        for name in FINGERPRINT
+        if recorded.get(name) != current.get(name)
+    ]
+
+
+def plan_resume(
+    state: State, refs: Sequence[str], items: Sequence[bytes]
+) -> tuple[list[tuple[Intent, list[int]]], list[int]]:
+    """What a run must still do: the pending intents to re-send (with their rows' positions),
+    and the positions of the rows never recorded, in frame order.
+
+    Refuses (CheckpointError) an input that lacks recorded rows, or whose recorded rows now
+    encode to different bytes: their chunks could not be re-sent byte for byte, and the
+    returned handles would not be for these values.
+    """
+    position = {ref: i for i, ref in enumerate(refs)}
+    recorded: dict[str, int] = {}
+    missing: list[str] = []
+    changed: list[str] = []
+    for intent in state.intents.values():
+        for ref, digest in zip(intent.refs, intent.digests, strict=True):
+            i = position.pop(ref, None)
+            if i is None:
+                missing.append(ref)
+                continue
+            recorded[ref] = i
+            if row_digest(items[i]) != digest:
+                changed.append(ref)
+    if missing:
+        raise CheckpointError(
+            f"the input lacks {len(missing)} row(s) the checkpoint recorded, e.g. "
+            f"{sorted(missing)[:5]}; resume with the same rows (new rows are fine)",
+            changes=[f"missing row {r!r}" for r in missing],
+        )
+    if changed:
+        raise CheckpointError(
+            f"{len(changed)} row(s) already recorded for submission have different values now, "
+            f"e.g. {sorted(changed)[:5]}; restore their values, or give changed rows new keys",
+            changes=[f"changed row {r!r}" for r in changed],
+        )
+    pending = [(intent, [recorded[r] for r in intent.refs]) for intent in state.pending()]
+    return pending, sorted(position.values())
+
+
+# -- the writer ---------------------------------------------------------------------------------
+
+
+class Checkpoint:
+    """An open checkpoint: loads what is there, then journals this run.
+
+    Use :meth:`open`; call :meth:`close` when the run ends, however it ends.
+    """
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], state: State) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.state = state
+        self._journal_no = max((n for n, _ in _numbered(directory, _JOURNAL_RE)), default=0) + 1
+        self._segment_no = max((n for n, _ in _numbered(directory, _SEGMENT_RE)), default=0) + 1
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str], fingerprint: Mapping[str, Any]) -> Checkpoint:
+        """Open (or create) the checkpoint at ``directory`` for a job with ``fingerprint``.
+
+        Raises CheckpointError when the checkpoint was made by a different job.
+        """
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        # One writer at a time: two processes journaling one job could send a row twice.
+        lock_fd = os.open(path / LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise CheckpointError(
+                f"checkpoint {path} is in use by another running job; wait for it to finish"
+            ) from None
+        try:
+            checkpoint = cls._open_locked(path, fingerprint)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        checkpoint._lock_fd = lock_fd
+        return checkpoint
+
+    @classmethod
+    def _open_locked(cls, path: Path, fingerprint: Mapping[str, Any]) -> Checkpoint:
+        manifest = read_manifest(path)
+        if manifest is None:
+            manifest = {
+                "format": FORMAT,
+                "job_id": os.urandom(8).hex(),
+                "created_at": time.time(),
+                **{k: fingerprint[k] for k in FINGERPRINT},
+            }
+            _atomic_write(path / MANIFEST, lambda tmp: tmp.write_bytes(orjson.dumps(manifest)))
+        else:
+            changes = fingerprint_changes(manifest, fingerprint)
+            if changes:
+                raise CheckpointError(
+                    f"checkpoint {path} belongs to a different job; changed: {'; '.join(changes)}. "
+                    "Resume with the same model, server, key, columns and options, or use a new "
+                    "checkpoint directory",
+                    changes=changes,
+                )
+        return cls(path, manifest, load_state(path))
+
+    @property
+    def job_id(self) -> str:
+        return str(self.manifest["job_id"])
+
+    def start(self) -> None:
+        """Open this run's journal, carrying pending intents into it and folding old journals.
+
+        After this, the directory holds the manifest, segments and one journal.
+        """
+        old = _numbered(self.directory, _JOURNAL_RE)
+        path = self.directory / f"journal-{self._journal_no:06d}.log"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        _fsync_dir(self.directory)
+        carried = self.state.pending()
+        if carried:
+            self._write([_intent_record(i) for i in carried], sync=True)
+        self._compact()
+        for _, journal in old:
+            journal.unlink()
+        if old:
+            _fsync_dir(self.directory)
+
+    def intend(self, intents: Iterable[Intent]) -> None:
+        """Record intents durably; returns once they are on disk (so their POSTs may go)."""
+        records = []
+        for intent in intents:
+            self.state.intents[intent.chunk] = intent
+            records.append(_intent_record(intent))
+        self._write(records, sync=True)
+
+    def record(self, chunk: int, handles: Sequence[Handle]) -> None:
+        """Record a chunk's handles. Written now, made durable with the next sync: until then
+        a crash only means the intent is re-sent and the server replays its batch."""
+        at = time.time()
+        self.state.done[chunk] = (at, list(handles))
+        self._write(
+            [
+                {
+                    "t": "d",
+                    "c": chunk,
+                    "at": at,
+                    "b": handles[0].batch_id if handles else None,
+                    "h": [[h.item_id, h.run_id, h.sequence_index, h.status] for h in handles],
+                }
+            ],
+            sync=False,
+        )
+
+    def close(self) -> None:
+        """Make everything durable, compact done chunks into a segment, release the lock."""
+        try:
+            if self._fd is not None:
+                os.fsync(self._fd)
+                self._compact()
+                os.close(self._fd)
+                self._fd = None
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # closing releases the flock
+                self._lock_fd = None
+
+    def _write(self, records: Sequence[Mapping[str, Any]], *, sync: bool) -> None:
+        if self._fd is None:
+            raise RuntimeError("Checkpoint.start() first")
+        if records:
+            os.write(self._fd, b"".join(_frame(r) for r in records))
+        if sync:
+            os.fsync(self._fd)
+
+    def _compact(self) -> None:
+        chunks = sorted(set(self.state.done) - self.state.compacted)
+        if not chunks:
+            return
+        columns: dict[str, list[Any]] = {name: [] for name in _SEGMENT_SCHEMA.names}
+        for chunk in chunks:
+            intent = self.state.intents[chunk]
+            at, handles = self.state.done[chunk]
+            n = len(handles)
+            columns["client_ref"] += intent.refs
+            columns["chunk"] += [chunk] * n
+            columns["digest"] += intent.digests
+            columns["intent_at"] += [intent.at] * n
+            columns["submitted_at"] += [at] * n
+            columns["batch_id"] += [h.batch_id for h in handles]
+            columns["item_id"] += [h.item_id for h in handles]
+            columns["run_id"] += [h.run_id for h in handles]
+            columns["sequence_index"] += [h.sequence_index for h in handles]
+            columns["status"] += [h.status for h in handles]
+        table = pa.table(columns, schema=_SEGMENT_SCHEMA)
+        path = self.directory / f"segment-{self._segment_no:06d}.parquet"
+        _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+        self._segment_no += 1
+        self.state.compacted.update(chunks)
+
+
+def _intent_record(intent: Intent) -> dict[str, Any]:
+    return {
+        "t": "i",
+        "c": intent.chunk,
+        "k": intent.key,
+        "at": intent.at,
+        "r": list(intent.refs),
+        "d": list(intent.digests),
+    }
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """A checkpoint's recorded rows and handles, without running anything.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The checkpoint directory given to ``run_batches(..., checkpoint=path)``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per recorded row, indexed by ``client_ref``: ``state`` (``"submitted"``, or
+        ``"pending"`` for an intent whose response is unknown), ``chunk``, the handle columns,
+        ``intent_at`` and ``submitted_at`` (UTC timestamps). ``df.attrs["progress"]`` summarises
+        the job: model, rows submitted and pending, chunks, created_at.
+
+    Examples
+    --------
+    >>> from runflow_frames import read_checkpoint
+    >>> done = read_checkpoint("ckpt/")  # doctest: +SKIP
+    >>> done.attrs["progress"]["rows_submitted"]  # doctest: +SKIP
+    1000
+    """
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise CheckpointError(f"{directory} is not a checkpoint (no {MANIFEST})")
+    state = load_state(directory)
+    rows: list[dict[str, Any]] = []
+    for chunk, intent in sorted(state.intents.items()):
+        done = state.done.get(chunk)
+        for i, ref in enumerate(intent.refs):
+            h = done[1][i] if done else None
+            rows.append(
+                {
+                    "client_ref": ref,
+                    "state": "submitted" if done else "pending",
+                    "chunk": chunk,
+                    "runflow_batch_id": h.batch_id if h else None,
+                    "runflow_item_id": h.item_id if h else None,
+                    "runflow_run_id": h.run_id if h else None,
+                    "runflow_sequence_index": h.sequence_index if h else None,
+                    "runflow_status": h.status if h else None,
+                    "intent_at": intent.at,
+                    "submitted_at": done[0] if done else None,
+                }
+            )
+    df = pd.DataFrame(rows, columns=_READ_COLUMNS).astype(_READ_DTYPES).set_index("client_ref")
+    for col in ("intent_at", "submitted_at"):
+        df[col] = pd.to_datetime(df[col], unit="s", utc=True)
+    pending = state.pending()
+    df.attrs["progress"] = {
+        "model": manifest["model"],
+        "created_at": manifest["created_at"],
+        "rows_submitted": int((df["state"] == "submitted").sum()),
+        "rows_pending": int((df["state"] == "pending").sum()),
+        "chunks_submitted": len(state.done),
+        "chunks_pending": len(pending),
+        "oldest_pending_at": min((i.at for i in pending), default=None),
+    }
+    return df
+
+
+_READ_COLUMNS: Final = [
+    "client_ref",
+    "state",
+    "chunk",
+    "runflow_batch_id",
+    "runflow_item_id",
+    "runflow_run_id",
+    "runflow_sequence_index",
+    "runflow_status",
+    "intent_at",
+    "submitted_at",
+]
+_READ_DTYPES: Final = {
+    "client_ref": "string",
+    "state": "string",
+    "chunk": "int64",
+    "runflow_batch_id": "string",
+    "runflow_item_id": "string",
+    "runflow_run_id": "string",
+    "runflow_sequence_index": "Int64",
+    "runflow_status": "string",
+    "intent_at": "float64",
+    "submitted_at": "float64",
+}
