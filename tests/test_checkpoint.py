@@ -1,0 +1,371 @@
+"""Checkpoints: resume without sending anything twice, and refuse what cannot be resumed safely."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+
+from runflow_frames import (
+    CheckpointError,
+    StaleIntentWarning,
+    SubmissionError,
+    arun_batches,
+    read_checkpoint,
+    run_batches,
+)
+from runflow_frames._checkpoint import Checkpoint, load_state
+from runflow_frames.emulator import Emulator, Timing, create_app
+
+from .conftest import API_KEY
+
+LOCAL = "http://localhost"
+CREATE = "POST /v1/models/{model}/batches"
+
+
+def frame(n: int, start: int = 0) -> pd.DataFrame:
+    keys = range(start, start + n)
+    return pd.DataFrame(
+        {"text": [f"t{i}" for i in keys], "n": list(keys)},
+        index=pd.Index([f"k{i:05d}" for i in keys]),
+    )
+
+
+class LoseResponse(httpx.AsyncBaseTransport):
+    """The emulator in-process, except that chosen create POSTs are processed by the server and
+    then their response is lost (the connection drops): the ambiguous case."""
+
+    def __init__(self, emulator: Emulator, lose: set[int]) -> None:
+        self.inner = httpx.ASGITransport(app=create_app(emulator))
+        self.lose = lose
+        self.creates = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.method == "POST":
+            self.creates += 1
+            if self.creates in self.lose:
+                raise httpx.ReadError("connection reset by peer", request=request)
+        return response
+
+
+def run(df: pd.DataFrame, ckpt: Path, emulator: Emulator, **kwargs: Any) -> pd.DataFrame:
+    transport = kwargs.pop("transport", None) or httpx.ASGITransport(app=create_app(emulator))
+    return run_batches(
+        df, "acme", kwargs.pop("slug", "echo"), checkpoint=ckpt, api_key=API_KEY, base_url=LOCAL,
+        transport=transport, **kwargs,
+    )
+
+
+def assert_matches_server(out: pd.DataFrame, emulator: Emulator) -> None:
+    """Every row was created exactly once, and its handle is the server's record of it."""
+    seen = emulator.accounting()
+    assert seen.runs_by_client_ref == dict.fromkeys(out["runflow_client_ref"], 1)
+    received = {r["client_ref"]: r for r in emulator.received()}
+    for ref, run_id, item_id, batch_id in zip(
+        out["runflow_client_ref"], out["runflow_run_id"], out["runflow_item_id"], out["runflow_batch_id"], strict=True
+    ):
+        r = received[ref]
+        assert (run_id, item_id, batch_id) == (r["run_id"], r["item_id"], r["batch_id"])
+
+
+def test_a_lost_response_is_resent_with_its_key_and_replayed_not_duplicated(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    df = frame(1000)
+    with pytest.raises(SubmissionError, match="re-run the same call with checkpoint"):
+        run(df, tmp_path, emulator, max_concurrency=1, transport=LoseResponse(emulator, {3}))
+    assert emulator.accounting().batches_created == 3  # the third was created; its answer lost
+
+    out = run(df, tmp_path, emulator, max_concurrency=3)
+    seen = emulator.accounting()
+    assert seen.batches_created == 10
+    assert seen.idempotent_replays == 1
+    # The lost chunk's key was sent twice; every other key once.
+    assert sorted(seen.requests_by_idempotency_key.values()) == [1] * 9 + [2]
+    pd.testing.assert_frame_equal(out[df.columns], df)
+    assert_matches_server(out, emulator)
+
+
+def test_a_finished_job_resumes_with_no_request_and_the_same_frame(tmp_path: Path, emulator: Emulator) -> None:
+    df = frame(250)
+    first = run(df, tmp_path, emulator)
+    second = run(df, tmp_path, emulator)
+    pd.testing.assert_frame_equal(first, second)
+    assert emulator.accounting().requests_by_route == {CREATE: 3}
+    assert_matches_server(second, emulator)
+
+
+def test_a_grown_input_sends_only_the_new_rows(tmp_path: Path, emulator: Emulator) -> None:
+    run(frame(150), tmp_path, emulator)
+    grown = pd.concat([frame(30, start=1000), frame(150)])  # new rows first: order is the input's
+    out = run(grown, tmp_path, emulator)
+    assert emulator.accounting().requests_by_route == {CREATE: 2 + 1}
+    assert out.index.equals(grown.index)
+    assert_matches_server(out, emulator)
+
+
+def test_chunk_size_may_change_between_runs(tmp_path: Path, emulator: Emulator) -> None:
+    run(frame(100), tmp_path, emulator, chunk_size=50)
+    out = run(frame(160), tmp_path, emulator, chunk_size=20)
+    assert emulator.accounting().batches_created == 2 + 3
+    assert_matches_server(out, emulator)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"slug": "image/edit"}, "model: 'acme/echo' -> 'acme/image/edit'"),
+        ({"columns": ["text"]}, "columns"),
+        ({"metadata": {"run": 2}}, "metadata"),
+        ({"callback_url": "https://example.com/cb"}, "callback_url"),
+        ({"missing": "null"}, "missing"),
+        ({"org_id": "other-org"}, "org_id"),
+        ({"key": "n"}, "key"),
+    ],
+)
+def test_a_different_job_is_refused_naming_what_changed(
+    tmp_path: Path, emulator: Emulator, change: dict[str, Any], named: str
+) -> None:
+    run(frame(10), tmp_path, emulator)
+    before = emulator.accounting()
+    with pytest.raises(CheckpointError, match="belongs to a different job") as info:
+        run(frame(10), tmp_path, emulator, **change)
+    assert any(named in c for c in info.value.changes)
+    assert named in str(info.value)
+    assert emulator.accounting() == before
+
+
+def test_changed_values_for_recorded_rows_are_refused_by_key(tmp_path: Path, emulator: Emulator) -> None:
+    run(frame(200), tmp_path, emulator)
+    changed = frame(200)
+    changed.loc["k00007", "text"] = "edited"
+    changed.loc["k00150", "n"] = -1
+    before = emulator.accounting()
+    with pytest.raises(CheckpointError, match="2 row") as info:
+        run(changed, tmp_path, emulator)
+    assert "k00007" in str(info.value)
+    assert info.value.changes == ["changed row 'k00007'", "changed row 'k00150'"]
+    assert emulator.accounting() == before
+
+
+def test_recorded_rows_missing_from_the_input_are_refused(tmp_path: Path, emulator: Emulator) -> None:
+    run(frame(20), tmp_path, emulator)
+    with pytest.raises(CheckpointError, match="lacks 5 row"):
+        run(frame(15), tmp_path, emulator)
+
+
+def test_old_pending_intents_warn_before_they_are_resent(tmp_path: Path, emulator: Emulator) -> None:
+    df = frame(300)
+    with pytest.raises(SubmissionError):
+        run(df, tmp_path, emulator, max_concurrency=1, transport=LoseResponse(emulator, {1}))
+    with pytest.warns(StaleIntentWarning, match=r"re-sending 2 chunk\(s\) \(200 rows\)"):
+        out = run(df, tmp_path, emulator, max_intent_age=1e-6)
+    assert_matches_server(out, emulator)
+    # Young intents do not warn.
+    with pytest.raises(SubmissionError):
+        run(frame(100, start=500), tmp_path / "b", emulator, transport=LoseResponse(emulator, {1}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(frame(100, start=500), tmp_path / "b", emulator)
+
+
+def test_read_checkpoint_reports_handles_and_progress(tmp_path: Path, emulator: Emulator) -> None:
+    df = frame(450)
+    with pytest.raises(SubmissionError) as info:
+        run(df, tmp_path, emulator, max_concurrency=1, transport=LoseResponse(emulator, {3}))
+    recorded = read_checkpoint(tmp_path)
+    progress = recorded.attrs["progress"]
+    assert progress["model"] == "acme/echo"
+    assert progress["rows_submitted"] == 200
+    assert progress["chunks_submitted"] == 2
+    # Intents go to disk two chunks ahead (2 x max_concurrency): the lost chunk and the one
+    # after it are pending.
+    assert progress["rows_pending"] == 200
+    assert set(recorded["state"]) == {"submitted", "pending"}
+    submitted = recorded[recorded["state"] == "submitted"]
+    partial = info.value.result.set_index("runflow_client_ref")
+    for col in ("runflow_run_id", "runflow_item_id", "runflow_batch_id"):
+        assert submitted[col].to_dict() == partial.loc[submitted.index, col].to_dict()
+    assert recorded.loc[recorded["state"] == "pending", "runflow_run_id"].isna().all()
+    assert str(recorded["intent_at"].dtype) == "datetime64[ns, UTC]"
+    out = run(df, tmp_path, emulator)
+    done = read_checkpoint(tmp_path)
+    assert done.attrs["progress"]["rows_pending"] == 0
+    assert done["runflow_run_id"].to_dict() == out.set_index("runflow_client_ref")["runflow_run_id"].to_dict()
+
+
+def test_read_checkpoint_of_a_non_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        read_checkpoint(tmp_path)
+
+
+def test_the_api_key_never_lands_in_a_checkpoint(tmp_path: Path, emulator: Emulator) -> None:
+    with pytest.raises(SubmissionError):
+        run(frame(300), tmp_path, emulator, transport=LoseResponse(emulator, {2}))
+    run(frame(300), tmp_path, emulator)
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), path
+
+
+def test_one_job_at_a_time_per_checkpoint(tmp_path: Path, emulator: Emulator) -> None:
+    run(frame(10), tmp_path, emulator)
+    fingerprint = orjson.loads((tmp_path / "manifest.json").read_bytes())
+    holder = Checkpoint.open(tmp_path, fingerprint)
+    try:
+        with pytest.raises(CheckpointError, match="in use by another running job"):
+            run(frame(10), tmp_path, emulator)
+    finally:
+        holder.close()
+    run(frame(10), tmp_path, emulator)
+
+
+# -- damaged files -----------------------------------------------------------------------------
+
+
+def interrupted(tmp_path: Path, emulator: Emulator) -> pd.DataFrame:
+    """A job whose third chunk's answer was lost: its journal holds intents and done records."""
+    df = frame(500)
+    with pytest.raises(SubmissionError):
+        run(df, tmp_path, emulator, max_concurrency=1, transport=LoseResponse(emulator, {3}))
+    return df
+
+
+def journal(tmp_path: Path) -> Path:
+    (path,) = tmp_path.glob("journal-*.log")
+    return path
+
+
+def test_a_torn_tail_is_ignored(tmp_path: Path, emulator: Emulator) -> None:
+    df = interrupted(tmp_path, emulator)
+    path = journal(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data + data[:40])  # a record cut off mid-write
+    out = run(df, tmp_path, emulator)
+    assert_matches_server(out, emulator)
+
+
+def test_a_torn_tail_with_a_bad_checksum_is_ignored(tmp_path: Path, emulator: Emulator) -> None:
+    df = interrupted(tmp_path, emulator)
+    path = journal(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # the last record's payload is garbage
+    path.write_bytes(bytes(data))
+    out = run(df, tmp_path, emulator)
+    assert_matches_server(out, emulator)
+
+
+def test_corruption_inside_a_journal_is_an_error(tmp_path: Path, emulator: Emulator) -> None:
+    df = interrupted(tmp_path, emulator)
+    path = journal(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0xFF  # inside the first record, with valid records after it
+    path.write_bytes(bytes(data))
+    before = emulator.accounting()
+    with pytest.raises(CheckpointError, match="corrupted at byte 0"):
+        run(df, tmp_path, emulator)
+    with pytest.raises(CheckpointError, match="corrupted"):
+        read_checkpoint(tmp_path)
+    assert emulator.accounting() == before
+
+
+def test_a_damaged_segment_or_manifest_is_an_error(tmp_path: Path, emulator: Emulator) -> None:
+    df = frame(200)
+    run(df, tmp_path, emulator)
+    (segment,) = tmp_path.glob("segment-*.parquet")
+    segment.write_bytes(segment.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        run(df, tmp_path, emulator)
+    (tmp_path / "manifest.json").write_bytes(b'{"format": 1, "mod')
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        run(df, tmp_path, emulator)
+    assert emulator.accounting().batches_created == 2
+
+
+def test_leftover_temporary_files_are_never_read(tmp_path: Path, emulator: Emulator) -> None:
+    df = frame(100)
+    run(df, tmp_path, emulator)
+    (tmp_path / ".segment-000009.parquet.tmp").write_bytes(b"half a parquet file")
+    out = run(df, tmp_path, emulator)
+    assert emulator.accounting().batches_created == 1
+    assert_matches_server(out, emulator)
+
+
+def test_compaction_leaves_one_journal_and_folds_old_ones(tmp_path: Path, emulator: Emulator) -> None:
+    df = frame(500)
+    interrupted(tmp_path, emulator)
+    run(df, tmp_path, emulator)
+    journals = sorted(p.name for p in tmp_path.glob("journal-*.log"))
+    assert journals == ["journal-000002.log"]
+    state = load_state(tmp_path)
+    assert state.pending() == []
+    assert len(state.done) == 5
+    assert len(list(tmp_path.glob("segment-*.parquet"))) >= 1
+
+
+# -- cancellation ------------------------------------------------------------------------------
+
+
+def test_task_cancellation_mid_run_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
+    emulator = Emulator(timing=Timing(create_latency=0.02))
+    df = frame(3000)
+
+    async def cancelled_run() -> None:
+        with anyio.move_on_after(0.15):
+            await arun_batches(
+                df, "acme", "echo", checkpoint=tmp_path, max_concurrency=4, api_key=API_KEY,
+                base_url=LOCAL, transport=httpx.ASGITransport(app=create_app(emulator)),
+            )
+            pytest.fail("the job should have been cancelled")
+
+    anyio.run(cancelled_run)
+    progress = read_checkpoint(tmp_path).attrs["progress"]
+    assert 0 < progress["rows_submitted"] < 3000
+    emulator.timing = Timing()
+    out = run(df, tmp_path, emulator)
+    assert_matches_server(out, emulator)
+
+
+def test_keyboard_interrupt_in_a_subprocess_leaves_a_checkpoint_that_resumes(
+    tmp_path: Path, base_url: str, emulator: Emulator
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    emulator.timing = Timing(create_latency=0.05)
+    script = Path(__file__).with_name("crash_job.py")
+    env = {**os.environ, "RUNFLOW_API_KEY": API_KEY}
+    cmd = [sys.executable, str(script), base_url, str(tmp_path / "ckpt"), "3000", str(tmp_path / "out.parquet")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"READY\n"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert b"KeyboardInterrupt" in err
+    assert 0 < emulator.accounting().batches_created < 30
+    emulator.timing = Timing()
+    done = subprocess.run(cmd, capture_output=True, env=env, timeout=60, check=True)
+    assert done.stdout.endswith(b"DONE\n")
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert len(out) == 3000
+    assert_matches_server(out, emulator)
+
+
+def test_results_dtypes_are_the_same_with_and_without_checkpoint(tmp_path: Path, emulator: Emulator) -> None:
+    df = frame(120).assign(x=np.linspace(0, 1, 120))
+    with_ckpt = run(df, tmp_path, emulator)
+    without = run_batches(df, "acme", "echo", api_key=API_KEY, base_url=LOCAL, transport=httpx.ASGITransport(app=create_app(emulator)))
+    assert with_ckpt.dtypes.to_dict() == without.dtypes.to_dict()
