@@ -13,9 +13,9 @@ import pandas as pd
 
 from ._checkpoint import Checkpoint, Intent, plan_resume, row_digest
 from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient, model_path
-from ._errors import InputError, StaleIntentWarning, SubmissionError
+from ._errors import APIStatusError, InputError, StaleIntentWarning, SubmissionError
 from ._join import Handle, check_no_collision, join_handles
-from ._pipeline import submit_chunks
+from ._pipeline import ChunkFailure, submit_chunks
 from ._rows import (
     MAX_CALLBACK_URL_LEN,
     MAX_CHUNK_SIZE,
@@ -152,23 +152,48 @@ async def arun_batches(
 
     result = join_handles(df, refs, handles)
     if failures:
-        first = failures[0].error
-        not_submitted = len(refs) - len(handles)
+        error = _submission_error(failures, result, len(refs), len(handles), checkpoint, started)
+        raise error from failures[0].error
+    return result
+
+
+def _submission_error(
+    failures: Sequence[ChunkFailure],
+    result: pd.DataFrame,
+    rows: int,
+    submitted: int,
+    checkpoint: str | os.PathLike[str] | None,
+    started: float,
+) -> SubmissionError:
+    first = failures[0].error
+    # A 4xx is a refusal: nothing was created. Anything else may have been processed.
+    uncertain = sum(
+        len(f.chunk.refs)
+        for f in failures
+        if not (isinstance(f.error, APIStatusError) and f.error.status_code < 500)
+    )
+    if checkpoint is not None:
         how = (
             f"re-run the same call with checkpoint={os.fspath(checkpoint)!r} to send the rest "
             "(nothing is sent twice)"
-            if checkpoint is not None
-            else "to send the rest, pass df[err.result['runflow_run_id'].isna()]"
         )
-        raise SubmissionError(
-            f"{not_submitted} of {len(refs)} rows were not submitted after "
-            f"{time.monotonic() - started:.1f} s: {first}. The {len(handles)} submitted rows' "
-            f"handles are in this error's .result; {how}.",
-            result=result,
-            submitted=len(handles),
-            not_submitted=not_submitted,
-        ) from first
-    return result
+    elif uncertain:
+        how = (
+            f"{uncertain} of the rows without a handle may have been created all the same "
+            "(no answer came back): re-sending them could run them twice. Use checkpoint= to "
+            "make jobs resumable"
+        )
+    else:
+        how = "to send the rest, pass df[err.result['runflow_run_id'].isna()]"
+    return SubmissionError(
+        f"{rows - submitted} of {rows} rows were not submitted after "
+        f"{time.monotonic() - started:.1f} s: {first}. The {submitted} submitted rows' "
+        f"handles are in this error's .result; {how}.",
+        result=result,
+        submitted=submitted,
+        not_submitted=rows - submitted,
+        uncertain=uncertain,
+    )
 
 
 def _check_options(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Final, Self
@@ -38,6 +39,8 @@ DEFAULT_TIMEOUT: Final = 60.0
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 
 _log = logging.getLogger("runflow_frames")
+# What Runflow's own JS SDK accepts as a key (rf_live_..., rf_svc_...).
+_KEY_CHARS: Final = re.compile(r"[A-Za-z0-9_]+")
 _REQUEST_ID_HEADERS: Final = ("x-request-id", "runflow-request-id", "request-id")
 
 
@@ -109,6 +112,12 @@ class AsyncRunflowClient:
         key = api_key if api_key is not None else os.environ.get("RUNFLOW_API_KEY")
         if not key:
             raise InputError("no API key: pass api_key= or set RUNFLOW_API_KEY")
+        if not _KEY_CHARS.fullmatch(key):
+            # Never echo the key: say what is wrong with it instead.
+            raise InputError(
+                "the API key has characters Runflow keys do not have (letters, digits and _ "
+                "only); look for a stray newline, space or quotes around it"
+            )
         if timeout <= 0:
             raise InputError(f"timeout must be positive, got {timeout}")
         self.base_url = _check_base_url(
@@ -120,6 +129,9 @@ class AsyncRunflowClient:
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
         self.requests_made = 0
+
+    def _redact(self, exc: Exception) -> str:
+        return f"{type(exc).__name__}: {exc}".replace(self.__key, "[redacted]")
 
     def __repr__(self) -> str:
         return f"AsyncRunflowClient(base_url={self.base_url!r}, org_id={self.org_id!r})"
@@ -216,7 +228,9 @@ class AsyncRunflowClient:
         except httpx.TimeoutException as exc:
             raise APITimeoutError(f"{what} timed out after {self.timeout:g} s") from exc
         except httpx.TransportError as exc:
-            raise APIConnectionError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+            raise APIConnectionError(f"{what} failed: {self._redact(exc)}") from exc
+        except httpx.HTTPError as exc:  # a body that cannot be decoded, too many redirects...
+            raise ProtocolError(f"{what}: {self._redact(exc)}") from exc
         _log.debug("%s -> %d", what, response.status_code)
         if response.is_success:
             try:

@@ -142,6 +142,11 @@ class SubmissionError(RunflowError):
     row the server accepted (rows not submitted have null handle columns). The underlying error
     is ``__cause__``.
 
+    Some of the rows without a handle may have been created all the same: a request that timed
+    out, lost its connection, got a 5xx or an unreadable 201 may have been processed by the
+    server. ``uncertain`` counts them. With ``checkpoint=``, resuming re-sends them with their
+    Idempotency-Key, so the server replays rather than duplicates them.
+
     Attributes
     ----------
     result : pandas.DataFrame
@@ -149,16 +154,25 @@ class SubmissionError(RunflowError):
     submitted : int
         Rows the server accepted.
     not_submitted : int
-        Rows that were not (or not known to be) accepted.
+        Rows without a handle.
+    uncertain : int
+        Of those, rows whose request may have been processed although no answer came back.
     """
 
     def __init__(
-        self, message: str, *, result: pd.DataFrame, submitted: int, not_submitted: int
+        self,
+        message: str,
+        *,
+        result: pd.DataFrame,
+        submitted: int,
+        not_submitted: int,
+        uncertain: int = 0,
     ) -> None:
         super().__init__(message)
         self.result = result
         self.submitted = submitted
         self.not_submitted = not_submitted
+        self.uncertain = uncertain
 
 
 class StaleIntentWarning(UserWarning):

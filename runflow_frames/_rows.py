@@ -126,6 +126,16 @@ def client_refs(df: pd.DataFrame, key: Hashable | None) -> list[str]:
         )
     if any(r == "" for r in refs):
         raise InputError(f"{where}: the empty string cannot be a row key", keys=[""])
+    # The contract says client_ref is "stripped": if the server trims whitespace, such keys
+    # would come back different and could not be joined. Refuse them up front.
+    padded = [r for r in refs if r != r.strip()]
+    if padded:
+        raise InputError(
+            f"{where}: {len(padded)} key(s) start or end with whitespace, e.g. {padded[0]!r}; "
+            "strip them first (the API may trim client_ref)",
+            column=None if key is None else str(key),
+            keys=padded,
+        )
     if len(set(refs)) != len(refs):
         ref_index = pd.Index(refs)
         dup = ref_index[ref_index.duplicated(keep=False)]
@@ -240,6 +250,12 @@ def column_values(series: pd.Series, name: str, refs: Sequence[str]) -> list[Any
             return _each(series.tolist(), name, refs)
     if isinstance(dtype, pd.DatetimeTZDtype):
         return _datetime_strings(series)
+    if isinstance(dtype, pd.PeriodDtype | pd.IntervalDtype | pd.SparseDtype):
+        raise _refusal(
+            name,
+            refs[:1],
+            f"{dtype} values have no faithful JSON form; convert them first, e.g. s.astype(str)",
+        )
     try:
         # Extension dtypes (Int64, boolean, Float64, string, Arrow types): Arrow gives us
         # Python values with None for missing ones; _each then normalises them.
@@ -270,6 +286,8 @@ def _top(v: Any) -> Any:
         return MISSING
     if isinstance(v, float | np.floating) and math.isnan(v):
         return MISSING
+    if isinstance(v, np.datetime64 | np.timedelta64) and np.isnat(v):
+        return MISSING
     return _json(v)
 
 
@@ -290,8 +308,10 @@ def _json(v: Any) -> Any:
     if v is None or v is pd.NaT or v is pd.NA:
         return None
     if isinstance(v, np.generic):
-        if isinstance(v, np.datetime64 | np.timedelta64):
-            return _json(pd.Timestamp(v) if isinstance(v, np.datetime64) else pd.Timedelta(v))
+        if isinstance(v, np.datetime64):
+            return None if np.isnat(v) else pd.Timestamp(v).isoformat()
+        if isinstance(v, np.timedelta64):
+            raise _Unencodable("timedeltas have no JSON form")
         if isinstance(v, np.bytes_ | np.void):
             raise _Unencodable(f"{type(v).__name__} values have no JSON form")
         return _json(v.item())
@@ -301,6 +321,8 @@ def _json(v: Any) -> Any:
         return orjson.Fragment(str(v).encode())
     if isinstance(v, dt.datetime | dt.date | dt.time):
         return v.isoformat()
+    if isinstance(v, dt.timedelta):
+        raise _Unencodable("timedeltas have no JSON form")
     if isinstance(v, dict):
         out = {}
         for k, item in v.items():
@@ -309,27 +331,41 @@ def _json(v: Any) -> Any:
             out[k] = _json(item)
         return out
     if isinstance(v, np.ndarray):
-        return [_json(x) for x in v.tolist()]
+        if v.ndim == 0:
+            return _json(v[()])
+        # Datetime and timedelta arrays element by element: tolist() would give raw integers.
+        return [_json(x) for x in (v if v.dtype.kind in "Mm" else v.tolist())]
     if isinstance(v, list | tuple):
         return [_json(x) for x in v]
     raise _Unencodable(f"{type(v).__name__} values have no JSON form")
 
 
 def _datetime_strings(series: pd.Series) -> list[Any]:
-    """ISO 8601 strings for a datetime column, vectorised; NaT becomes MISSING."""
+    """ISO 8601 strings for a datetime column, vectorised; NaT becomes MISSING.
+
+    Each value is written on its own, by the rule of ``Timestamp.isoformat()`` (whole seconds
+    without a fraction, else 6 or 9 fractional digits), so a row's text never depends on the
+    other rows: a resumed or grown job encodes it to the same bytes.
+    """
     tz = getattr(series.dtype, "tz", None)
     local = series.dt.tz_localize(None) if tz is not None else series
     wall: np.ndarray[Any, np.dtype[np.datetime64]] = local.to_numpy()
     per_tick = _PER_SECOND[cast("_Unit", np.datetime_data(wall.dtype)[0])]
     nat = np.isnat(wall)
-    valid = wall.view("i8")[~nat]
-    # The coarsest unit that loses nothing, so whole seconds print without a fraction.
-    out_unit = next(
-        u
-        for u, per in _PER_SECOND.items()
-        if per <= per_tick and not (valid % (per_tick // per)).any()
-    )
-    text = np.datetime_as_string(wall, unit=out_unit).tolist()
+    ticks = wall.view("i8")
+    text: list[Any] = np.datetime_as_string(wall, unit="s").tolist()
+    fraction = (ticks % per_tick != 0) & ~nat
+    if fraction.any():
+        nanos = (ticks % max(1, per_tick // 1_000_000) != 0) & fraction
+        for unit, mask in (("us", fraction & ~nanos), ("ns", nanos)):
+            where = np.flatnonzero(mask)
+            chosen: Any = wall[where]
+            for i, t in zip(
+                where.tolist(),
+                np.datetime_as_string(chosen, unit=cast("_Unit", unit)).tolist(),
+                strict=True,
+            ):
+                text[i] = t
     if tz is not None:
         utc = series.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy()
         offsets = np.zeros(len(wall), dtype="i8")
@@ -339,16 +375,17 @@ def _datetime_strings(series: pd.Series) -> list[Any]:
             t if n else t + suffix[o]
             for t, o, n in zip(text, offsets.tolist(), nat.tolist(), strict=True)
         ]
-    values: list[Any] = text
     for i in np.flatnonzero(nat).tolist():
-        values[i] = MISSING
-    return values
+        text[i] = MISSING
+    return text
 
 
 def _offset(seconds: int) -> str:
+    """``+HH:MM``, or ``+HH:MM:SS`` for the odd historical offset (what isoformat() writes)."""
     sign = "+" if seconds >= 0 else "-"
-    h, m = divmod(abs(seconds) // 60, 60)
-    return f"{sign}{h:02d}:{m:02d}"
+    m, sec = divmod(abs(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{sign}{h:02d}:{m:02d}" + (f":{sec:02d}" if sec else "")
 
 
 def _refusal(column: str, keys: Sequence[str], reason: str) -> InputError:
@@ -394,8 +431,24 @@ def encode_rows(
                         continue
                     v = None
                 item[n] = v
-            out.append(dumps(item))
+            try:
+                out.append(dumps(item))
+            except orjson.JSONEncodeError as exc:
+                raise _unencodable_item(item, exc) from None
     return out
+
+
+def _unencodable_item(item: dict[str, Any], exc: Exception) -> InputError:
+    """Which field of an item orjson refused (in practice: text with lone surrogates)."""
+    ref = item[CLIENT_REF_FIELD]
+    for name, value in item.items():
+        try:
+            orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            if name == CLIENT_REF_FIELD:
+                return InputError(f"row key {ref!r} cannot be sent as JSON: {exc}", keys=[ref])
+            return _refusal(name, [ref], str(exc))
+    return InputError(f"row {ref!r} cannot be sent as JSON: {exc}", keys=[ref])
 
 
 def body_suffix(metadata: dict[str, Any] | None, callback_url: str | None) -> bytes:

@@ -23,6 +23,11 @@ def run_sync(fn: Callable[[], Awaitable[T]]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        in_loop = False
+    else:
+        in_loop = True
+    if not in_loop:
+        # Outside the except block, so the job's own errors do not chain onto that RuntimeError.
         return anyio.run(fn)
     with anyio.from_thread.start_blocking_portal() as portal:
         future = portal.start_task_soon(fn)

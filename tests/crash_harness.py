@@ -68,7 +68,10 @@ class Soak:
         assert self.result is not None
         bad = []
         for ref, run_id, item_id in zip(
-            self.result["runflow_client_ref"], self.result["runflow_run_id"], self.result["runflow_item_id"], strict=True
+            self.result["runflow_client_ref"],
+            self.result["runflow_run_id"],
+            self.result["runflow_item_id"],
+            strict=True,
         ):
             r = self.received.get(ref)
             if r is None or (r["run_id"], r["item_id"]) != (run_id, item_id):
@@ -95,7 +98,15 @@ def soak(
     env = {**os.environ, "RUNFLOW_API_KEY": API_KEY}
     started = time.monotonic()
     with emulator_process("--latency", str(latency)) as url:
-        cmd = [sys.executable, str(JOB), url, str(workdir / "ckpt"), str(rows), str(out), str(concurrency)]
+        cmd = [
+            sys.executable,
+            str(JOB),
+            url,
+            str(workdir / "ckpt"),
+            str(rows),
+            str(out),
+            str(concurrency),
+        ]
         while result.attempts < max_attempts:
             result.attempts += 1
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

@@ -60,8 +60,14 @@ class LoseResponse(httpx.AsyncBaseTransport):
 def run(df: pd.DataFrame, ckpt: Path, emulator: Emulator, **kwargs: Any) -> pd.DataFrame:
     transport = kwargs.pop("transport", None) or httpx.ASGITransport(app=create_app(emulator))
     return run_batches(
-        df, "acme", kwargs.pop("slug", "echo"), checkpoint=ckpt, api_key=API_KEY, base_url=LOCAL,
-        transport=transport, **kwargs,
+        df,
+        "acme",
+        kwargs.pop("slug", "echo"),
+        checkpoint=ckpt,
+        api_key=API_KEY,
+        base_url=LOCAL,
+        transport=transport,
+        **kwargs,
     )
 
 
@@ -71,7 +77,11 @@ def assert_matches_server(out: pd.DataFrame, emulator: Emulator) -> None:
     assert seen.runs_by_client_ref == dict.fromkeys(out["runflow_client_ref"], 1)
     received = {r["client_ref"]: r for r in emulator.received()}
     for ref, run_id, item_id, batch_id in zip(
-        out["runflow_client_ref"], out["runflow_run_id"], out["runflow_item_id"], out["runflow_batch_id"], strict=True
+        out["runflow_client_ref"],
+        out["runflow_run_id"],
+        out["runflow_item_id"],
+        out["runflow_batch_id"],
+        strict=True,
     ):
         r = received[ref]
         assert (run_id, item_id, batch_id) == (r["run_id"], r["item_id"], r["batch_id"])
@@ -95,7 +105,9 @@ def test_a_lost_response_is_resent_with_its_key_and_replayed_not_duplicated(
     assert_matches_server(out, emulator)
 
 
-def test_a_finished_job_resumes_with_no_request_and_the_same_frame(tmp_path: Path, emulator: Emulator) -> None:
+def test_a_finished_job_resumes_with_no_request_and_the_same_frame(
+    tmp_path: Path, emulator: Emulator
+) -> None:
     df = frame(250)
     first = run(df, tmp_path, emulator)
     second = run(df, tmp_path, emulator)
@@ -144,7 +156,9 @@ def test_a_different_job_is_refused_naming_what_changed(
     assert emulator.accounting() == before
 
 
-def test_changed_values_for_recorded_rows_are_refused_by_key(tmp_path: Path, emulator: Emulator) -> None:
+def test_changed_values_for_recorded_rows_are_refused_by_key(
+    tmp_path: Path, emulator: Emulator
+) -> None:
     run(frame(200), tmp_path, emulator)
     changed = frame(200)
     changed.loc["k00007", "text"] = "edited"
@@ -157,13 +171,17 @@ def test_changed_values_for_recorded_rows_are_refused_by_key(tmp_path: Path, emu
     assert emulator.accounting() == before
 
 
-def test_recorded_rows_missing_from_the_input_are_refused(tmp_path: Path, emulator: Emulator) -> None:
+def test_recorded_rows_missing_from_the_input_are_refused(
+    tmp_path: Path, emulator: Emulator
+) -> None:
     run(frame(20), tmp_path, emulator)
     with pytest.raises(CheckpointError, match="lacks 5 row"):
         run(frame(15), tmp_path, emulator)
 
 
-def test_old_pending_intents_warn_before_they_are_resent(tmp_path: Path, emulator: Emulator) -> None:
+def test_old_pending_intents_warn_before_they_are_resent(
+    tmp_path: Path, emulator: Emulator
+) -> None:
     df = frame(300)
     with pytest.raises(SubmissionError):
         run(df, tmp_path, emulator, max_concurrency=1, transport=LoseResponse(emulator, {1}))
@@ -200,7 +218,10 @@ def test_read_checkpoint_reports_handles_and_progress(tmp_path: Path, emulator: 
     out = run(df, tmp_path, emulator)
     done = read_checkpoint(tmp_path)
     assert done.attrs["progress"]["rows_pending"] == 0
-    assert done["runflow_run_id"].to_dict() == out.set_index("runflow_client_ref")["runflow_run_id"].to_dict()
+    assert (
+        done["runflow_run_id"].to_dict()
+        == out.set_index("runflow_client_ref")["runflow_run_id"].to_dict()
+    )
 
 
 def test_read_checkpoint_of_a_non_checkpoint(tmp_path: Path) -> None:
@@ -300,7 +321,9 @@ def test_leftover_temporary_files_are_never_read(tmp_path: Path, emulator: Emula
     assert_matches_server(out, emulator)
 
 
-def test_compaction_leaves_one_journal_and_folds_old_ones(tmp_path: Path, emulator: Emulator) -> None:
+def test_compaction_leaves_one_journal_and_folds_old_ones(
+    tmp_path: Path, emulator: Emulator
+) -> None:
     df = frame(500)
     interrupted(tmp_path, emulator)
     run(df, tmp_path, emulator)
@@ -322,8 +345,14 @@ def test_task_cancellation_mid_run_leaves_a_checkpoint_that_resumes(tmp_path: Pa
     async def cancelled_run() -> None:
         with anyio.move_on_after(0.15):
             await arun_batches(
-                df, "acme", "echo", checkpoint=tmp_path, max_concurrency=4, api_key=API_KEY,
-                base_url=LOCAL, transport=httpx.ASGITransport(app=create_app(emulator)),
+                df,
+                "acme",
+                "echo",
+                checkpoint=tmp_path,
+                max_concurrency=4,
+                api_key=API_KEY,
+                base_url=LOCAL,
+                transport=httpx.ASGITransport(app=create_app(emulator)),
             )
             pytest.fail("the job should have been cancelled")
 
@@ -346,7 +375,14 @@ def test_keyboard_interrupt_in_a_subprocess_leaves_a_checkpoint_that_resumes(
     emulator.timing = Timing(create_latency=0.05)
     script = Path(__file__).with_name("crash_job.py")
     env = {**os.environ, "RUNFLOW_API_KEY": API_KEY}
-    cmd = [sys.executable, str(script), base_url, str(tmp_path / "ckpt"), "3000", str(tmp_path / "out.parquet")]
+    cmd = [
+        sys.executable,
+        str(script),
+        base_url,
+        str(tmp_path / "ckpt"),
+        "3000",
+        str(tmp_path / "out.parquet"),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"READY\n"
@@ -364,8 +400,17 @@ def test_keyboard_interrupt_in_a_subprocess_leaves_a_checkpoint_that_resumes(
     assert_matches_server(out, emulator)
 
 
-def test_results_dtypes_are_the_same_with_and_without_checkpoint(tmp_path: Path, emulator: Emulator) -> None:
+def test_results_dtypes_are_the_same_with_and_without_checkpoint(
+    tmp_path: Path, emulator: Emulator
+) -> None:
     df = frame(120).assign(x=np.linspace(0, 1, 120))
     with_ckpt = run(df, tmp_path, emulator)
-    without = run_batches(df, "acme", "echo", api_key=API_KEY, base_url=LOCAL, transport=httpx.ASGITransport(app=create_app(emulator)))
+    without = run_batches(
+        df,
+        "acme",
+        "echo",
+        api_key=API_KEY,
+        base_url=LOCAL,
+        transport=httpx.ASGITransport(app=create_app(emulator)),
+    )
     assert with_ckpt.dtypes.to_dict() == without.dtypes.to_dict()

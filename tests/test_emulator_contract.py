@@ -133,6 +133,8 @@ def test_three_segment_and_percent_encoded_model_paths(
     # Each segment is percent-decoded on its own.
     assert post(http, {"input": [{}]}, "/v1/models/acme/a%20b%25/batches").status_code == 201
     assert post(http, {"input": [{}]}, "/v1/models/acme/a%20b/batches").status_code == 404
+    # An encoded slash stays inside its segment, so it names no model (not acme/image/edit).
+    assert post(http, {"input": [{}]}, "/v1/models/acme/image%2Fedit/batches").status_code == 404
 
 
 def test_idempotent_replay_returns_the_same_batch_and_creates_nothing(
@@ -284,7 +286,7 @@ def test_lifecycle_outputs_costs_and_batch_status_follow_the_clock() -> None:
 
             assert await state() == ("queued", {"ok": "queued", "bad": "queued"})
             clock.now += 1.5
-            assert await state() == ("running", {"ok": "dispatching", "bad": "dispatching"})
+            assert await state() == ("queued", {"ok": "dispatching", "bad": "dispatching"})
             clock.now += 1
             assert await state() == ("running", {"ok": "running", "bad": "failed"})
             clock.now += 2

@@ -13,7 +13,11 @@ from runflow_frames.emulator import Emulator, create_app
 from .conftest import API_KEY
 
 ints = st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=1000, unique=True)
-texts = st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=1000, unique=True)
+# Keys the library accepts: non-empty, no surrounding whitespace, valid Unicode text.
+key_text = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=40).filter(
+    lambda t: t == t.strip()
+)
+texts = st.lists(key_text, min_size=1, max_size=1000, unique=True)
 times = st.lists(
     st.datetimes(
         min_value=pd.Timestamp("1970-01-01").to_pydatetime(),

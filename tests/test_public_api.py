@@ -51,7 +51,7 @@ def test_every_error_is_a_runflow_error() -> None:
     assert issubclass(runflow_frames.InputError, ValueError)
 
 
-def test_import_reads_no_environment_and_needs_no_server_extra() -> None:
+def test_import_needs_no_server_extra() -> None:
     # Importing the library must not import the emulator's server (an optional extra).
     code = "import runflow_frames, sys; print('starlette' in sys.modules, 'uvicorn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

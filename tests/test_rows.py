@@ -91,18 +91,52 @@ def test_decimal_goes_out_as_an_exact_number() -> None:
         ),
         (
             ["2024-01-01T00:00:00", "2024-01-01T00:00:00.5"],
-            ["2024-01-01T00:00:00.000", "2024-01-01T00:00:00.500"],
+            ["2024-01-01T00:00:00", "2024-01-01T00:00:00.500000"],
         ),
         (["2024-01-01T00:00:00.000001"], ["2024-01-01T00:00:00.000001"]),
         (["2024-01-01T00:00:00.000000001"], ["2024-01-01T00:00:00.000000001"]),
         (["2024-01-01T00:00:00", None], ["2024-01-01T00:00:00", "<missing>"]),
     ],
 )
-def test_naive_datetimes_are_iso_8601_at_the_unit_the_column_needs(
-    values: list[str | None], expected: list[str]
+@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
+def test_naive_datetimes_are_iso_8601_as_timestamp_isoformat_writes_them(
+    values: list[str | None], expected: list[str], unit: str
 ) -> None:
-    series = pd.to_datetime(pd.Series(values), format="ISO8601").astype("datetime64[ns]")
-    assert one(series) == expected
+    series = pd.to_datetime(pd.Series(values), format="ISO8601").astype(f"datetime64[{unit}]")
+    # Coarser units cannot hold the fraction: compare with what the stored value really is.
+    assert one(series) == [v.isoformat() if v is not pd.NaT else "<missing>" for v in series]
+    if unit == "ns":
+        assert one(series) == expected
+
+
+def test_a_values_text_does_not_depend_on_the_other_rows() -> None:
+    # A resumed or grown job must encode a recorded row to the same bytes.
+    alone = one(pd.to_datetime(pd.Series(["2024-01-01T00:00:00"])))
+    with_fraction = one(
+        pd.to_datetime(
+            pd.Series(["2024-01-01T00:00:00", "2024-01-01T00:00:00.5"]), format="ISO8601"
+        )
+    )
+    assert with_fraction[0] == alone[0] == "2024-01-01T00:00:00"
+    df = pd.DataFrame(
+        {"v": [1, 2]},
+        index=pd.to_datetime(["2024-01-01T00:00:00", "2024-01-01T00:00:00.25"], format="ISO8601"),
+    )
+    assert client_refs(df, None) == ["2024-01-01T00:00:00", "2024-01-01T00:00:00.250000"]
+
+
+def test_odd_historical_offsets_keep_their_seconds() -> None:
+    series = pd.Series([pd.Timestamp("1900-01-01", tz="Europe/Paris")])
+    assert one(series) == [series[0].isoformat()] == ["1900-01-01T00:00:00+00:09:21"]
+
+
+def test_datetime_arrays_and_nat_inside_object_columns() -> None:
+    cells = [
+        np.array(["2024-01-01T00:00:00.123456789"], dtype="datetime64[ns]"),
+        np.array(5),
+        np.datetime64("NaT"),
+    ]
+    assert one(cells, dtype=object) == [["2024-01-01T00:00:00.123456789"], 5, "<missing>"]
 
 
 def test_aware_datetimes_keep_their_offset_across_dst() -> None:
@@ -151,6 +185,11 @@ def test_missing_values_can_be_sent_as_null() -> None:
         ([2**70, 1], {"dtype": object}, "beyond 64 bits"),
         ([[1.0, math.inf], []], {}, "infinity"),
         (pd.to_timedelta(["1s", "2s"]), {}, "timedeltas"),
+        ([pd.Timedelta("1s"), 1], {"dtype": object}, "timedeltas"),
+        ([np.array([1, 2], dtype="timedelta64[s]"), 1], {"dtype": object}, "timedeltas"),
+        (pd.period_range("2024-01", periods=2, freq="M"), {}, "period"),
+        (pd.interval_range(0, 2), {}, "interval"),
+        (["ok", "bad \ud800 text"], {"dtype": object}, "surrogate"),
     ],
 )
 def test_values_json_cannot_carry_are_refused_naming_column_and_key(
@@ -185,6 +224,8 @@ def test_a_refusal_lists_every_offending_key_and_counts_them() -> None:
         (pd.Index(["ok", "", "y"]), "empty string"),
         (pd.MultiIndex.from_tuples([(1, 2), (1, 3), (2, 2)]), "MultiIndex"),
         (pd.Index([object(), object(), object()]), "no stable string form"),
+        (pd.Index(["a", " b", "c"]), "whitespace"),
+        (pd.Index(["a", "b\n", "c"]), "whitespace"),
     ],
 )
 def test_bad_index_keys_are_refused(index: pd.Index, message: str) -> None:
@@ -236,7 +277,9 @@ def test_bodies_are_exactly_what_orjson_writes_for_the_whole_request(
 ) -> None:
     df = pd.DataFrame({"v": [1.5, 2.0], "s": ["x", None]}, index=["a", "b"])
     items = encode_rows(df, ["a", "b"], ["v", "s"])
-    expected: dict[str, Any] = {"input": [{"client_ref": "a", "v": 1.5, "s": "x"}, {"client_ref": "b", "v": 2.0}]}
+    expected: dict[str, Any] = {
+        "input": [{"client_ref": "a", "v": 1.5, "s": "x"}, {"client_ref": "b", "v": 2.0}]
+    }
     if metadata is not None:
         expected["metadata"] = metadata
     if callback_url is not None:

@@ -55,7 +55,8 @@ def create_app(emulator: Emulator) -> Starlette:
         segments = raw.split(b"?", 1)[0].decode("ascii", "replace").split("/")
         # ["", "v1", "models", *model, "batches"]
         model = [unquote(s) for s in segments[3:-1]]
-        if segments[-1] != "batches" or len(model) < 2:
+        # A decoded "/" inside a segment would silently name another model: no such model.
+        if segments[-1] != "batches" or len(model) < 2 or any("/" in m for m in model):
             return _error(404, "NOT_FOUND", f"no route {request.url.path}")
         emulator.create_started()
         try:

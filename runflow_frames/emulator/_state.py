@@ -494,10 +494,10 @@ class Emulator:
                 if statuses["failed"] == total
                 else "partial_succeeded"
             )
-        elif statuses["queued"] == total:
-            status = "queued"
+        elif statuses["running"] or done:
+            status = "running"  # from the moment its first item starts running
         else:
-            status = "running"
+            status = "queued"
         started = [p[1] for p in phases if p[1] is not None]
         completed_at = max(p[2] for p in phases if p[2] is not None) if done == total else None
         cost = sum(
