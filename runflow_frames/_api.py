@@ -14,7 +14,7 @@ import pandas as pd
 from ._checkpoint import Checkpoint, Intent, plan_resume, row_digest
 from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient, model_path
 from ._errors import APIStatusError, InputError, StaleIntentWarning, SubmissionError
-from ._join import Handle, check_no_collision, join_handles
+from ._join import Handle, HandleTable, check_no_collision, join_handles
 from ._pipeline import ChunkFailure, submit_chunks
 from ._rows import (
     MAX_CALLBACK_URL_LEN,
@@ -77,7 +77,7 @@ async def arun_batches(
     )
 
     ckpt: Checkpoint | None = None
-    handles: dict[str, Handle] = {}
+    new_handles = HandleTable()
     try:
         if checkpoint is None:
             job_id, first_number = uuid.uuid4().hex, 0
@@ -100,7 +100,6 @@ async def arun_batches(
             pending, unsent = plan_resume(ckpt.state, refs, items)
             _warn_if_stale([intent for intent, _ in pending], max_intent_age)
             job_id, first_number = ckpt.job_id, ckpt.state.next_chunk()
-            handles = ckpt.state.handles()
             ckpt.start()
 
         def chunks() -> Iterator[Chunk]:
@@ -131,9 +130,10 @@ async def arun_batches(
             )
 
         def on_submitted(chunk: Chunk, chunk_handles: list[Handle]) -> None:
-            handles.update(zip(chunk.refs, chunk_handles, strict=True))
             if ckpt is not None:
                 ckpt.record(chunk.number, chunk_handles)
+            else:
+                new_handles.add(chunk.refs, chunk_handles)
 
         started = time.monotonic()
         async with client:
@@ -150,9 +150,13 @@ async def arun_batches(
         if ckpt is not None:
             ckpt.close()
 
+    # After close() every handle of a checkpointed job, old or new, is in its segments.
+    handles = new_handles.to_arrow() if ckpt is None else ckpt.state.submitted()
     result = join_handles(df, refs, handles)
     if failures:
-        error = _submission_error(failures, result, len(refs), len(handles), checkpoint, started)
+        error = _submission_error(
+            failures, result, len(refs), handles.num_rows, checkpoint, started
+        )
         raise error from failures[0].error
     return result
 

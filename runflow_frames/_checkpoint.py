@@ -34,15 +34,17 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
+import numpy as np
 import orjson
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ._errors import CheckpointError
-from ._join import Handle
+from ._join import HANDLE_SCHEMA, Handle, HandleTable
 
 FORMAT: Final = 1
 MANIFEST: Final = "manifest.json"
@@ -63,18 +65,14 @@ FINGERPRINT: Final = (
     "callback_url",
 )
 
+# Handle columns first: a segment table doubles as the handle table join_handles takes.
 _SEGMENT_SCHEMA: Final = pa.schema(
     [
-        ("client_ref", pa.string()),
+        *HANDLE_SCHEMA,
         ("chunk", pa.int64()),
         ("digest", pa.int64()),
         ("intent_at", pa.float64()),
         ("submitted_at", pa.float64()),
-        ("batch_id", pa.string()),
-        ("item_id", pa.string()),
-        ("run_id", pa.string()),
-        ("sequence_index", pa.int64()),
-        ("status", pa.string()),
     ]
 )
 
@@ -97,24 +95,63 @@ class Intent:
 
 @dataclass(slots=True)
 class State:
-    """Everything a checkpoint records, deduplicated by chunk number."""
+    """Everything a checkpoint records.
 
+    Compacted rows stay columnar (``segments``, one row per submitted row); only what the
+    journals hold beyond them (normally one run's worth) is kept as Python objects, keyed by
+    chunk number, which also deduplicates records written twice.
+    """
+
+    segments: pa.Table = field(default_factory=lambda: _SEGMENT_SCHEMA.empty_table())
     intents: dict[int, Intent] = field(default_factory=dict)
     done: dict[int, tuple[float, list[Handle]]] = field(default_factory=dict)
-    compacted: set[int] = field(default_factory=set)
 
     def pending(self) -> list[Intent]:
         """Intents without handles: maybe sent, response unknown. Oldest first."""
         return [i for c, i in sorted(self.intents.items()) if c not in self.done]
 
-    def handles(self) -> dict[str, Handle]:
-        out: dict[str, Handle] = {}
-        for chunk, (_, handles) in self.done.items():
-            out.update(zip(self.intents[chunk].refs, handles, strict=True))
-        return out
-
     def next_chunk(self) -> int:
-        return max(self.intents, default=-1) + 1
+        seg = pc.max(self.segments["chunk"]).as_py() if self.segments.num_rows else None
+        return max([-1 if seg is None else seg, *self.intents, *self.done]) + 1
+
+    def journaled(self) -> pa.Table:
+        """The done chunks the journals hold beyond the segments, as segment rows."""
+        columns: dict[str, list[Any]] = {name: [] for name in _SEGMENT_SCHEMA.names}
+        for chunk in sorted(self.done):
+            intent = self.intents[chunk]
+            at, handles = self.done[chunk]
+            n = len(handles)
+            columns["chunk"] += [chunk] * n
+            columns["digest"] += intent.digests
+            columns["intent_at"] += [intent.at] * n
+            columns["submitted_at"] += [at] * n
+        table = HandleTable()
+        for chunk in sorted(self.done):
+            table.add(self.intents[chunk].refs, self.done[chunk][1])
+        columns.update(table.columns)
+        return pa.table(columns, schema=_SEGMENT_SCHEMA)
+
+    def submitted(self) -> pa.Table:
+        """Every submitted row's handle (``HANDLE_SCHEMA`` columns first)."""
+        return pa.concat_tables([self.segments, self.journaled()])
+
+    def recorded(self) -> tuple[pa.Array, np.ndarray[Any, np.dtype[np.int64]]]:
+        """client_refs and digests of every recorded row: submitted or pending."""
+        submitted = self.submitted()
+        pending = self.pending()
+        refs = pa.concat_arrays(
+            [
+                submitted["client_ref"].combine_chunks(),
+                pa.array([r for i in pending for r in i.refs], type=pa.string()),
+            ]
+        )
+        digests = np.concatenate(
+            [
+                submitted["digest"].to_numpy(),
+                np.array([d for i in pending for d in i.digests], dtype=np.int64),
+            ]
+        )
+        return refs, digests
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -196,74 +233,46 @@ def _numbered(directory: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path
     return sorted(found)
 
 
-def _read_segment(path: Path, state: State) -> None:
+def _read_segment(path: Path) -> pa.Table:
     try:
-        table = pq.read_table(path, schema=_SEGMENT_SCHEMA)
+        return pq.read_table(path, schema=_SEGMENT_SCHEMA)
     except (pa.ArrowException, OSError) as exc:
         raise CheckpointError(f"checkpoint segment {path} cannot be read: {exc}") from exc
-    cols = table.to_pydict()
-    by_chunk: dict[int, list[int]] = {}
-    for i, chunk in enumerate(cols["chunk"]):
-        by_chunk.setdefault(chunk, []).append(i)
-    for chunk, rows in by_chunk.items():
-        first = rows[0]
-        state.intents.setdefault(
-            chunk,
-            Intent(
-                chunk,
-                "",  # a done chunk is never re-sent, its key is not needed again
-                cols["intent_at"][first],
-                tuple(cols["client_ref"][i] for i in rows),
-                tuple(cols["digest"][i] for i in rows),
-            ),
-        )
-        handles = [
-            Handle(
-                cols["batch_id"][i],
-                cols["item_id"][i],
-                cols["run_id"][i],
-                cols["sequence_index"][i],
-                cols["status"][i],
-            )
-            for i in rows
-        ]
-        state.done.setdefault(chunk, (cols["submitted_at"][first], handles))
-        state.compacted.add(chunk)
-
-
-def _apply(record: Mapping[str, Any], state: State) -> None:
-    chunk = record["c"]
-    if record["t"] == "i":
-        state.intents.setdefault(
-            chunk,
-            Intent(chunk, record["k"], record["at"], tuple(record["r"]), tuple(record["d"])),
-        )
-    else:
-        handles = [Handle(record["b"], h[0], h[1], h[2], h[3]) for h in record["h"]]
-        state.done.setdefault(chunk, (record["at"], handles))
 
 
 def load_state(directory: Path) -> State:
     """Everything recorded under ``directory``, verified consistent."""
+    segments = [_read_segment(p) for _, p in _numbered(directory, _SEGMENT_RE)]
     state = State()
-    for _, path in _numbered(directory, _SEGMENT_RE):
-        _read_segment(path, state)
+    if segments:
+        state.segments = pa.concat_tables(segments)
+    in_segments = set(pc.unique(state.segments["chunk"]).to_pylist())
     for _, path in _numbered(directory, _JOURNAL_RE):
         for record in _read_journal(path):
-            _apply(record, state)
-    owner: dict[str, int] = {}
-    for chunk, intent in state.intents.items():
-        for ref in intent.refs:
-            if owner.setdefault(ref, chunk) != chunk:
-                raise CheckpointError(
-                    f"checkpoint {directory} records row {ref!r} in chunks {owner[ref]} and "
-                    f"{chunk}; it is inconsistent and cannot be resumed safely"
+            chunk = record["c"]
+            if chunk in in_segments:
+                continue  # compacted already; the journal was not yet deleted
+            if record["t"] == "i":
+                intent = Intent(
+                    chunk, record["k"], record["at"], tuple(record["r"]), tuple(record["d"])
                 )
+                state.intents.setdefault(chunk, intent)
+            else:
+                handles = [Handle(record["b"], h[0], h[1], h[2], h[3]) for h in record["h"]]
+                state.done.setdefault(chunk, (record["at"], handles))
     for chunk, (_, handles) in state.done.items():
         if chunk not in state.intents or len(handles) != len(state.intents[chunk].refs):
             raise CheckpointError(
                 f"checkpoint {directory}: chunk {chunk} has handles but no intent"
             )
+    refs, _ = state.recorded()
+    if pc.count_distinct(refs).as_py() != len(refs):
+        counts = pc.value_counts(refs)
+        twice = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:5]
+        raise CheckpointError(
+            f"checkpoint {directory} records row(s) {twice} in more than one chunk; it is "
+            "inconsistent and cannot be resumed safely"
+        )
     return state
 
 
@@ -301,33 +310,34 @@ def plan_resume(
     encode to different bytes: their chunks could not be re-sent byte for byte, and the
     returned handles would not be for these values.
     """
-    position = {ref: i for i, ref in enumerate(refs)}
-    recorded: dict[str, int] = {}
-    missing: list[str] = []
-    changed: list[str] = []
-    for intent in state.intents.values():
-        for ref, digest in zip(intent.refs, intent.digests, strict=True):
-            i = position.pop(ref, None)
-            if i is None:
-                missing.append(ref)
-                continue
-            recorded[ref] = i
-            if row_digest(items[i]) != digest:
-                changed.append(ref)
-    if missing:
+    current = pa.array(refs, type=pa.string())
+    recorded, digests = state.recorded()
+    where = pc.index_in(recorded, value_set=current)
+    if where.null_count:
+        missing = recorded.filter(pc.is_null(where)).to_pylist()
         raise CheckpointError(
             f"the input lacks {len(missing)} row(s) the checkpoint recorded, e.g. "
             f"{sorted(missing)[:5]}; resume with the same rows (new rows are fine)",
             changes=[f"missing row {r!r}" for r in missing],
         )
-    if changed:
+    positions = where.to_numpy()
+    now = np.fromiter((row_digest(items[i]) for i in positions.tolist()), np.int64, len(positions))
+    if (now != digests).any():
+        changed = sorted(recorded.filter(pa.array(now != digests)).to_pylist())
         raise CheckpointError(
             f"{len(changed)} row(s) already recorded for submission have different values now, "
-            f"e.g. {sorted(changed)[:5]}; restore their values, or give changed rows new keys",
+            f"e.g. {changed[:5]}; restore their values, or give changed rows new keys",
             changes=[f"changed row {r!r}" for r in changed],
         )
-    pending = [(intent, [recorded[r] for r in intent.refs]) for intent in state.pending()]
-    return pending, sorted(position.values())
+    unsent = np.ones(len(refs), dtype=bool)
+    unsent[positions] = False
+    pending = state.pending()
+    offset = len(recorded) - sum(len(i.refs) for i in pending)  # pending rows come last
+    planned = []
+    for intent in pending:
+        planned.append((intent, positions[offset : offset + len(intent.refs)].tolist()))
+        offset += len(intent.refs)
+    return planned, np.flatnonzero(unsent).tolist()
 
 
 # -- the writer ---------------------------------------------------------------------------------
@@ -400,18 +410,28 @@ class Checkpoint:
         return str(self.manifest["job_id"])
 
     def start(self) -> None:
-        """Open this run's journal, carrying pending intents into it and folding old journals.
+        """Fold what earlier runs left, then open this run's journal.
 
-        After this, the directory holds the manifest, segments and one journal.
+        After this, the directory holds the manifest, segments and one journal, which begins
+        with the intents still pending from earlier runs.
+        """
+        self._compact()
+        self._rotate()
+
+    def _rotate(self) -> None:
+        """Start a fresh journal holding only the pending intents; delete the older journals.
+
+        The new journal is durable before the old ones go, so a crash in between leaves the
+        same records twice (deduplicated on load), never none.
         """
         old = _numbered(self.directory, _JOURNAL_RE)
+        if self._fd is not None:
+            os.close(self._fd)
         path = self.directory / f"journal-{self._journal_no:06d}.log"
+        self._journal_no += 1
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._write([_intent_record(i) for i in self.state.pending()], sync=True)
         _fsync_dir(self.directory)
-        carried = self.state.pending()
-        if carried:
-            self._write([_intent_record(i) for i in carried], sync=True)
-        self._compact()
         for _, journal in old:
             journal.unlink()
         if old:
@@ -444,11 +464,14 @@ class Checkpoint:
         )
 
     def close(self) -> None:
-        """Make everything durable, compact done chunks into a segment, release the lock."""
+        """Make everything durable, fold the journal into a segment, release the lock."""
         try:
             if self._fd is not None:
                 os.fsync(self._fd)
                 self._compact()
+                # The journal's done records now live in the segment: keep only what is pending,
+                # so the next run does not parse them again.
+                self._rotate()
                 os.close(self._fd)
                 self._fd = None
         finally:
@@ -465,29 +488,17 @@ class Checkpoint:
             os.fsync(self._fd)
 
     def _compact(self) -> None:
-        chunks = sorted(set(self.state.done) - self.state.compacted)
-        if not chunks:
+        """Write the journal's done chunks to a new segment; keep only pending ones in memory."""
+        if not self.state.done:
             return
-        columns: dict[str, list[Any]] = {name: [] for name in _SEGMENT_SCHEMA.names}
-        for chunk in chunks:
-            intent = self.state.intents[chunk]
-            at, handles = self.state.done[chunk]
-            n = len(handles)
-            columns["client_ref"] += intent.refs
-            columns["chunk"] += [chunk] * n
-            columns["digest"] += intent.digests
-            columns["intent_at"] += [intent.at] * n
-            columns["submitted_at"] += [at] * n
-            columns["batch_id"] += [h.batch_id for h in handles]
-            columns["item_id"] += [h.item_id for h in handles]
-            columns["run_id"] += [h.run_id for h in handles]
-            columns["sequence_index"] += [h.sequence_index for h in handles]
-            columns["status"] += [h.status for h in handles]
-        table = pa.table(columns, schema=_SEGMENT_SCHEMA)
+        table = self.state.journaled()
         path = self.directory / f"segment-{self._segment_no:06d}.parquet"
         _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
         self._segment_no += 1
-        self.state.compacted.update(chunks)
+        self.state.segments = pa.concat_tables([self.state.segments, table])
+        for chunk in list(self.state.done):
+            del self.state.done[chunk]
+            del self.state.intents[chunk]
 
 
 def _intent_record(intent: Intent) -> dict[str, Any]:
@@ -529,35 +540,28 @@ def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
     if manifest is None:
         raise CheckpointError(f"{directory} is not a checkpoint (no {MANIFEST})")
     state = load_state(directory)
-    rows: list[dict[str, Any]] = []
-    for chunk, intent in sorted(state.intents.items()):
-        done = state.done.get(chunk)
-        for i, ref in enumerate(intent.refs):
-            h = done[1][i] if done else None
-            rows.append(
-                {
-                    "client_ref": ref,
-                    "state": "submitted" if done else "pending",
-                    "chunk": chunk,
-                    "runflow_batch_id": h.batch_id if h else None,
-                    "runflow_item_id": h.item_id if h else None,
-                    "runflow_run_id": h.run_id if h else None,
-                    "runflow_sequence_index": h.sequence_index if h else None,
-                    "runflow_status": h.status if h else None,
-                    "intent_at": intent.at,
-                    "submitted_at": done[0] if done else None,
-                }
-            )
-    df = pd.DataFrame(rows, columns=_READ_COLUMNS).astype(_READ_DTYPES).set_index("client_ref")
+    submitted = state.submitted().to_pandas(types_mapper=pd.ArrowDtype)
+    submitted.insert(0, "state", "submitted")
+    pending = state.pending()
+    waiting = pd.DataFrame(
+        {
+            "client_ref": [r for i in pending for r in i.refs],
+            "state": "pending",
+            "chunk": [i.chunk for i in pending for _ in i.refs],
+            "intent_at": [i.at for i in pending for _ in i.refs],
+        }
+    )
+    df = pd.concat([submitted, waiting], ignore_index=True).sort_values("chunk", kind="stable")
+    df = df.rename(columns={c: f"runflow_{c}" for c in HANDLE_SCHEMA.names[1:]})
+    df = cast(pd.DataFrame, df[_READ_COLUMNS].astype(_READ_DTYPES).set_index("client_ref"))
     for col in ("intent_at", "submitted_at"):
         df[col] = pd.to_datetime(df[col], unit="s", utc=True)
-    pending = state.pending()
     df.attrs["progress"] = {
         "model": manifest["model"],
         "created_at": manifest["created_at"],
         "rows_submitted": int((df["state"] == "submitted").sum()),
         "rows_pending": int((df["state"] == "pending").sum()),
-        "chunks_submitted": len(state.done),
+        "chunks_submitted": int(df.loc[df["state"] == "submitted", "chunk"].nunique()),
         "chunks_pending": len(pending),
         "oldest_pending_at": min((i.at for i in pending), default=None),
     }

@@ -10,6 +10,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ._errors import InputError, ProtocolError
 
@@ -88,19 +90,56 @@ def verify_handles(refs: Sequence[str], response: Mapping[str, Any]) -> dict[str
     return handles
 
 
-def join_handles(
-    df: pd.DataFrame, refs: Sequence[str], handles: Mapping[str, Handle]
-) -> pd.DataFrame:
+HANDLE_SCHEMA: Final = pa.schema(
+    [
+        ("client_ref", pa.string()),
+        ("batch_id", pa.string()),
+        ("item_id", pa.string()),
+        ("run_id", pa.string()),
+        ("sequence_index", pa.int64()),
+        ("status", pa.string()),
+    ]
+)
+
+
+class HandleTable:
+    """Handles accumulated column by column (a million Handle tuples would cost seconds)."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[Any]] = {name: [] for name in HANDLE_SCHEMA.names}
+
+    def __len__(self) -> int:
+        return len(self.columns["client_ref"])
+
+    def add(self, refs: Sequence[str], handles: Sequence[Handle]) -> None:
+        c = self.columns
+        c["client_ref"] += refs
+        c["batch_id"] += [h.batch_id for h in handles]
+        c["item_id"] += [h.item_id for h in handles]
+        c["run_id"] += [h.run_id for h in handles]
+        c["sequence_index"] += [h.sequence_index for h in handles]
+        c["status"] += [h.status for h in handles]
+
+    def to_arrow(self) -> pa.Table:
+        return pa.table(self.columns, schema=HANDLE_SCHEMA)
+
+
+def join_handles(df: pd.DataFrame, refs: Sequence[str], handles: pa.Table) -> pd.DataFrame:
     """A new frame: the input (index, order, columns) plus the handle columns.
 
-    Rows without a handle (not submitted) get nulls.
+    ``handles`` has the columns of ``HANDLE_SCHEMA``, one row per submitted ``client_ref``; rows
+    of ``df`` without a handle (not submitted) get nulls.
     """
-    rows = [handles.get(r) for r in refs]
+    ref_array = pa.array(refs, type=pa.string())
+    where = pc.index_in(ref_array, value_set=handles["client_ref"])
+    joined = handles.take(where)  # a null index gives a null row
     out = df.copy(deep=False)
-    out[CLIENT_REF_COLUMN] = pd.array(refs, dtype="string")
-    for position, name in enumerate(HANDLE_COLUMNS[1:]):
-        values: list[Any] = [None if h is None else h[position] for h in rows]
-        out[name] = pd.array(
-            values, dtype="Int64" if name == "runflow_sequence_index" else "string"
+    out[CLIENT_REF_COLUMN] = pd.arrays.ArrowStringArray(ref_array)
+    for name, field in zip(HANDLE_COLUMNS[1:], HANDLE_SCHEMA.names[1:], strict=True):
+        column = joined[field].combine_chunks()
+        out[name] = (
+            pd.array(column.to_pandas(types_mapper=pd.ArrowDtype), dtype="Int64")
+            if field == "sequence_index"
+            else pd.arrays.ArrowStringArray(column)
         )
     return out

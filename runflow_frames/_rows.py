@@ -155,6 +155,9 @@ def _key_strings(keys: pd.Series, where: str) -> list[str]:
         return [str(v) for v in _datetime_strings(keys)]
     if isinstance(dtype, np.dtype) and dtype.kind in "iu":  # the common RangeIndex, fast
         return list(map(str, keys.to_numpy().tolist()))
+    if isinstance(dtype, pd.StringDtype):  # nulls were refused above
+        strings: list[str] = keys.to_numpy(dtype=object).tolist()
+        return strings
     out: list[str] = []
     for value in keys.tolist():
         v = value.item() if isinstance(value, np.generic) else value
@@ -250,6 +253,11 @@ def column_values(series: pd.Series, name: str, refs: Sequence[str]) -> list[Any
             return _each(series.tolist(), name, refs)
     if isinstance(dtype, pd.DatetimeTZDtype):
         return _datetime_strings(series)
+    if isinstance(dtype, pd.StringDtype):  # pandas' text columns: str or missing, nothing else
+        strings: list[Any] = series.to_numpy(dtype=object).tolist()
+        for i in np.flatnonzero(series.isna().to_numpy()).tolist():
+            strings[i] = MISSING
+        return strings
     if isinstance(dtype, pd.PeriodDtype | pd.IntervalDtype | pd.SparseDtype):
         raise _refusal(
             name,

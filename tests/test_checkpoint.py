@@ -321,17 +321,19 @@ def test_leftover_temporary_files_are_never_read(tmp_path: Path, emulator: Emula
     assert_matches_server(out, emulator)
 
 
-def test_compaction_leaves_one_journal_and_folds_old_ones(
+def test_a_finished_run_leaves_an_empty_journal_and_segments(
     tmp_path: Path, emulator: Emulator
 ) -> None:
     df = frame(500)
     interrupted(tmp_path, emulator)
     run(df, tmp_path, emulator)
-    journals = sorted(p.name for p in tmp_path.glob("journal-*.log"))
-    assert journals == ["journal-000002.log"]
+    (only,) = tmp_path.glob("journal-*.log")
+    assert only.stat().st_size == 0  # nothing pending: every record was folded into segments
     state = load_state(tmp_path)
     assert state.pending() == []
-    assert len(state.done) == 5
+    assert state.done == {}
+    assert state.segments.num_rows == 500
+    assert sorted(set(state.segments["chunk"].to_pylist())) == [0, 1, 2, 3, 4]
     assert len(list(tmp_path.glob("segment-*.parquet"))) >= 1
 
 

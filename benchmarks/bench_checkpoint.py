@@ -1,0 +1,161 @@
+"""What checkpoints cost, and how fast a big job resumes.
+
+1. Overhead: ROWS rows (default 100,000) through an emulator in its own process, with and without
+   checkpoint=, alternating, several runs each: median rows/s and the ratio (target: at most 10%
+   slower).
+2. Resume start-up, clean stop: a 1,000,000-row job of which 990,000 rows were submitted by an
+   earlier run that ended normally (handles compacted to Parquet): seconds from the call to its
+   first new request (target: within 5 s).
+3. Resume start-up after SIGKILL: the same 1,000,000-row job run in a subprocess and killed once
+   the server has 900,000 of its rows, so the journal was never compacted.
+
+    python benchmarks/bench_checkpoint.py [--rows 100000] [--runs 5] [--resume-rows 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+
+from _common import append_results, emulator_process, spread
+from runflow_frames import run_batches
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.crash_job import job_frame  # noqa: E402 - the same frame the crash job submits
+
+KEY = "bench"
+
+
+class FirstRequest(httpx.AsyncHTTPTransport):
+    """Notes when the first request leaves."""
+
+    first: float | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.first is None:
+            self.first = time.perf_counter()
+        return await super().handle_async_request(request)
+
+
+def overhead(url: str, rows: int, runs: int, tmp: Path) -> list[str]:
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(
+        {
+            "prompt": [f"a photo of item {i}" for i in range(rows)],
+            "seed": rng.integers(0, 2**31, rows),
+        }
+    )
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for run in range(runs):
+        for with_ckpt in (False, True):
+            ckpt = tmp / f"overhead-{run}" if with_ckpt else None
+            started = time.perf_counter()
+            run_batches(df, "acme", "echo", base_url=url, api_key=KEY, checkpoint=ckpt)
+            rates[with_ckpt].append(rows / (time.perf_counter() - started))
+    ratio = statistics.median(rates[True]) / statistics.median(rates[False])
+    return [
+        f"overhead, {rows:,} rows: without checkpoint rows/s {spread(rates[False])}",
+        f"overhead, {rows:,} rows: with checkpoint rows/s {spread(rates[True])}",
+        f"overhead: with/without = {ratio:.3f} ({(1 - ratio) * 100:+.1f}% slower; target <= 10%)",
+    ]
+
+
+def resume_clean(url: str, rows: int, tmp: Path) -> list[str]:
+    df = job_frame(rows)
+    done = rows - rows // 100
+    ckpt = tmp / "resume-clean"
+    started = time.perf_counter()
+    run_batches(df.iloc[:done], "acme", "echo", base_url=url, api_key=KEY, checkpoint=ckpt)
+    first_run = time.perf_counter() - started
+    size = sum(p.stat().st_size for p in ckpt.iterdir())
+    before = httpx.get(url + "/_emulator/accounting").json()["batches_created"]
+    transport = FirstRequest()
+    started = time.perf_counter()
+    out = run_batches(
+        df, "acme", "echo", base_url=url, api_key=KEY, checkpoint=ckpt, transport=transport
+    )
+    total = time.perf_counter() - started
+    assert transport.first is not None
+    new_batches = httpx.get(url + "/_emulator/accounting").json()["batches_created"] - before
+    assert out["runflow_run_id"].notna().all()
+    return [
+        f"resume after a clean stop, {rows:,} rows, {done:,} already submitted (first run "
+        f"{first_run:.1f} s, checkpoint {size / 1e6:.0f} MB): first new request after "
+        f"{transport.first - started:.2f} s (target <= 5 s), whole resume {total:.2f} s, "
+        f"{new_batches} new batches (expected {(rows - done) // 100})",
+    ]
+
+
+def resume_after_kill(url: str, rows: int, tmp: Path) -> list[str]:
+    ckpt = tmp / "resume-killed"
+    out = tmp / "killed.parquet"
+    env = {**os.environ, "RUNFLOW_API_KEY": KEY}
+    before = httpx.get(url + "/_emulator/accounting").json()["batches_created"]
+    job = [
+        sys.executable,
+        str(REPO / "tests" / "crash_job.py"),
+        url,
+        str(ckpt),
+        str(rows),
+        str(out),
+        "8",
+    ]
+    proc = subprocess.Popen(job, stdout=subprocess.PIPE, env=env)
+    target = int(rows * 0.9) // 100
+    while httpx.get(url + "/_emulator/accounting").json()["batches_created"] - before < target:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    journal = sum(p.stat().st_size for p in ckpt.glob("journal-*.log"))
+    killed_at = httpx.get(url + "/_emulator/accounting").json()["batches_created"] - before
+    transport = FirstRequest()
+    df = job_frame(rows)
+    started = time.perf_counter()
+    result = run_batches(
+        df, "acme", "echo", base_url=url, api_key=KEY, checkpoint=ckpt, transport=transport
+    )
+    total = time.perf_counter() - started
+    assert transport.first is not None
+    seen = httpx.get(url + "/_emulator/accounting").json()
+    refs = set(result["runflow_client_ref"])
+    duplicates = sum(1 for r, n in seen["runs_by_client_ref"].items() if r in refs and n != 1)
+    return [
+        f"resume after SIGKILL, {rows:,} rows, killed with {killed_at * 100:,} rows created and an "
+        f"uncompacted journal of {journal / 1e6:.0f} MB: first new request after "
+        f"{transport.first - started:.2f} s (target <= 5 s), whole resume {total:.2f} s, "
+        f"duplicate runs {duplicates}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--resume-rows", type=int, default=1_000_000)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="rff-bench-"))
+    try:
+        with emulator_process() as url:
+            lines = overhead(url, args.rows, args.runs, tmp)
+            lines += resume_clean(url, args.resume_rows, tmp)
+        with emulator_process() as url:
+            lines += resume_after_kill(url, args.resume_rows, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    append_results("Checkpoint overhead and resume start-up", "python " + " ".join(sys.argv), lines)
+
+
+if __name__ == "__main__":
+    main()
