@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
-
 from _common import append_results, emulator_process, spread
+
 from runflow_frames import run_batches
 
 REPO = Path(__file__).resolve().parents[1]

@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ._errors import CheckpointError
-from ._join import HANDLE_SCHEMA, Handle, HandleTable
+from ._join import HANDLE_SCHEMA, Handle
 
 FORMAT: Final = 1
 MANIFEST: Final = "manifest.json"
@@ -93,18 +93,36 @@ class Intent:
     digests: tuple[int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A chunk's answer, column by column (the handles in the intent's row order)."""
+
+    at: float
+    batch_id: str
+    item_ids: Sequence[str]
+    run_ids: Sequence[str]
+    sequence_indexes: Sequence[int | None]
+    statuses: Sequence[str | None]
+
+    @classmethod
+    def of(cls, handles: Sequence[Handle], at: float) -> Done:
+        _, item_ids, run_ids, seqs, statuses = zip(*handles, strict=True)
+        return cls(at, handles[0].batch_id, item_ids, run_ids, seqs, statuses)
+
+
 @dataclass(slots=True)
 class State:
     """Everything a checkpoint records.
 
-    Compacted rows stay columnar (``segments``, one row per submitted row); only what the
-    journals hold beyond them (normally one run's worth) is kept as Python objects, keyed by
-    chunk number, which also deduplicates records written twice.
+    Submitted rows are columnar (``segments``: one row each, whether read from segment files,
+    from journals, or answered in this run); only chunks not in it yet are Python objects, keyed
+    by chunk number, which also deduplicates records written twice.
     """
 
     segments: pa.Table = field(default_factory=lambda: _SEGMENT_SCHEMA.empty_table())
+    written: int = 0  # leading rows of ``segments`` that are already in segment files
     intents: dict[int, Intent] = field(default_factory=dict)
-    done: dict[int, tuple[float, list[Handle]]] = field(default_factory=dict)
+    done: dict[int, Done] = field(default_factory=dict)
 
     def pending(self) -> list[Intent]:
         """Intents without handles: maybe sent, response unknown. Oldest first."""
@@ -112,31 +130,37 @@ class State:
 
     def next_chunk(self) -> int:
         seg = pc.max(self.segments["chunk"]).as_py() if self.segments.num_rows else None
-        return max([-1 if seg is None else seg, *self.intents, *self.done]) + 1
+        return max([-1 if seg is None else seg, *self.intents]) + 1
 
-    def journaled(self) -> pa.Table:
-        """The done chunks the journals hold beyond the segments, as segment rows."""
+    def absorb(self) -> None:
+        """Move answered chunks into ``segments`` (in memory; :meth:`Checkpoint._compact`
+        writes them out)."""
+        if not self.done:
+            return
         columns: dict[str, list[Any]] = {name: [] for name in _SEGMENT_SCHEMA.names}
         for chunk in sorted(self.done):
-            intent = self.intents[chunk]
-            at, handles = self.done[chunk]
-            n = len(handles)
+            intent, done = self.intents.pop(chunk), self.done.pop(chunk)
+            n = len(intent.refs)
+            columns["client_ref"] += intent.refs
+            columns["batch_id"] += [done.batch_id] * n
+            columns["item_id"] += done.item_ids
+            columns["run_id"] += done.run_ids
+            columns["sequence_index"] += done.sequence_indexes
+            columns["status"] += done.statuses
             columns["chunk"] += [chunk] * n
             columns["digest"] += intent.digests
             columns["intent_at"] += [intent.at] * n
-            columns["submitted_at"] += [at] * n
-        table = HandleTable()
-        for chunk in sorted(self.done):
-            table.add(self.intents[chunk].refs, self.done[chunk][1])
-        columns.update(table.columns)
-        return pa.table(columns, schema=_SEGMENT_SCHEMA)
+            columns["submitted_at"] += [done.at] * n
+        table = pa.table(columns, schema=_SEGMENT_SCHEMA)
+        self.segments = pa.concat_tables([self.segments, table])
 
     def submitted(self) -> pa.Table:
         """Every submitted row's handle (``HANDLE_SCHEMA`` columns first)."""
-        return pa.concat_tables([self.segments, self.journaled()])
+        self.absorb()
+        return self.segments
 
     def recorded(self) -> tuple[pa.Array, np.ndarray[Any, np.dtype[np.int64]]]:
-        """client_refs and digests of every recorded row: submitted or pending."""
+        """client_refs and digests of every recorded row: submitted, then pending."""
         submitted = self.submitted()
         pending = self.pending()
         refs = pa.concat_arrays(
@@ -188,40 +212,45 @@ def _read_journal(path: Path) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     pos = 0
     while pos < len(data):
-        bad = _bad_frame(data, pos)
-        if bad is not None:
+        record, end = _parse_frame(data, pos)
+        if isinstance(record, str):
             if _any_valid_frame_after(data, pos + 1):
                 raise CheckpointError(
-                    f"checkpoint journal {path} is corrupted at byte {pos} ({bad}); it is not a "
-                    "torn tail, so it is not safe to guess: restore the checkpoint or start anew"
+                    f"checkpoint journal {path} is corrupted at byte {pos} ({record}); it is "
+                    "not a torn tail, so it is not safe to guess: restore the checkpoint or "
+                    "start anew"
                 )
             break  # a torn tail: the record being written when the process died
-        size = _FRAME.unpack_from(data, pos)[0]
-        records.append(orjson.loads(data[pos + _FRAME.size : pos + _FRAME.size + size]))
-        pos += _FRAME.size + size
+        records.append(record)
+        pos = end
     return records
 
 
-def _bad_frame(data: bytes, pos: int) -> str | None:
+def _parse_frame(data: bytes, pos: int) -> tuple[dict[str, Any] | str, int]:
+    """The record framed at ``pos`` and where the next frame starts, or why there is none."""
     if pos + _FRAME.size > len(data):
-        return "truncated frame header"
+        return "truncated frame header", pos
     size, crc = _FRAME.unpack_from(data, pos)
     end = pos + _FRAME.size + size
     if end > len(data):
-        return "truncated record"
+        return "truncated record", pos
     payload = data[pos + _FRAME.size : end]
     if zlib.crc32(payload) != crc:
-        return "checksum mismatch"
+        return "checksum mismatch", pos
     try:
         record = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return "unparseable record"
-    return None if isinstance(record, dict) and record.get("t") in ("i", "d") else "unknown record"
+        return "unparseable record", pos
+    if not (isinstance(record, dict) and record.get("t") in ("i", "d")):
+        return "unknown record", pos
+    return record, end
 
 
 def _any_valid_frame_after(data: bytes, start: int) -> bool:
     # Brute force over byte offsets, only on the error path: is there a whole valid frame later?
-    return any(_bad_frame(data, p) is None for p in range(start, len(data) - _FRAME.size))
+    return any(
+        not isinstance(_parse_frame(data, p)[0], str) for p in range(start, len(data) - _FRAME.size)
+    )
 
 
 def _numbered(directory: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
@@ -246,6 +275,7 @@ def load_state(directory: Path) -> State:
     state = State()
     if segments:
         state.segments = pa.concat_tables(segments)
+        state.written = state.segments.num_rows
     in_segments = set(pc.unique(state.segments["chunk"]).to_pylist())
     for _, path in _numbered(directory, _JOURNAL_RE):
         for record in _read_journal(path):
@@ -257,11 +287,12 @@ def load_state(directory: Path) -> State:
                     chunk, record["k"], record["at"], tuple(record["r"]), tuple(record["d"])
                 )
                 state.intents.setdefault(chunk, intent)
-            else:
-                handles = [Handle(record["b"], h[0], h[1], h[2], h[3]) for h in record["h"]]
-                state.done.setdefault(chunk, (record["at"], handles))
-    for chunk, (_, handles) in state.done.items():
-        if chunk not in state.intents or len(handles) != len(state.intents[chunk].refs):
+            elif chunk not in state.done:
+                state.done[chunk] = Done(
+                    record["at"], record["b"], record["i"], record["r"], record["q"], record["s"]
+                )
+    for chunk, done in state.done.items():
+        if chunk not in state.intents or len(done.item_ids) != len(state.intents[chunk].refs):
             raise CheckpointError(
                 f"checkpoint {directory}: chunk {chunk} has handles but no intent"
             )
@@ -448,20 +479,21 @@ class Checkpoint:
     def record(self, chunk: int, handles: Sequence[Handle]) -> None:
         """Record a chunk's handles. Written now, made durable with the next sync: until then
         a crash only means the intent is re-sent and the server replays its batch."""
-        at = time.time()
-        self.state.done[chunk] = (at, list(handles))
-        self._write(
-            [
-                {
-                    "t": "d",
-                    "c": chunk,
-                    "at": at,
-                    "b": handles[0].batch_id if handles else None,
-                    "h": [[h.item_id, h.run_id, h.sequence_index, h.status] for h in handles],
-                }
-            ],
-            sync=False,
-        )
+        done = Done.of(handles, time.time())
+        self.state.done[chunk] = done
+        # Column by column, like Done: a few lists per record parse much faster than a list per
+        # row when a big journal is read back.
+        record = {
+            "t": "d",
+            "c": chunk,
+            "at": done.at,
+            "b": done.batch_id,
+            "i": done.item_ids,
+            "r": done.run_ids,
+            "q": done.sequence_indexes,
+            "s": done.statuses,
+        }
+        self._write([record], sync=False)
 
     def close(self) -> None:
         """Make everything durable, fold the journal into a segment, release the lock."""
@@ -488,17 +520,15 @@ class Checkpoint:
             os.fsync(self._fd)
 
     def _compact(self) -> None:
-        """Write the journal's done chunks to a new segment; keep only pending ones in memory."""
-        if not self.state.done:
+        """Write the submitted rows not yet in a segment file to a new one."""
+        self.state.absorb()
+        table = self.state.segments.slice(self.state.written)
+        if not table.num_rows:
             return
-        table = self.state.journaled()
         path = self.directory / f"segment-{self._segment_no:06d}.parquet"
         _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
         self._segment_no += 1
-        self.state.segments = pa.concat_tables([self.state.segments, table])
-        for chunk in list(self.state.done):
-            del self.state.done[chunk]
-            del self.state.intents[chunk]
+        self.state.written = self.state.segments.num_rows
 
 
 def _intent_record(intent: Intent) -> dict[str, Any]:

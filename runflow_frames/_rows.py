@@ -440,7 +440,9 @@ def encode_rows(
                     v = None
                 item[n] = v
             try:
-                out.append(dumps(item))
+                # A compact copy: orjson's own result keeps its whole 4 KiB working buffer, which
+                # for a million kept rows is 4 GB of RSS and seconds of page faults (measured).
+                out.append(memoryview(dumps(item)).tobytes())
             except orjson.JSONEncodeError as exc:
                 raise _unencodable_item(item, exc) from None
     return out

@@ -9,7 +9,7 @@ import anyio
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -60,7 +60,12 @@ def create_app(emulator: Emulator) -> Starlette:
             return _error(404, "NOT_FOUND", f"no route {request.url.path}")
         emulator.create_started()
         try:
-            body = await request.body()
+            try:
+                body = await request.body()
+            except ClientDisconnect:
+                # The client went away mid-body (killed, say): nothing was created; 499 is
+                # what the access log shows, the client never sees it.
+                return _error(499, "CLIENT_CLOSED_REQUEST", "client disconnected")
             if emulator.timing.create_latency > 0:
                 await anyio.sleep(emulator.timing.create_latency)
             return emulator.create_batch(
