@@ -22,6 +22,7 @@ from ._errors import (
     SubmissionError,
 )
 from ._join import HANDLE_COLUMNS
+from ._retry import RetryPolicy
 from ._version import __version__
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "ProtocolError",
     "RateLimitError",
     "RequestRejectedError",
+    "RetryPolicy",
     "RunflowError",
     "ServerError",
     "StaleIntentWarning",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -15,7 +16,8 @@ from ._checkpoint import Checkpoint, Intent, plan_resume, row_digest
 from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient, model_path
 from ._errors import APIStatusError, InputError, StaleIntentWarning, SubmissionError
 from ._join import Handle, HandleTable, check_no_collision, join_handles
-from ._pipeline import ChunkFailure, submit_chunks
+from ._pipeline import ChunkFailure, Errors, submit_chunks
+from ._retry import RetryPolicy, not_created
 from ._rows import (
     MAX_CALLBACK_URL_LEN,
     MAX_CHUNK_SIZE,
@@ -31,6 +33,8 @@ from ._sync import run_sync
 
 if TYPE_CHECKING:
     import httpx
+
+_log = logging.getLogger("runflow_frames")
 
 DEFAULT_CHUNK_SIZE: Final = MAX_CHUNK_SIZE
 DEFAULT_MAX_CONCURRENCY: Final = 8
@@ -52,6 +56,8 @@ async def arun_batches(
     missing: Missing = "omit",
     checkpoint: str | os.PathLike[str] | None = None,
     max_intent_age: float = DEFAULT_MAX_INTENT_AGE,
+    errors: Errors = "raise",
+    retry: RetryPolicy | None = None,
     api_key: str | None = None,
     base_url: str | None = None,
     org_id: str | None = None,
@@ -64,7 +70,9 @@ async def arun_batches(
     --------
     >>> result = await arun_batches(df, "acme", "echo")  # doctest: +SKIP
     """
-    _check_options(df, chunk_size, max_concurrency, missing, metadata, callback_url, max_intent_age)
+    _check_options(
+        df, chunk_size, max_concurrency, missing, metadata, callback_url, max_intent_age, errors
+    )
     path = model_path(owner, slug)
     check_no_collision(list(df.columns))
     fields = item_columns(df, key, columns)
@@ -129,6 +137,12 @@ async def arun_batches(
                 if c.number not in ckpt.state.intents
             )
 
+        def on_failed(failure: ChunkFailure) -> None:
+            # A refused chunk created nothing: its rows go back to unsent, so a resume sends
+            # them again (maybe fixed). An uncertain one stays pending, to be re-sent as is.
+            if ckpt is not None and not_created(failure.error):
+                ckpt.reject(failure.chunk.number)
+
         def on_submitted(chunk: Chunk, chunk_handles: list[Handle]) -> None:
             if ckpt is not None:
                 ckpt.record(chunk.number, chunk_handles)
@@ -143,8 +157,11 @@ async def arun_batches(
                 chunks(),
                 max_concurrency=max_concurrency,
                 on_submitted=on_submitted,
+                on_failed=on_failed,
                 before_send=before_send,
                 group=2 * max_concurrency,
+                errors=errors,
+                policy=retry,
             )
     finally:
         if ckpt is not None:
@@ -161,6 +178,25 @@ async def arun_batches(
     return result
 
 
+def _error_messages(failures: Sequence[ChunkFailure]) -> dict[str, str]:
+    """The runflow_error of each row of a failed chunk."""
+    return {ref: str(f.error) for f in failures for ref in f.chunk.refs}
+
+
+def _summary(failures: Sequence[ChunkFailure]) -> str:
+    """ "2 chunks (200 rows): RequestRejectedError 422 VALIDATION_ERROR; ..." by kind of error."""
+    kinds: dict[str, list[int]] = {}
+    for f in failures:
+        e = f.error
+        kind = type(e).__name__
+        if isinstance(e, APIStatusError):
+            kind += f" {e.status_code}" + (f" {e.code}" if e.code else "")
+        counts = kinds.setdefault(kind, [0, 0])
+        counts[0] += 1
+        counts[1] += len(f.chunk.refs)
+    return "; ".join(f"{c} chunk(s) ({r} rows): {k}" for k, (c, r) in kinds.items())
+
+
 def _submission_error(
     failures: Sequence[ChunkFailure],
     result: pd.DataFrame,
@@ -170,12 +206,7 @@ def _submission_error(
     started: float,
 ) -> SubmissionError:
     first = failures[0].error
-    # A 4xx is a refusal: nothing was created. Anything else may have been processed.
-    uncertain = sum(
-        len(f.chunk.refs)
-        for f in failures
-        if not (isinstance(f.error, APIStatusError) and f.error.status_code < 500)
-    )
+    uncertain = sum(len(f.chunk.refs) for f in failures if not not_created(f.error))
     if checkpoint is not None:
         how = (
             f"re-run the same call with checkpoint={os.fspath(checkpoint)!r} to send the rest "
@@ -191,8 +222,9 @@ def _submission_error(
         how = "to send the rest, pass df[err.result['runflow_run_id'].isna()]"
     return SubmissionError(
         f"{rows - submitted} of {rows} rows were not submitted after "
-        f"{time.monotonic() - started:.1f} s: {first}. The {submitted} submitted rows' "
-        f"handles are in this error's .result; {how}.",
+        f"{time.monotonic() - started:.1f} s. Failed: {_summary(failures)}; first error: "
+        f"{first}. The {submitted} submitted rows' handles are in this error's .result "
+        f"(runflow_error says why a row failed); {how}.",
         result=result,
         submitted=submitted,
         not_submitted=rows - submitted,
@@ -208,6 +240,7 @@ def _check_options(
     metadata: object,
     callback_url: object,
     max_intent_age: float,
+    errors: str,
 ) -> None:
     if not isinstance(df, pd.DataFrame):
         raise InputError(f"expected a pandas DataFrame, got {type(df).__name__}")
@@ -227,6 +260,8 @@ def _check_options(
         raise InputError(
             f"callback_url must be a string of at most {MAX_CALLBACK_URL_LEN} characters"
         )
+    if errors not in ("raise", "keep"):
+        raise InputError(f"errors must be 'raise' or 'keep', got {errors!r}")
     if not max_intent_age > 0:
         raise InputError(f"max_intent_age must be positive seconds, got {max_intent_age!r}")
 
@@ -259,6 +294,8 @@ def run_batches(
     missing: Missing = "omit",
     checkpoint: str | os.PathLike[str] | None = None,
     max_intent_age: float = DEFAULT_MAX_INTENT_AGE,
+    errors: Errors = "raise",
+    retry: RetryPolicy | None = None,
     api_key: str | None = None,
     base_url: str | None = None,
     org_id: str | None = None,
@@ -303,6 +340,17 @@ def run_batches(
     max_intent_age : float, default 86400
         Seconds after which a resume warns (StaleIntentWarning) before re-sending a chunk
         whose answer was lost: the server may have forgotten its Idempotency-Key.
+    errors : {"raise", "keep"}, default "raise"
+        What a chunk that fails for good does (a 422, or retries exhausted). ``"raise"``: no new
+        chunk starts, requests in flight finish, then SubmissionError says what failed, for
+        how many rows, and how to resume. ``"keep"``: the job goes on, and the returned frame
+        says in ``runflow_error`` why each failed row has no handle. Either way a 401, 402,
+        403 or an unknown model stops the job at once (every request would fail), with
+        nothing lost.
+    retry : RetryPolicy, optional
+        How hard each request tries (attempts, total time, backoff). Connection errors,
+        timeouts, 429 and 5xx are retried; other 4xx never are. A 429 or 503 pauses every
+        request, and concurrency adapts down and back up to ``max_concurrency``.
     api_key, base_url, org_id : str, optional
         Default to ``RUNFLOW_API_KEY``, ``RUNFLOW_BASE_URL`` (then ``https://api.runflow.io``)
         and ``RUNFLOW_ORG_ID``.
@@ -351,6 +399,8 @@ def run_batches(
             missing=missing,
             checkpoint=checkpoint,
             max_intent_age=max_intent_age,
+            errors=errors,
+            retry=retry,
             api_key=api_key,
             base_url=base_url,
             org_id=org_id,

@@ -2,8 +2,9 @@
 
 A row goes *unsent* -> *intended* -> *submitted*. Before a chunk's first POST, an **intent**
 record (its chunk number, Idempotency-Key, client_refs and a digest of each row's item bytes)
-is fsync'd; after the 201, a **done** record holds its handles. Every POST of a chunk sends the
-same bytes with the same key, so re-sending an intent whose response was lost makes the server
+is fsync'd; after the 201, a **done** record holds its handles. A chunk the server refused (a 4xx:
+nothing created) gets a **rejected** record: its rows are unsent again. Every POST of a chunk
+sends the same bytes with the same key, so re-sending an intent whose response was lost makes the server
 replay the first batch rather than create a second one.
 
 Layout of a checkpoint directory::
@@ -123,6 +124,7 @@ class State:
     written: int = 0  # leading rows of ``segments`` that are already in segment files
     intents: dict[int, Intent] = field(default_factory=dict)
     done: dict[int, Done] = field(default_factory=dict)
+    rejected: set[int] = field(default_factory=set)  # refused chunks: numbers not to reuse
 
     def pending(self) -> list[Intent]:
         """Intents without handles: maybe sent, response unknown. Oldest first."""
@@ -130,7 +132,7 @@ class State:
 
     def next_chunk(self) -> int:
         seg = pc.max(self.segments["chunk"]).as_py() if self.segments.num_rows else None
-        return max([-1 if seg is None else seg, *self.intents]) + 1
+        return max([-1 if seg is None else seg, *self.intents, *self.rejected]) + 1
 
     def absorb(self) -> None:
         """Move answered chunks into ``segments`` (in memory; :meth:`Checkpoint._compact`
@@ -241,7 +243,7 @@ def _parse_frame(data: bytes, pos: int) -> tuple[dict[str, Any] | str, int]:
         record = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return "unparseable record", pos
-    if not (isinstance(record, dict) and record.get("t") in ("i", "d")):
+    if not (isinstance(record, dict) and record.get("t") in ("i", "d", "x")):
         return "unknown record", pos
     return record, end
 
@@ -282,7 +284,10 @@ def load_state(directory: Path) -> State:
             chunk = record["c"]
             if chunk in in_segments:
                 continue  # compacted already; the journal was not yet deleted
-            if record["t"] == "i":
+            if record["t"] == "x":
+                state.intents.pop(chunk, None)
+                state.rejected.add(chunk)
+            elif record["t"] == "i" and chunk not in state.rejected:
                 intent = Intent(
                     chunk, record["k"], record["at"], tuple(record["r"]), tuple(record["d"])
                 )
@@ -461,7 +466,9 @@ class Checkpoint:
         path = self.directory / f"journal-{self._journal_no:06d}.log"
         self._journal_no += 1
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._write([_intent_record(i) for i in self.state.pending()], sync=True)
+        carried: list[dict[str, Any]] = [_intent_record(i) for i in self.state.pending()]
+        carried += [{"t": "x", "c": c} for c in sorted(self.state.rejected)]
+        self._write(carried, sync=True)
         _fsync_dir(self.directory)
         for _, journal in old:
             journal.unlink()
@@ -494,6 +501,13 @@ class Checkpoint:
             "s": done.statuses,
         }
         self._write([record], sync=False)
+
+    def reject(self, chunk: int) -> None:
+        """The server refused a chunk (a 4xx): it created nothing, so its rows are unsent again
+        and its intent is dropped. Its number is never reused."""
+        self.state.intents.pop(chunk, None)
+        self.state.rejected.add(chunk)
+        self._write([{"t": "x", "c": chunk}], sync=False)
 
     def close(self) -> None:
         """Make everything durable, fold the journal into a segment, release the lock."""

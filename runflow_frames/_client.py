@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Final, Self
@@ -32,6 +33,7 @@ from ._errors import (
     RequestRejectedError,
     ServerError,
 )
+from ._retry import parse_retry_after
 from ._version import __version__
 
 DEFAULT_BASE_URL: Final = "https://api.runflow.io"
@@ -245,7 +247,8 @@ class AsyncRunflowClient:
 
 def _status_error(what: str, response: httpx.Response) -> APIStatusError:
     status = response.status_code
-    code, message, errors = _parse_error_body(response.content)
+    body = _json_or_none(response.content)
+    code, message, errors = _parse_error_body(body, response.content)
     request_id = next(
         (response.headers[h] for h in _REQUEST_ID_HEADERS if h in response.headers), None
     )
@@ -268,15 +271,28 @@ def _status_error(what: str, response: httpx.Response) -> APIStatusError:
         cls = ServerError
     else:
         cls = RequestRejectedError
-    return cls(text, status_code=status, code=code, errors=errors, request_id=request_id)
+    retry_after = parse_retry_after(response.headers.get("retry-after"), body, time.time())
+    return cls(
+        text,
+        status_code=status,
+        code=code,
+        errors=errors,
+        request_id=request_id,
+        retry_after=retry_after,
+    )
 
 
-def _parse_error_body(content: bytes) -> tuple[str | None, str | None, list[Any] | None]:
+def _json_or_none(content: bytes) -> Any:
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _parse_error_body(data: Any, content: bytes) -> tuple[str | None, str | None, list[Any] | None]:
     """Reads ``{code, message, errors}``, ``{"error": {...}}``, ``{"error": "..."}`` and
     FastAPI's ``{"detail": ...}``; falls back to the start of the raw text."""
-    try:
-        data = orjson.loads(content)
-    except orjson.JSONDecodeError:
+    if data is None:
         text = content[:200].decode("utf-8", "replace").strip()
         return None, text or None, None
     if isinstance(data, dict):

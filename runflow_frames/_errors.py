@@ -77,7 +77,15 @@ class APITimeoutError(APIConnectionError):
 
 
 class ProtocolError(APIError):
-    """A response broke the API contract (unparseable body, handles that do not match)."""
+    """A response broke the API contract (unparseable body, handles that do not match).
+
+    ``retryable`` is False when asking again cannot help: the server would replay the same
+    answer (handles that do not match the rows sent).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class APIStatusError(APIError):
@@ -93,6 +101,8 @@ class APIStatusError(APIError):
         Field-level details of a 422.
     request_id : str or None
         The request id header of the response, for support tickets.
+    retry_after : float or None
+        Seconds the server asked to wait (``Retry-After`` or a ``retry_after`` body field).
     """
 
     def __init__(
@@ -103,12 +113,14 @@ class APIStatusError(APIError):
         code: str | None = None,
         errors: list[Any] | None = None,
         request_id: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.code = code
         self.errors = errors
         self.request_id = request_id
+        self.retry_after = retry_after
 
 
 class AuthenticationError(APIStatusError):

@@ -35,6 +35,7 @@ HANDLE_COLUMNS: Final = (
     "runflow_run_id",
     "runflow_sequence_index",
     "runflow_status",
+    "runflow_error",
 )
 
 
@@ -54,20 +55,30 @@ def verify_handles(refs: Sequence[str], response: Mapping[str, Any]) -> dict[str
     batch_id = response.get("id")
     items = response.get("items")
     if not isinstance(batch_id, str) or not batch_id:
-        raise ProtocolError("create response has no batch id")
+        raise ProtocolError("create response has no batch id", retryable=False)
     if not isinstance(items, list):
-        raise ProtocolError(f"create response for batch {batch_id} has no items[] list")
+        raise ProtocolError(
+            f"create response for batch {batch_id} has no items[] list", retryable=False
+        )
     handles: dict[str, Handle] = {}
     for item in items:
         if not isinstance(item, dict):
-            raise ProtocolError(f"batch {batch_id}: an item handle is not an object")
+            raise ProtocolError(
+                f"batch {batch_id}: an item handle is not an object", retryable=False
+            )
         ref, item_id, run_id = item.get("client_ref"), item.get("id"), item.get("run_id")
         if not isinstance(ref, str):
-            raise ProtocolError(f"batch {batch_id}: an item handle has no client_ref")
+            raise ProtocolError(
+                f"batch {batch_id}: an item handle has no client_ref", retryable=False
+            )
         if ref in handles:
-            raise ProtocolError(f"batch {batch_id}: client_ref {ref!r} came back twice")
+            raise ProtocolError(
+                f"batch {batch_id}: client_ref {ref!r} came back twice", retryable=False
+            )
         if not isinstance(item_id, str) or not isinstance(run_id, str):
-            raise ProtocolError(f"batch {batch_id}: item {ref!r} has no id or run_id")
+            raise ProtocolError(
+                f"batch {batch_id}: item {ref!r} has no id or run_id", retryable=False
+            )
         seq = item.get("sequence_index")
         status = item.get("status_code")
         handles[ref] = Handle(
@@ -79,13 +90,14 @@ def verify_handles(refs: Sequence[str], response: Mapping[str, Any]) -> dict[str
         )
     expected = set(refs)
     if len(expected) != len(refs):
-        raise ProtocolError("a chunk was submitted with repeated client_refs")  # our own bug
+        raise ProtocolError("a chunk was submitted with repeated client_refs", retryable=False)
     if handles.keys() != expected:
         missing = sorted(expected - handles.keys())
         extra = sorted(handles.keys() - expected)
         raise ProtocolError(
             f"batch {batch_id}: the handles do not match the submitted rows "
-            f"(missing {missing[:5]}, unexpected {extra[:5]})"
+            f"(missing {missing[:5]}, unexpected {extra[:5]})",
+            retryable=False,
         )
     return handles
 
@@ -124,22 +136,30 @@ class HandleTable:
         return pa.table(self.columns, schema=HANDLE_SCHEMA)
 
 
-def join_handles(df: pd.DataFrame, refs: Sequence[str], handles: pa.Table) -> pd.DataFrame:
+def join_handles(
+    df: pd.DataFrame,
+    refs: Sequence[str],
+    handles: pa.Table,
+    errors: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
     """A new frame: the input (index, order, columns) plus the handle columns.
 
     ``handles`` has the columns of ``HANDLE_SCHEMA``, one row per submitted ``client_ref``; rows
-    of ``df`` without a handle (not submitted) get nulls.
+    of ``df`` without a handle (not submitted) get nulls. ``errors`` gives the
+    ``runflow_error`` of rows that failed.
     """
     ref_array = pa.array(refs, type=pa.string())
     where = pc.index_in(ref_array, value_set=handles["client_ref"])
     joined = handles.take(where)  # a null index gives a null row
     out = df.copy(deep=False)
     out[CLIENT_REF_COLUMN] = pd.arrays.ArrowStringArray(ref_array)
-    for name, field in zip(HANDLE_COLUMNS[1:], HANDLE_SCHEMA.names[1:], strict=True):
+    for name, field in zip(HANDLE_COLUMNS[1:-1], HANDLE_SCHEMA.names[1:], strict=True):
         column = joined[field].combine_chunks()
         out[name] = (
             pd.array(column.to_pandas(types_mapper=pd.ArrowDtype), dtype="Int64")
             if field == "sequence_index"
             else pd.arrays.ArrowStringArray(column)
         )
+    messages = [errors.get(r) for r in refs] if errors else [None] * len(refs)
+    out["runflow_error"] = pd.arrays.ArrowStringArray(pa.array(messages, type=pa.string()))
     return out

@@ -1,8 +1,12 @@
-"""The async scheduler: a continuous pipeline of chunk submissions.
+"""The async scheduler: a continuous pipeline of chunk submissions behind one shared throttle.
 
 ``max_concurrency`` workers share one source of chunks; each takes the next chunk the moment its
-previous request finishes, so the number of requests in flight stays at the limit until the input
-runs out (no waves waiting for their slowest request).
+previous one is done, so requests stay in flight until the input runs out (no waves waiting for
+their slowest request). Every try of every request passes the ``Throttle``: it admits at most
+``limit`` requests at once, cuts ``limit`` in half when the server says "slow down" (429, 503)
+and grows it back by one per ``limit`` successes (AIMD, as TCP does), never above
+``max_concurrency``; and a 429/503 pauses every sender, not just the one that got it, until the
+wait it called for has passed.
 
 Chunks leave the source in groups: ``before_send`` sees each group before any of its chunks is
 handed to a worker, which is where the checkpoint makes their intents durable (one fsync per
@@ -11,25 +15,92 @@ group, not per chunk).
 
 from __future__ import annotations
 
+import math
+import random
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from typing import Literal
 
 import anyio
 
 from ._client import AsyncRunflowClient
-from ._errors import APIError
+from ._errors import (
+    APIError,
+    AuthenticationError,
+    InsufficientCreditError,
+    PermissionDeniedError,
+    RequestRejectedError,
+)
 from ._join import Handle, verify_handles
+from ._retry import RetryPolicy, retrying, slows_everyone
 from ._rows import Chunk
+
+Errors = Literal["raise", "keep"]
 
 
 @dataclass(frozen=True, slots=True)
 class ChunkFailure:
-    """A chunk whose submission failed, and why."""
+    """A chunk whose submission failed for good, and why."""
 
     chunk: Chunk
     error: APIError
+
+
+def ends_the_job(error: APIError) -> bool:
+    """Errors every further request would get too: a bad key, no credit, no permission, a
+    model that does not exist or takes no batches."""
+    if isinstance(error, AuthenticationError | InsufficientCreditError | PermissionDeniedError):
+        return True
+    return isinstance(error, RequestRejectedError) and (
+        error.code in ("MODEL_NOT_FOUND", "MODEL_NOT_BATCH_CAPABLE") or error.status_code == 404
+    )
+
+
+class Throttle:
+    """Admission for every try of every request: a shared, adaptive concurrency limit."""
+
+    def __init__(
+        self,
+        max_concurrency: int,
+        *,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> None:
+        self.max = max_concurrency
+        self.limit = float(max_concurrency)
+        self.in_flight = 0
+        self.paused_until = -math.inf
+        self.slowdowns = 0  # 429/503 answers seen
+        self._clock = clock
+        self._sleep = sleep
+        self._changed = anyio.Event()
+
+    async def acquire(self) -> None:
+        while True:
+            now = self._clock()
+            if now < self.paused_until:
+                await self._sleep(self.paused_until - now)
+                continue
+            if self.in_flight < int(self.limit):
+                self.in_flight += 1
+                return
+            await self._changed.wait()
+
+    def release(self, error: APIError | None, wait: float | None = None) -> None:
+        self.in_flight -= 1
+        if error is None:
+            self.limit = min(float(self.max), self.limit + 1 / self.limit)
+        elif slows_everyone(error):
+            self.slowdowns += 1
+            now = self._clock()
+            if now >= self.paused_until:  # the first 429 of an episode cuts; the rest echo it
+                self.limit = max(1.0, self.limit / 2)
+            if wait is not None:
+                self.paused_until = max(self.paused_until, now + wait)
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
 
 
 async def submit_chunks(
@@ -39,18 +110,27 @@ async def submit_chunks(
     *,
     max_concurrency: int,
     on_submitted: Callable[[Chunk, list[Handle]], None],
+    on_failed: Callable[[ChunkFailure], None] | None = None,
     before_send: Callable[[Sequence[Chunk]], None] | None = None,
     group: int = 1,
+    errors: Errors = "raise",
+    policy: RetryPolicy | None = None,
+    rng: random.Random | None = None,
 ) -> list[ChunkFailure]:
-    """POST every chunk, ``max_concurrency`` at a time; ``on_submitted`` gets verified handles
-    (in the chunk's row order).
+    """POST every chunk with retries; ``on_submitted`` gets verified handles (in the chunk's row
+    order), ``on_failed`` each chunk that failed for good.
 
-    After the first failure no new chunk is started; requests already in flight finish and
-    their handles are delivered. Returns the failures (empty when every chunk went through).
+    With ``errors="raise"`` the first failure stops new chunks; with ``"keep"`` only an error
+    that ends the job does (``ends_the_job``). Requests in flight always finish. Returns the
+    failures.
     """
+    policy = policy or RetryPolicy()
+    rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+    throttle = Throttle(max_concurrency, clock=anyio.current_time, sleep=anyio.sleep)
     source = iter(chunks)
     ready: deque[Chunk] = deque()
     failures: list[ChunkFailure] = []
+    stopped = False
 
     def take() -> Chunk | None:
         # Synchronous from start to end: tasks switch only at awaits, so workers never race here.
@@ -62,13 +142,30 @@ async def submit_chunks(
         return ready.popleft() if ready else None
 
     async def worker() -> None:
-        while not failures and (chunk := take()) is not None:
-            try:
+        nonlocal stopped
+        while not stopped and (chunk := take()) is not None:
+
+            async def send(chunk: Chunk = chunk) -> dict[str, Handle]:
                 response = await client.create_batch(path, chunk.body, idempotency_key=chunk.key)
-                handles = verify_handles(chunk.refs, response)
-            except APIError as exc:
-                failures.append(ChunkFailure(chunk, exc))
-                return
+                return verify_handles(chunk.refs, response)
+
+            try:
+                handles = await retrying(
+                    send,
+                    policy=policy,
+                    gate=throttle,
+                    clock=anyio.current_time,
+                    sleep=anyio.sleep,
+                    rng=rng,
+                )
+            except APIError as error:
+                failure = ChunkFailure(chunk, error)
+                failures.append(failure)
+                if on_failed is not None:
+                    on_failed(failure)
+                if errors == "raise" or ends_the_job(error):
+                    stopped = True
+                continue
             on_submitted(chunk, [handles[r] for r in chunk.refs])
 
     async with anyio.create_task_group() as tg:

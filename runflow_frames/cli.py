@@ -45,13 +45,18 @@ def _demo(rows: int) -> int:
     return 0
 
 
-def _emulator(host: str, port: int, queued: float, running: float, latency: float) -> int:
-    from .emulator import Emulator, Timing
+def _emulator(
+    host: str, port: int, queued: float, running: float, latency: float, faults: str
+) -> int:
+    from .emulator import Emulator, Faults, Timing
     from .emulator._serve import run_forever
 
     timing = Timing(queued=queued, running=running, create_latency=latency)
+    injected = Faults.parse(faults) if faults else None
     print(f"Runflow emulator on http://{host}:{port} (any bearer token is accepted)", flush=True)
-    run_forever(Emulator(timing=timing), host=host, port=port)
+    if injected is not None:
+        print(f"injecting {injected}", flush=True)
+    run_forever(Emulator(timing=timing, faults=injected), host=host, port=port)
     return 0
 
 
@@ -69,10 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     emu.add_argument("--queued", type=float, default=0.05, help="seconds a run waits in queue")
     emu.add_argument("--running", type=float, default=0.2, help="seconds a run runs")
     emu.add_argument("--latency", type=float, default=0.0, help="service time of a create POST")
+    emu.add_argument(
+        "--faults",
+        default="",
+        help="faults to inject, e.g. 'rate_limited=0.05,retry_after=1,reset_after=0.02,"
+        "rate_limit=20' (see runflow_frames.emulator.Faults)",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args.rows)
-    return _emulator(args.host, args.port, args.queued, args.running, args.latency)
+    return _emulator(args.host, args.port, args.queued, args.running, args.latency, args.faults)
 
 
 if __name__ == "__main__":

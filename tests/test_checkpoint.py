@@ -16,6 +16,7 @@ import pytest
 
 from runflow_frames import (
     CheckpointError,
+    RetryPolicy,
     StaleIntentWarning,
     SubmissionError,
     arun_batches,
@@ -28,6 +29,8 @@ from runflow_frames.emulator import Emulator, Timing, create_app
 from .conftest import API_KEY
 
 LOCAL = "http://localhost"
+# One try per request: a lost answer then ends the run, as a crash would.
+NO_RETRY = RetryPolicy(attempts=1)
 CREATE = "POST /v1/models/{model}/batches"
 
 
@@ -92,7 +95,14 @@ def test_a_lost_response_is_resent_with_its_key_and_replayed_not_duplicated(
 ) -> None:
     df = frame(1000)
     with pytest.raises(SubmissionError, match="re-run the same call with checkpoint"):
-        run(df, tmp_path, emulator, max_concurrency=1, transport=LoseResponse(emulator, {3}))
+        run(
+            df,
+            tmp_path,
+            emulator,
+            max_concurrency=1,
+            retry=NO_RETRY,
+            transport=LoseResponse(emulator, {3}),
+        )
     assert emulator.accounting().batches_created == 3  # the third was created; its answer lost
 
     out = run(df, tmp_path, emulator, max_concurrency=3)
@@ -102,6 +112,17 @@ def test_a_lost_response_is_resent_with_its_key_and_replayed_not_duplicated(
     # The lost chunk's key was sent twice; every other key once.
     assert sorted(seen.requests_by_idempotency_key.values()) == [1] * 9 + [2]
     pd.testing.assert_frame_equal(out[df.columns], df)
+    assert_matches_server(out, emulator)
+
+
+def test_within_a_run_a_lost_answer_is_retried_and_replayed(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    df = frame(1000)
+    out = run(df, tmp_path, emulator, max_concurrency=2, transport=LoseResponse(emulator, {3, 7}))
+    seen = emulator.accounting()
+    assert seen.batches_created == 10
+    assert seen.idempotent_replays == 2
     assert_matches_server(out, emulator)
 
 
@@ -184,13 +205,26 @@ def test_old_pending_intents_warn_before_they_are_resent(
 ) -> None:
     df = frame(300)
     with pytest.raises(SubmissionError):
-        run(df, tmp_path, emulator, max_concurrency=1, transport=LoseResponse(emulator, {1}))
+        run(
+            df,
+            tmp_path,
+            emulator,
+            max_concurrency=1,
+            retry=NO_RETRY,
+            transport=LoseResponse(emulator, {1}),
+        )
     with pytest.warns(StaleIntentWarning, match=r"re-sending 2 chunk\(s\) \(200 rows\)"):
         out = run(df, tmp_path, emulator, max_intent_age=1e-6)
     assert_matches_server(out, emulator)
     # Young intents do not warn.
     with pytest.raises(SubmissionError):
-        run(frame(100, start=500), tmp_path / "b", emulator, transport=LoseResponse(emulator, {1}))
+        run(
+            frame(100, start=500),
+            tmp_path / "b",
+            emulator,
+            retry=NO_RETRY,
+            transport=LoseResponse(emulator, {1}),
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run(frame(100, start=500), tmp_path / "b", emulator)
@@ -199,7 +233,14 @@ def test_old_pending_intents_warn_before_they_are_resent(
 def test_read_checkpoint_reports_handles_and_progress(tmp_path: Path, emulator: Emulator) -> None:
     df = frame(450)
     with pytest.raises(SubmissionError) as info:
-        run(df, tmp_path, emulator, max_concurrency=1, transport=LoseResponse(emulator, {3}))
+        run(
+            df,
+            tmp_path,
+            emulator,
+            max_concurrency=1,
+            retry=NO_RETRY,
+            transport=LoseResponse(emulator, {3}),
+        )
     recorded = read_checkpoint(tmp_path)
     progress = recorded.attrs["progress"]
     assert progress["model"] == "acme/echo"
@@ -231,7 +272,7 @@ def test_read_checkpoint_of_a_non_checkpoint(tmp_path: Path) -> None:
 
 def test_the_api_key_never_lands_in_a_checkpoint(tmp_path: Path, emulator: Emulator) -> None:
     with pytest.raises(SubmissionError):
-        run(frame(300), tmp_path, emulator, transport=LoseResponse(emulator, {2}))
+        run(frame(300), tmp_path, emulator, retry=NO_RETRY, transport=LoseResponse(emulator, {2}))
     run(frame(300), tmp_path, emulator)
     for path in tmp_path.rglob("*"):
         if path.is_file():
@@ -257,7 +298,14 @@ def interrupted(tmp_path: Path, emulator: Emulator) -> pd.DataFrame:
     """A job whose third chunk's answer was lost: its journal holds intents and done records."""
     df = frame(500)
     with pytest.raises(SubmissionError):
-        run(df, tmp_path, emulator, max_concurrency=1, transport=LoseResponse(emulator, {3}))
+        run(
+            df,
+            tmp_path,
+            emulator,
+            max_concurrency=1,
+            retry=NO_RETRY,
+            transport=LoseResponse(emulator, {3}),
+        )
     return df
 
 

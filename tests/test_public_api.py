@@ -27,6 +27,7 @@ def test_public_names() -> None:
             "ProtocolError",
             "RateLimitError",
             "RequestRejectedError",
+            "RetryPolicy",
             "RunflowError",
             "ServerError",
             "StaleIntentWarning",

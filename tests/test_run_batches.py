@@ -16,6 +16,7 @@ import pytest
 
 from runflow_frames import (
     HANDLE_COLUMNS,
+    RetryPolicy,
     APIConnectionError,
     AsyncRunflowClient,
     AuthenticationError,
@@ -271,6 +272,7 @@ def test_a_failure_mid_job_keeps_every_submitted_handle(
             api_key=API_KEY,
             base_url=LOCAL,
             transport=FailNthCreate(emulator, 4),
+            retry=RetryPolicy(attempts=1),
         )
     err = info.value
     assert isinstance(err.__cause__, ServerError)
@@ -363,7 +365,15 @@ def test_a_body_that_cannot_be_decoded_is_a_protocol_error(emulator: Emulator) -
             return httpx.Response(201, headers={"Content-Encoding": "gzip"}, content=b"not gzip")
 
     with pytest.raises(SubmissionError) as info:
-        run_batches(frame(5), "acme", "echo", api_key=API_KEY, base_url=LOCAL, transport=Garbled())
+        run_batches(
+            frame(5),
+            "acme",
+            "echo",
+            api_key=API_KEY,
+            base_url=LOCAL,
+            transport=Garbled(),
+            retry=RetryPolicy(attempts=2, wait_initial=0),
+        )
     assert isinstance(info.value.__cause__, ProtocolError)
     assert info.value.uncertain == 5
 
@@ -372,7 +382,14 @@ def test_connection_refused_is_a_connection_error() -> None:
     with serve(Emulator()) as url:
         pass  # the port is closed again
     with pytest.raises(SubmissionError) as info:
-        run_batches(frame(3), "acme", "echo", base_url=url, api_key=API_KEY)
+        run_batches(
+            frame(3),
+            "acme",
+            "echo",
+            base_url=url,
+            api_key=API_KEY,
+            retry=RetryPolicy(attempts=3, wait_initial=0.01),
+        )
     assert isinstance(info.value.__cause__, APIConnectionError)
 
 
@@ -420,7 +437,15 @@ def test_a_timeout_after_the_server_processed_is_reported_as_uncertain(
 ) -> None:
     emulator.timing = Timing(create_latency=0.5)
     with pytest.raises(SubmissionError) as info:
-        run_batches(frame(300), "acme", "echo", base_url=base_url, api_key=API_KEY, timeout=0.2)
+        run_batches(
+            frame(300),
+            "acme",
+            "echo",
+            base_url=base_url,
+            api_key=API_KEY,
+            timeout=0.2,
+            retry=RetryPolicy(attempts=1),
+        )
     err = info.value
     assert isinstance(err.__cause__, APIConnectionError)
     assert err.not_submitted == 300

@@ -9,10 +9,20 @@ Three ways to run it:
 Needs the ``emulator`` extra: ``pip install 'runflow-frames[emulator]'``.
 """
 
+from ._faults import Faults
 from ._models import ModelSpec, builtin_models
 from ._state import Accounting, Emulator, Timing
 
-__all__ = ["Accounting", "Emulator", "ModelSpec", "Timing", "builtin_models", "create_app", "serve"]
+__all__ = [
+    "Accounting",
+    "Emulator",
+    "Faults",
+    "ModelSpec",
+    "Timing",
+    "builtin_models",
+    "create_app",
+    "serve",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -9,10 +9,12 @@ import anyio
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ._faults import FaultMiddleware
 from ._state import CREATE_ROUTE, Answer, Emulator, _error
 
 Handler = Callable[[Request, str], Awaitable[Answer]]
@@ -145,4 +147,11 @@ def create_app(emulator: Emulator) -> Starlette:
             methods=["GET"],
         ),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    middleware = []
+    if emulator.faults is not None:
+        middleware.append(
+            Middleware(FaultMiddleware, faults=emulator.faults, on_fault=emulator.record_fault)
+        )
+    return Starlette(
+        routes=routes, middleware=middleware, exception_handlers={HTTPException: not_found}
+    )

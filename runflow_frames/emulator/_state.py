@@ -38,6 +38,7 @@ from typing import Any, Final
 
 import orjson
 
+from ._faults import Faults
 from ._models import ModelSpec, builtin_models
 
 MAX_ITEMS: Final = 100
@@ -110,6 +111,7 @@ class Accounting:
     responses_by_status: dict[int, int]
     idempotent_replays: int
     max_creates_in_flight: int
+    faults: dict[str, int]
 
     def duplicate_refs(self) -> dict[str, int]:
         """client_refs that got more than one run."""
@@ -153,6 +155,8 @@ class Emulator:
         Returns the current time in seconds since the epoch; inject a fake one in tests.
     seed : int, optional
         Seeds the id generator, for reproducible ids.
+    faults : Faults, optional
+        Faults to inject into API requests (served apps only; see ``create_app``).
     """
 
     def __init__(
@@ -163,8 +167,10 @@ class Emulator:
         api_keys: Iterable[str] | None = None,
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self.timing = timing or Timing()
+        self.faults = faults
         self.api_keys = None if api_keys is None else frozenset(api_keys)
         self.clock = clock
         self._rng = random.Random(seed if seed is not None else os.urandom(16))  # noqa: S311 - ids, not secrets
@@ -183,6 +189,7 @@ class Emulator:
         self._replays = 0
         self._creates_in_flight = 0
         self._max_creates_in_flight = 0
+        self._faults_struck: Counter[str] = Counter()
 
     def __repr__(self) -> str:
         return f"Emulator(models={sorted(self._models)}, batches={len(self._batches)})"
@@ -211,6 +218,7 @@ class Emulator:
                 responses_by_status=dict(self._responses_by_status),
                 idempotent_replays=self._replays,
                 max_creates_in_flight=self._max_creates_in_flight,
+                faults=dict(self._faults_struck),
             )
 
     def received(self) -> list[dict[str, Any]]:
@@ -233,6 +241,11 @@ class Emulator:
         with self._lock:
             self._requests_by_route[route] += 1
             self._responses_by_status[status] += 1
+
+    def record_fault(self, name: str) -> None:
+        """A fault struck (``limited`` for a server-side limit)."""
+        with self._lock:
+            self._faults_struck[name] += 1
 
     def create_started(self) -> None:
         """A create request arrived (its body may still be on its way)."""
