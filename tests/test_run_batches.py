@@ -16,13 +16,13 @@ import pytest
 
 from runflow_frames import (
     HANDLE_COLUMNS,
-    RetryPolicy,
     APIConnectionError,
     AsyncRunflowClient,
     AuthenticationError,
     InputError,
     ProtocolError,
     RequestRejectedError,
+    RetryPolicy,
     ServerError,
     SubmissionError,
     arun_batches,
