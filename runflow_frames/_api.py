@@ -16,8 +16,8 @@ from ._checkpoint import Checkpoint, Intent, plan_resume, row_digest
 from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient, model_path
 from ._errors import APIStatusError, InputError, StaleIntentWarning, SubmissionError
 from ._join import Handle, HandleTable, check_no_collision, join_handles
-from ._pipeline import ChunkFailure, Errors, submit_chunks
-from ._retry import RetryPolicy, not_created
+from ._pipeline import ChunkFailure, Errors, ends_the_job, submit_chunks
+from ._retry import RetryPolicy
 from ._rows import (
     MAX_CALLBACK_URL_LEN,
     MAX_CHUNK_SIZE,
@@ -140,7 +140,7 @@ async def arun_batches(
         def on_failed(failure: ChunkFailure) -> None:
             # A refused chunk created nothing: its rows go back to unsent, so a resume sends
             # them again (maybe fixed). An uncertain one stays pending, to be re-sent as is.
-            if ckpt is not None and not_created(failure.error):
+            if ckpt is not None and not failure.maybe_created:
                 ckpt.reject(failure.chunk.number)
 
         def on_submitted(chunk: Chunk, chunk_handles: list[Handle]) -> None:
@@ -169,22 +169,29 @@ async def arun_batches(
 
     # After close() every handle of a checkpointed job, old or new, is in its segments.
     handles = new_handles.to_arrow() if ckpt is None else ckpt.state.submitted()
-    result = join_handles(df, refs, handles)
-    if failures:
+    result = join_handles(df, refs, handles, _error_messages(failures))
+    if failures and (errors == "raise" or any(ends_the_job(f.error) for f in failures)):
         error = _submission_error(
             failures, result, len(refs), handles.num_rows, checkpoint, started
         )
         raise error from failures[0].error
+    if failures:
+        _log.warning(
+            "%d of %d rows failed; their runflow_error column says why. %s",
+            sum(len(f.chunk.refs) for f in failures),
+            len(refs),
+            _summary(failures),
+        )
     return result
 
 
 def _error_messages(failures: Sequence[ChunkFailure]) -> dict[str, str]:
     """The runflow_error of each row of a failed chunk."""
-    return {ref: str(f.error) for f in failures for ref in f.chunk.refs}
+    return {ref: f.message() for f in failures for ref in f.chunk.refs}
 
 
 def _summary(failures: Sequence[ChunkFailure]) -> str:
-    """ "2 chunks (200 rows): RequestRejectedError 422 VALIDATION_ERROR; ..." by kind of error."""
+    """Failures by kind: "2 chunk(s) (200 rows): RequestRejectedError 422 VALIDATION_ERROR"."""
     kinds: dict[str, list[int]] = {}
     for f in failures:
         e = f.error
@@ -206,7 +213,7 @@ def _submission_error(
     started: float,
 ) -> SubmissionError:
     first = failures[0].error
-    uncertain = sum(len(f.chunk.refs) for f in failures if not not_created(f.error))
+    uncertain = sum(len(f.chunk.refs) for f in failures if f.maybe_created)
     if checkpoint is not None:
         how = (
             f"re-run the same call with checkpoint={os.fspath(checkpoint)!r} to send the rest "

@@ -34,7 +34,7 @@ from ._errors import (
     RequestRejectedError,
 )
 from ._join import Handle, verify_handles
-from ._retry import RetryPolicy, retrying, slows_everyone
+from ._retry import RetryPolicy, not_created, retrying, slows_everyone
 from ._rows import Chunk
 
 Errors = Literal["raise", "keep"]
@@ -42,10 +42,22 @@ Errors = Literal["raise", "keep"]
 
 @dataclass(frozen=True, slots=True)
 class ChunkFailure:
-    """A chunk whose submission failed for good, and why."""
+    """A chunk whose submission failed for good, and why.
+
+    ``maybe_created`` is True when some try of it may have been processed: one got no usable
+    answer (a timeout, a lost connection, a 5xx, an unreadable 201). Only a chunk whose every
+    try was refused with a 4xx surely created nothing.
+    """
 
     chunk: Chunk
     error: APIError
+    maybe_created: bool
+
+    def message(self) -> str:
+        """The ``runflow_error`` of its rows."""
+        if self.maybe_created and not_created(self.error):
+            return f"{self.error} (an earlier try got no answer: the server may have it)"
+        return str(self.error)
 
 
 def ends_the_job(error: APIError) -> bool:
@@ -149,6 +161,11 @@ async def submit_chunks(
                 response = await client.create_batch(path, chunk.body, idempotency_key=chunk.key)
                 return verify_handles(chunk.refs, response)
 
+            tries: list[APIError] = []
+
+            def note(error: APIError, _wait: float, tries: list[APIError] = tries) -> None:
+                tries.append(error)
+
             try:
                 handles = await retrying(
                     send,
@@ -157,9 +174,12 @@ async def submit_chunks(
                     clock=anyio.current_time,
                     sleep=anyio.sleep,
                     rng=rng,
+                    on_retry=note,
                 )
             except APIError as error:
-                failure = ChunkFailure(chunk, error)
+                tries.append(error)
+                maybe_created = any(not not_created(e) for e in tries)
+                failure = ChunkFailure(chunk, error, maybe_created)
                 failures.append(failure)
                 if on_failed is not None:
                     on_failed(failure)

@@ -147,11 +147,10 @@ def create_app(emulator: Emulator) -> Starlette:
             methods=["GET"],
         ),
     ]
-    middleware = []
-    if emulator.faults is not None:
-        middleware.append(
-            Middleware(FaultMiddleware, faults=emulator.faults, on_fault=emulator.record_fault)
-        )
+    # Always installed: it reads emulator.faults per request, so faults can be set live.
+    middleware = [
+        Middleware(FaultMiddleware, faults=lambda: emulator.faults, on_fault=emulator.record_fault)
+    ]
     return Starlette(
         routes=routes, middleware=middleware, exception_handlers={HTTPException: not_found}
     )

@@ -159,15 +159,30 @@ logging.getLogger("uvicorn.error").addFilter(_QuietDrops())
 
 
 class FaultMiddleware:
-    """Applies ``faults`` to the API requests that reach ``app``; ``on_fault`` hears of each."""
+    """Applies the current ``faults()`` to the API requests that reach ``app``; ``on_fault``
+    hears of each. Faults are read per request, so they can be changed (or healed) live; a
+    new ``Faults`` starts its own seeded draws and limits."""
 
-    def __init__(self, app: ASGIApp, faults: Faults, on_fault: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        faults: Callable[[], Faults | None],
+        on_fault: Callable[[str], None],
+    ) -> None:
         self.app = app
-        self.faults = faults
-        self.rng = random.Random(faults.seed)  # noqa: S311 - reproducible faults, not secrets
-        self.limiter = _Limiter(faults.rate_limit, faults.concurrency_limit)
+        self._current = faults
         self._count = on_fault
         self._lock = threading.Lock()
+        self.faults = Faults()
+        self.rng = random.Random()  # noqa: S311 - reproducible faults, not secrets
+        self.limiter = _Limiter(None, None)
+
+    def _configure(self, faults: Faults) -> None:
+        with self._lock:
+            if faults is not self.faults:
+                self.faults = faults
+                self.rng = random.Random(faults.seed)  # noqa: S311 - reproducible, not secrets
+                self.limiter = _Limiter(faults.rate_limit, faults.concurrency_limit)
 
     def _draw(self) -> str | None:
         f = self.faults
@@ -189,15 +204,23 @@ class FaultMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/v1/") or path == "/v1/health":
+        faults = self._current()
+        if (
+            faults is None
+            or scope["type"] != "http"
+            or not path.startswith("/v1/")
+            or path == "/v1/health"
+        ):
             await self.app(scope, receive, send)
             return
+        self._configure(faults)
         if self.faults.routes == "create" and not (
             scope["method"] == "POST" and path.endswith("/batches")
         ):
             await self.app(scope, receive, send)
             return
-        wait = self.limiter.admit()
+        limiter = self.limiter
+        wait = limiter.admit()
         if wait is not None:
             self._count("limited")
             await _answer(send, 429, "RATE_LIMITED", "Rate limit exceeded", self._retry_after(wait))
@@ -205,7 +228,7 @@ class FaultMiddleware:
         try:
             await self._serve(scope, receive, send)
         finally:
-            self.limiter.done()
+            limiter.done()
 
     def _retry_after(self, wait: float | None = None) -> float | None:
         if self.faults.retry_after is None:

@@ -156,7 +156,11 @@ class Emulator:
     seed : int, optional
         Seeds the id generator, for reproducible ids.
     faults : Faults, optional
-        Faults to inject into API requests (served apps only; see ``create_app``).
+        Faults to inject into API requests. An attribute: set it to change faults live, or to
+        ``None`` to heal the server.
+    credit : int, optional
+        Runs the organization can still pay for; a batch that needs more is refused with
+        402 ``INSUFFICIENT_CREDIT``. Unlimited by default.
     """
 
     def __init__(
@@ -168,9 +172,11 @@ class Emulator:
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
         faults: Faults | None = None,
+        credit: int | None = None,
     ) -> None:
         self.timing = timing or Timing()
         self.faults = faults
+        self.credit = credit
         self.api_keys = None if api_keys is None else frozenset(api_keys)
         self.clock = clock
         self._rng = random.Random(seed if seed is not None else os.urandom(16))  # noqa: S311 - ids, not secrets
@@ -307,6 +313,10 @@ class Emulator:
         errors = _validate_create(data)
         if errors:
             return _error(422, "VALIDATION_ERROR", "request validation failed", errors)
+        if self.credit is not None:
+            if self.credit < len(data["input"]):
+                return _error(402, "INSUFFICIENT_CREDIT", "not enough credit for this batch")
+            self.credit -= len(data["input"])
 
         now = self.clock()
         batch_id = self._uuid7(now)
