@@ -85,6 +85,7 @@ class Throttle:
         self.in_flight = 0
         self.paused_until = -math.inf
         self.slowdowns = 0  # 429/503 answers seen
+        self.strikes = 0  # slow-down episodes since the last success
         self._clock = clock
         self._sleep = sleep
         self._changed = anyio.Event()
@@ -104,11 +105,13 @@ class Throttle:
         self.in_flight -= 1
         if error is None:
             self.limit = min(float(self.max), self.limit + 1 / self.limit)
+            self.strikes = 0
         elif slows_everyone(error):
             self.slowdowns += 1
             now = self._clock()
             if now >= self.paused_until:  # the first 429 of an episode cuts; the rest echo it
                 self.limit = max(1.0, self.limit / 2)
+                self.strikes += 1
             if wait is not None:
                 self.paused_until = max(self.paused_until, now + wait)
         changed, self._changed = self._changed, anyio.Event()

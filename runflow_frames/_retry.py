@@ -131,7 +131,14 @@ def parse_retry_after(header: str | None, body: Any, now: float) -> float | None
 
 
 class Gate(Protocol):
-    """Admission to send a request (the shared throttle, in the pipeline)."""
+    """Admission to send a request (the shared throttle, in the pipeline).
+
+    ``strikes`` counts the slow-down episodes (429/503) since the last success: the backoff of
+    a shared pause grows with it, not with one request's own retries, so one unlucky request
+    cannot stall everyone for long while others are getting through.
+    """
+
+    strikes: int
 
     async def acquire(self) -> None: ...
 
@@ -163,7 +170,7 @@ async def retrying(
         except APIError as error:
             wait: float | None = None
             if retryable(error) and retry + 1 < policy.attempts:
-                wait = policy.wait(retry, error, rng)
+                wait = policy.wait(gate.strikes if slows_everyone(error) else retry, error, rng)
                 if clock() + wait - started > policy.timeout:
                     wait = None
             gate.release(error, wait)

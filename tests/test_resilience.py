@@ -439,3 +439,40 @@ def test_fault_matrix(tmp_path: Path) -> None:
     assert emulator.accounting().runs_by_client_ref == dict.fromkeys(df.index, 1)
     received = {r["client_ref"]: r["run_id"] for r in emulator.received()}
     assert again["runflow_run_id"].to_dict() == received
+
+
+def test_a_shared_pause_grows_with_episodes_not_with_one_requests_retries() -> None:
+    time = FakeTime()
+
+    async def pause_while_others_succeed(seconds: float) -> None:
+        await time.sleep(seconds)
+        throttle.in_flight += 1
+        throttle.release(None)  # another request got through during the pause
+
+    throttle = Throttle(4, clock=time.clock, sleep=pause_while_others_succeed)
+    policy = RetryPolicy(attempts=10, wait_initial=1.0, wait_max=100.0)
+    call = script(*[status(RateLimitError, 429)] * 4)
+
+    async def main() -> str:
+        return await retrying(
+            call,
+            policy=policy,
+            gate=throttle,
+            clock=time.clock,
+            sleep=time.sleep,
+            rng=random.Random(3),
+        )
+
+    assert anyio.run(main) == "ok"
+    rng = random.Random(3)
+    # Each pause drew from [0, 1 s] (a first episode each time), not from the [0, 8 s] that this
+    # request's fourth retry would allow.
+    assert time.sleeps == pytest.approx([rng.uniform(0, 1.0) for _ in range(4)])
+    assert throttle.strikes == 0
+
+    time = FakeTime()
+    throttle = Throttle(4, clock=time.clock, sleep=time.sleep)  # nobody else succeeds
+    call = script(*[status(RateLimitError, 429)] * 4)
+    assert anyio.run(main) == "ok"
+    rng = random.Random(3)
+    assert time.sleeps == pytest.approx([rng.uniform(0, 2.0**n) for n in range(4)])
