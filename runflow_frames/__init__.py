@@ -3,6 +3,7 @@
 from ._api import arun_batches, run_batches
 from ._checkpoint import read_checkpoint
 from ._client import AsyncRunflowClient
+from ._collect import Summary, acollect, collect, summarize
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -22,6 +23,7 @@ from ._errors import (
     SubmissionError,
 )
 from ._join import HANDLE_COLUMNS
+from ._results import DeadlineExceeded
 from ._retry import RetryPolicy
 from ._version import __version__
 
@@ -34,6 +36,7 @@ __all__ = [
     "AsyncRunflowClient",
     "AuthenticationError",
     "CheckpointError",
+    "DeadlineExceeded",
     "InputError",
     "InsufficientCreditError",
     "PermissionDeniedError",
@@ -45,8 +48,12 @@ __all__ = [
     "ServerError",
     "StaleIntentWarning",
     "SubmissionError",
+    "Summary",
     "__version__",
+    "acollect",
     "arun_batches",
+    "collect",
     "read_checkpoint",
     "run_batches",
+    "summarize",
 ]

@@ -53,6 +53,22 @@ LOCK: Final = ".lock"
 _FRAME: Final = struct.Struct("<II")
 _JOURNAL_RE: Final = re.compile(r"journal-(\d{6})\.log")
 _SEGMENT_RE: Final = re.compile(r"segment-(\d{6})\.parquet")
+_RESULTS_RE: Final = re.compile(r"results-(\d{6})\.parquet")
+# Collected outcomes of finished batches, as text (outputs as JSON, cost as a decimal string):
+# written once per collect, read back so that a finished batch is never fetched again.
+RESULTS_SCHEMA: Final = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("runflow_status", pa.string()),
+        ("runflow_output", pa.string()),
+        ("runflow_cost", pa.string()),
+        ("runflow_failure_code", pa.string()),
+        ("runflow_failure_message", pa.string()),
+        ("runflow_created_at", pa.string()),
+        ("runflow_started_at", pa.string()),
+        ("runflow_completed_at", pa.string()),
+    ]
+)
 # Fields of the manifest that must match for a resume: they decide the bytes of every item and
 # where they go. chunk_size is not among them: it only shapes chunks not yet formed.
 FINGERPRINT: Final = (
@@ -395,12 +411,17 @@ class Checkpoint:
         self._lock_fd: int | None = None
 
     @classmethod
-    def open(cls, directory: str | os.PathLike[str], fingerprint: Mapping[str, Any]) -> Checkpoint:
-        """Open (or create) the checkpoint at ``directory`` for a job with ``fingerprint``.
+    def open(
+        cls, directory: str | os.PathLike[str], fingerprint: Mapping[str, Any] | None
+    ) -> Checkpoint:
+        """Open (or create) the checkpoint at ``directory`` for a job with ``fingerprint``;
+        ``None`` opens an existing checkpoint whatever its job (to collect from it).
 
         Raises CheckpointError when the checkpoint was made by a different job.
         """
         path = Path(directory)
+        if fingerprint is None and not (path / MANIFEST).exists():
+            raise CheckpointError(f"{path} is not a checkpoint (no {MANIFEST})")
         path.mkdir(parents=True, exist_ok=True)
         # One writer at a time: two processes journaling one job could send a row twice.
         lock_fd = os.open(path / LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -420,9 +441,11 @@ class Checkpoint:
         return checkpoint
 
     @classmethod
-    def _open_locked(cls, path: Path, fingerprint: Mapping[str, Any]) -> Checkpoint:
+    def _open_locked(cls, path: Path, fingerprint: Mapping[str, Any] | None) -> Checkpoint:
         manifest = read_manifest(path)
         if manifest is None:
+            if fingerprint is None:
+                raise CheckpointError(f"{path} is not a checkpoint (no {MANIFEST})")
             manifest = {
                 "format": FORMAT,
                 "job_id": os.urandom(8).hex(),
@@ -430,7 +453,7 @@ class Checkpoint:
                 **{k: fingerprint[k] for k in FINGERPRINT},
             }
             _atomic_write(path / MANIFEST, lambda tmp: tmp.write_bytes(orjson.dumps(manifest)))
-        else:
+        elif fingerprint is not None:
             changes = fingerprint_changes(manifest, fingerprint)
             if changes:
                 raise CheckpointError(
@@ -501,6 +524,24 @@ class Checkpoint:
             "s": done.statuses,
         }
         self._write([record], sync=False)
+
+    def results(self) -> pa.Table:
+        """Every collected outcome recorded so far (``RESULTS_SCHEMA``; later files win)."""
+        tables = []
+        for _, path in _numbered(self.directory, _RESULTS_RE):
+            try:
+                tables.append(pq.read_table(path, schema=RESULTS_SCHEMA))
+            except (pa.ArrowException, OSError) as exc:
+                raise CheckpointError(f"checkpoint results {path} cannot be read: {exc}") from exc
+        return pa.concat_tables(tables) if tables else RESULTS_SCHEMA.empty_table()
+
+    def record_results(self, table: pa.Table) -> None:
+        """Keep collected outcomes of finished batches, atomically, in a new file."""
+        if not table.num_rows:
+            return
+        number = max((n for n, _ in _numbered(self.directory, _RESULTS_RE)), default=0) + 1
+        path = self.directory / f"results-{number:06d}.parquet"
+        _atomic_write(path, lambda tmp: pq.write_table(table.cast(RESULTS_SCHEMA), tmp))
 
     def reject(self, chunk: int) -> None:
         """The server refused a chunk (a 4xx): it created nothing, so its rows are unsent again

@@ -1,0 +1,304 @@
+"""collect / acollect and the job summary: argument checks and wiring of ``_results.py``."""
+
+from __future__ import annotations
+
+import html
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import pyarrow as pa
+
+from ._checkpoint import Checkpoint, read_checkpoint
+from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient
+from ._errors import InputError
+from ._results import (
+    RESULT_COLUMNS,
+    DeadlineExceeded,
+    PollPolicy,
+    collect_items,
+    decode_outputs,
+    encode_outputs,
+    finish_columns,
+    results_frame,
+)
+from ._retry import RetryPolicy
+from ._sync import run_sync
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import httpx
+
+NEEDED = ("runflow_batch_id", "runflow_item_id")
+
+
+@dataclass
+class Summary:
+    """What a job came to: rows by status, total cost, failures by code, time and requests.
+
+    Shown as text by ``repr`` and as a table in notebooks.
+    """
+
+    rows: int
+    by_status: dict[str, int]
+    total_cost: Decimal
+    failures_by_code: dict[str, int]
+    wall_time: float | None = None
+    api_requests: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def _lines(self) -> list[tuple[str, str]]:
+        lines = [("rows", f"{self.rows:,}")]
+        lines += [(f"  {status}", f"{n:,}") for status, n in self.by_status.items()]
+        lines.append(("total cost", f"{self.total_cost}"))
+        lines += [(f"  failed: {code}", f"{n:,}") for code, n in self.failures_by_code.items()]
+        if self.wall_time is not None:
+            lines.append(("wall time", f"{self.wall_time:.1f} s"))
+        if self.api_requests is not None:
+            lines.append(("API requests", f"{self.api_requests:,}"))
+        return lines
+
+    def __repr__(self) -> str:
+        width = max(len(k) for k, _ in self._lines())
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in self._lines())
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+            for k, v in self._lines()
+        )
+        return f"<table class='runflow-summary'>{rows}</table>"
+
+
+def summarize(
+    df: pd.DataFrame, *, wall_time: float | None = None, api_requests: int | None = None
+) -> Summary:
+    """The summary of a collected frame (rows by status, total cost, failures by code).
+
+    Examples
+    --------
+    >>> summarize(collected)  # doctest: +SKIP
+    rows                   1,000
+      succeeded              990
+      failed                  10
+    total cost             1.980
+      failed: INPUT_VALIDATION_FAILED  10
+    """
+    status = df.get("runflow_status", pd.Series(dtype="string")).fillna("not collected")
+    costs = [c for c in df.get("runflow_cost", pd.Series(dtype=object)) if isinstance(c, Decimal)]
+    codes = df.get("runflow_failure_code", pd.Series(dtype="string")).dropna()
+    return Summary(
+        rows=len(df),
+        by_status=dict(Counter(status.astype(str)).most_common()),
+        total_cost=sum(costs, Decimal(0)),
+        failures_by_code=dict(Counter(codes.astype(str)).most_common()),
+        wall_time=wall_time,
+        api_requests=api_requests,
+    )
+
+
+async def acollect(
+    source: pd.DataFrame | str | os.PathLike[str],
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    flatten: bool = False,
+    deadline: float | None = None,
+    poll_interval: tuple[float, float] = (1.0, 15.0),
+    max_concurrency: int = 4,
+    retry: RetryPolicy | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    org_id: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> pd.DataFrame:
+    """Async twin of :func:`collect`."""
+    started = time.monotonic()
+    ckpt_path = checkpoint if isinstance(source, pd.DataFrame) else source
+    frame = source if isinstance(source, pd.DataFrame) else _frame_from_checkpoint(source)
+    missing = [c for c in NEEDED if c not in frame.columns]
+    if missing:
+        raise InputError(
+            f"collect needs the frame run_batches returned (or a checkpoint path); it lacks "
+            f"{missing}"
+        )
+    if max_concurrency < 1 or not 0 < poll_interval[0] <= poll_interval[1]:
+        raise InputError("max_concurrency must be >= 1 and poll_interval (initial, max) positive")
+    out = frame.drop(columns=[c for c in frame.columns if _is_result_column(c)])
+
+    ckpt = Checkpoint.open(ckpt_path, None) if ckpt_path is not None else None
+    try:
+        cached = _from_store(ckpt.results()) if ckpt is not None else _empty_results()
+        if ckpt is not None and base_url is None and org_id is None:
+            base_url, org_id = ckpt.manifest.get("base_url"), ckpt.manifest.get("org_id")
+        items = out["runflow_item_id"]
+        batches = out["runflow_batch_id"]
+        known = items.isin(cached.index)
+        todo = batches[batches.notna() & ~known].unique().tolist()
+        client = AsyncRunflowClient(
+            api_key=api_key, base_url=base_url, org_id=org_id, timeout=timeout, transport=transport
+        )
+        collected = [cached]
+        statuses: dict[str, str] = {}
+
+        def on_batch(_batch_id: str, batch_items: list[dict[str, Any]]) -> None:
+            raw = results_frame(batch_items)
+            collected.append(raw)
+            if ckpt is not None:
+                ckpt.record_results(_to_store(raw))
+
+        async with client:
+            unfinished = await collect_items(
+                client,
+                todo,
+                poll=PollPolicy(
+                    initial=poll_interval[0],
+                    max=poll_interval[1],
+                    max_concurrency=max_concurrency,
+                    deadline=deadline,
+                ),
+                retry=retry or RetryPolicy(),
+                on_batch=on_batch,
+                on_progress=progress,
+                statuses=statuses,
+            )
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+
+    results = pd.concat(collected)
+    results = results[~results.index.duplicated(keep="last")]
+    joined = results.reindex(items.astype(object).where(items.notna(), None)).set_axis(out.index)
+    # Rows of unfinished batches show the batch's last status, for now.
+    waiting = batches.isin(unfinished)
+    joined.loc[waiting.to_numpy(), "runflow_status"] = batches[waiting].map(statuses)
+    out = pd.concat([out, finish_columns(joined, flatten=flatten)], axis=1)
+    out.attrs["runflow_summary"] = summarize(
+        out, wall_time=time.monotonic() - started, api_requests=client.requests_made
+    )
+    if unfinished:
+        raise DeadlineExceeded(
+            f"{len(unfinished)} batch(es) ({int(waiting.sum())} rows) were still running after "
+            f"{deadline:g} s; .result holds what was collected. Collect again later to finish.",
+            result=out,
+        )
+    return out
+
+
+def collect(
+    source: pd.DataFrame | str | os.PathLike[str],
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    flatten: bool = False,
+    deadline: float | None = None,
+    poll_interval: tuple[float, float] = (1.0, 15.0),
+    max_concurrency: int = 4,
+    retry: RetryPolicy | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    org_id: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> pd.DataFrame:
+    """Wait for submitted rows' runs to end and join each row's outcome.
+
+    Polls ``GET /v1/batches/{id}`` for the unfinished batches only, at intervals growing from
+    ``poll_interval[0]`` to ``poll_interval[1]`` seconds, at most ``max_concurrency`` requests
+    at once, with the same retries and shared backoff as submission; then pages through each
+    finished batch's items once.
+
+    Parameters
+    ----------
+    source : DataFrame or path
+        What ``run_batches`` returned, or a checkpoint directory (from any process: the result
+        is then indexed by ``client_ref``).
+    checkpoint : path, optional
+        With a frame as ``source``: where to keep collected outcomes, so that collecting again
+        fetches only unfinished batches. A checkpoint ``source`` is used for this too.
+    flatten : bool
+        Spread the output dict into ``runflow_output.<key>`` columns.
+    deadline : float, optional
+        Seconds to wait in all; past it, ``DeadlineExceeded`` carries what was collected.
+    progress : callable, optional
+        Called as ``progress(batches_done, batches_total)`` after each polling round.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``source`` plus ``runflow_status`` (final), ``runflow_output`` (dict),
+        ``runflow_cost`` (Decimal), ``runflow_failure_code``, ``runflow_failure_message`` and
+        ``runflow_created_at`` / ``_started_at`` / ``_completed_at`` (UTC); ``.attrs
+        ["runflow_summary"]`` is a :class:`Summary`.
+
+    Examples
+    --------
+    >>> out = run_batches(df, "acme", "echo", checkpoint="ckpt")  # doctest: +SKIP
+    >>> done = collect(out)  # doctest: +SKIP
+    >>> done.attrs["runflow_summary"]  # doctest: +SKIP
+    """
+
+    async def job() -> pd.DataFrame:
+        return await acollect(
+            source,
+            checkpoint=checkpoint,
+            flatten=flatten,
+            deadline=deadline,
+            poll_interval=poll_interval,
+            max_concurrency=max_concurrency,
+            retry=retry,
+            progress=progress,
+            api_key=api_key,
+            base_url=base_url,
+            org_id=org_id,
+            timeout=timeout,
+            transport=transport,
+        )
+
+    return run_sync(job)
+
+
+def _is_result_column(name: object) -> bool:
+    return isinstance(name, str) and (name in RESULT_COLUMNS or name.startswith("runflow_output."))
+
+
+def _frame_from_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
+    recorded = read_checkpoint(Path(path))
+    submitted = recorded[recorded["state"] == "submitted"]
+    return submitted.drop(columns=["state", "chunk", "intent_at", "submitted_at"])
+
+
+def _empty_results() -> pd.DataFrame:
+    return pd.DataFrame(columns=list(RESULT_COLUMNS), index=pd.Index([], dtype=object))
+
+
+def _to_store(raw: pd.DataFrame) -> pa.Table:
+    """Raw outcomes as text, for the checkpoint."""
+    data: dict[str, Any] = {"item_id": raw.index.tolist()}
+    for col in RESULT_COLUMNS:
+        values = raw[col].tolist()
+        if col == "runflow_output":
+            data[col] = encode_outputs(values)
+        else:
+            data[col] = [None if v is None or v != v else str(v) for v in values]
+    return pa.table(data)
+
+
+def _from_store(table: pa.Table) -> pd.DataFrame:
+    if not table.num_rows:
+        return _empty_results()
+    data = table.to_pydict()
+    frame = pd.DataFrame(
+        {col: data[col] for col in RESULT_COLUMNS}, index=pd.Index(data["item_id"], dtype=object)
+    )
+    frame["runflow_output"] = decode_outputs(data["runflow_output"])
+    costs: list[Any] = [None if c is None else Decimal(c) for c in data["runflow_cost"]]
+    frame["runflow_cost"] = costs
+    return frame
