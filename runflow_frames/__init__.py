@@ -1,6 +1,6 @@
 """runflow-frames: push a dataframe through Runflow's batch API, exactly once, joined back."""
 
-from ._api import arun_batches, run_batches
+from ._api import aretry_failed, arun_batches, retry_failed, run_batches
 from ._checkpoint import read_checkpoint
 from ._client import AsyncRunflowClient
 from ._collect import Summary, acollect, collect, summarize
@@ -51,9 +51,11 @@ __all__ = [
     "Summary",
     "__version__",
     "acollect",
+    "aretry_failed",
     "arun_batches",
     "collect",
     "read_checkpoint",
+    "retry_failed",
     "run_batches",
     "summarize",
 ]

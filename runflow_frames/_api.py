@@ -8,12 +8,14 @@ import time
 import uuid
 import warnings
 from collections.abc import Hashable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import pandas as pd
 
 from ._checkpoint import Checkpoint, Intent, plan_resume, row_digest
 from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient, model_path
+from ._collect import acollect
 from ._errors import APIStatusError, InputError, StaleIntentWarning, SubmissionError
 from ._join import Handle, HandleTable, check_no_collision, join_handles
 from ._pipeline import ChunkFailure, Errors, ends_the_job, submit_chunks
@@ -58,6 +60,7 @@ async def arun_batches(
     max_intent_age: float = DEFAULT_MAX_INTENT_AGE,
     errors: Errors = "raise",
     retry: RetryPolicy | None = None,
+    wait: bool = False,
     api_key: str | None = None,
     base_url: str | None = None,
     org_id: str | None = None,
@@ -182,6 +185,17 @@ async def arun_batches(
             len(refs),
             _summary(failures),
         )
+    if wait:
+        return await acollect(
+            result,
+            checkpoint=checkpoint,
+            retry=retry,
+            api_key=api_key,
+            base_url=base_url,
+            org_id=org_id,
+            timeout=timeout,
+            transport=transport,
+        )
     return result
 
 
@@ -303,6 +317,7 @@ def run_batches(
     max_intent_age: float = DEFAULT_MAX_INTENT_AGE,
     errors: Errors = "raise",
     retry: RetryPolicy | None = None,
+    wait: bool = False,
     api_key: str | None = None,
     base_url: str | None = None,
     org_id: str | None = None,
@@ -358,6 +373,8 @@ def run_batches(
         How hard each request tries (attempts, total time, backoff). Connection errors,
         timeouts, 429 and 5xx are retried; other 4xx never are. A 429 or 503 pauses every
         request, and concurrency adapts down and back up to ``max_concurrency``.
+    wait : bool, default False
+        Also wait for the runs to end and join their outcomes, as :func:`collect` does.
     api_key, base_url, org_id : str, optional
         Default to ``RUNFLOW_API_KEY``, ``RUNFLOW_BASE_URL`` (then ``https://api.runflow.io``)
         and ``RUNFLOW_ORG_ID``.
@@ -408,11 +425,89 @@ def run_batches(
             max_intent_age=max_intent_age,
             errors=errors,
             retry=retry,
+            wait=wait,
             api_key=api_key,
             base_url=base_url,
             org_id=org_id,
             timeout=timeout,
             transport=transport,
         )
+
+    return run_sync(job)
+
+
+FAILED_STATUSES: Final = frozenset({"failed", "errored"})
+
+
+async def aretry_failed(
+    df: pd.DataFrame,
+    owner: str,
+    slug: str,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    wait: bool = False,
+    **options: Any,
+) -> pd.DataFrame:
+    """Async twin of :func:`retry_failed`."""
+    if "runflow_status" not in df.columns:
+        raise InputError("retry_failed needs a collected frame (collect() or wait=True first)")
+    failed = df["runflow_status"].isin(FAILED_STATUSES).to_numpy()
+    attempts = (
+        df["runflow_attempt"].astype("Int64")
+        if "runflow_attempt" in df.columns
+        else pd.Series(1, index=df.index, dtype="Int64")
+    )
+    out = df.copy()
+    out["runflow_attempt"] = attempts
+    if not failed.any():
+        return out
+    attempt = int(attempts[failed].max()) + 1
+    inputs = df.loc[failed, [c for c in df.columns if not str(c).startswith("runflow_")]]
+    # Each attempt is its own exactly-once job, with its own sub-checkpoint: calling this again
+    # after a crash resumes the same attempt instead of sending the rows a third time.
+    sub = None if checkpoint is None else Path(checkpoint) / f"attempt-{attempt}"
+    again = await arun_batches(inputs, owner, slug, checkpoint=sub, wait=wait, **options)
+    again["runflow_attempt"] = attempt
+    replaced = [c for c in again.columns if str(c).startswith("runflow_")]
+    out = out.drop(
+        columns=[c for c in out.columns if _is_output_of_collect(c) and c not in replaced]
+    )
+    for column in replaced:
+        if column not in out.columns:
+            out[column] = pd.Series(pd.NA, index=out.index, dtype=again[column].dtype)
+        out.loc[failed, column] = again[column].to_numpy()
+    return out
+
+
+def _is_output_of_collect(column: object) -> bool:
+    return isinstance(column, str) and column.startswith("runflow_output.")
+
+
+def retry_failed(
+    df: pd.DataFrame,
+    owner: str,
+    slug: str,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    wait: bool = False,
+    **options: Any,
+) -> pd.DataFrame:
+    """Submit again, as new items, only the rows whose runs failed.
+
+    Takes a collected frame (``collect`` or ``wait=True``); rows whose ``runflow_status`` is
+    ``failed`` are sent again with the same guarantees as ``run_batches`` (with ``checkpoint``,
+    under ``<checkpoint>/attempt-<n>``, so a crash mid-retry resumes rather than re-sends).
+    Returns the frame with those rows' handles (and, with ``wait=True``, outcomes) replaced and
+    ``runflow_attempt`` counting the tries of each row. Other keyword options are those of
+    ``run_batches``.
+
+    Examples
+    --------
+    >>> done = run_batches(df, "acme", "uppercase", checkpoint="ckpt", wait=True)  # doctest: +SKIP
+    >>> fixed = retry_failed(done, "acme", "uppercase", checkpoint="ckpt", wait=True)  # doctest: +SKIP
+    """
+
+    async def job() -> pd.DataFrame:
+        return await aretry_failed(df, owner, slug, checkpoint=checkpoint, wait=wait, **options)
 
     return run_sync(job)

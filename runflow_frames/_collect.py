@@ -76,10 +76,9 @@ class Summary:
         return f"<table class='runflow-summary'>{rows}</table>"
 
 
-def summarize(
-    df: pd.DataFrame, *, wall_time: float | None = None, api_requests: int | None = None
-) -> Summary:
-    """The summary of a collected frame (rows by status, total cost, failures by code).
+def summarize(df: pd.DataFrame) -> Summary:
+    """The summary of a collected frame: rows by status, total cost, failures by code, and the
+    time and API requests the collection took.
 
     Examples
     --------
@@ -90,16 +89,17 @@ def summarize(
     total cost             1.980
       failed: INPUT_VALIDATION_FAILED  10
     """
-    status = df.get("runflow_status", pd.Series(dtype="string")).fillna("not collected")
-    costs = [c for c in df.get("runflow_cost", pd.Series(dtype=object)) if isinstance(c, Decimal)]
-    codes = df.get("runflow_failure_code", pd.Series(dtype="string")).dropna()
+    none = pd.Series(pd.NA, index=df.index, dtype="string")
+    status = df.get("runflow_status", none).fillna("not collected")
+    costs = [c for c in df.get("runflow_cost", []) if isinstance(c, Decimal)]
+    codes = df.get("runflow_failure_code", none).dropna()
     return Summary(
         rows=len(df),
         by_status=dict(Counter(status.astype(str)).most_common()),
         total_cost=sum(costs, Decimal(0)),
         failures_by_code=dict(Counter(codes.astype(str)).most_common()),
-        wall_time=wall_time,
-        api_requests=api_requests,
+        wall_time=df.attrs.get("runflow", {}).get("collect_seconds"),
+        api_requests=df.attrs.get("runflow", {}).get("api_requests"),
     )
 
 
@@ -168,6 +168,7 @@ async def acollect(
                 on_batch=on_batch,
                 on_progress=progress,
                 statuses=statuses,
+                expected={str(b): int(n) for b, n in batches.value_counts().items()},
             )
     finally:
         if ckpt is not None:
@@ -180,9 +181,11 @@ async def acollect(
     waiting = batches.isin(unfinished)
     joined.loc[waiting.to_numpy(), "runflow_status"] = batches[waiting].map(statuses)
     out = pd.concat([out, finish_columns(joined, flatten=flatten)], axis=1)
-    out.attrs["runflow_summary"] = summarize(
-        out, wall_time=time.monotonic() - started, api_requests=client.requests_made
-    )
+    # JSON-able only: pandas writes attrs into Parquet metadata.
+    out.attrs["runflow"] = {
+        "collect_seconds": round(time.monotonic() - started, 3),
+        "api_requests": client.requests_made,
+    }
     if unfinished:
         raise DeadlineExceeded(
             f"{len(unfinished)} batch(es) ({int(waiting.sum())} rows) were still running after "
@@ -235,14 +238,14 @@ def collect(
     pandas.DataFrame
         ``source`` plus ``runflow_status`` (final), ``runflow_output`` (dict),
         ``runflow_cost`` (Decimal), ``runflow_failure_code``, ``runflow_failure_message`` and
-        ``runflow_created_at`` / ``_started_at`` / ``_completed_at`` (UTC); ``.attrs
-        ["runflow_summary"]`` is a :class:`Summary`.
+        ``runflow_created_at`` / ``_started_at`` / ``_completed_at`` (UTC).
+        :func:`summarize` gives its :class:`Summary`.
 
     Examples
     --------
     >>> out = run_batches(df, "acme", "echo", checkpoint="ckpt")  # doctest: +SKIP
     >>> done = collect(out)  # doctest: +SKIP
-    >>> done.attrs["runflow_summary"]  # doctest: +SKIP
+    >>> summarize(done)  # doctest: +SKIP
     """
 
     async def job() -> pd.DataFrame:

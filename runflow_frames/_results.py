@@ -22,7 +22,7 @@ import orjson
 import pandas as pd
 
 from ._client import AsyncRunflowClient
-from ._errors import ProtocolError, RunflowError
+from ._errors import APIError, ProtocolError, RunflowError
 from ._pipeline import Throttle
 from ._retry import RetryPolicy, retrying
 
@@ -134,6 +134,7 @@ async def collect_items(
     on_batch: Callable[[str, list[dict[str, Any]]], None],
     on_progress: Callable[[int, int], None] | None = None,
     statuses: dict[str, str] | None = None,
+    expected: Mapping[str, int] | None = None,
 ) -> list[str]:
     """Wait for ``batch_ids`` (in creation order) to end, page through each one's items once
     and hand them to ``on_batch``. Returns the batches still unfinished at the deadline.
@@ -145,7 +146,9 @@ async def collect_items(
     same request, and the sweep stops at the first window in which none had. A finished batch
     thus costs one request (a page of up to 500 items), plus one poll per waiting round.
 
-    ``statuses`` receives the last seen status of each batch.
+    ``statuses`` receives the last seen status of each batch. ``expected`` gives how many items
+    a batch holds: a batch whose pages yield fewer (a cursor that repeats, a page that goes
+    missing) is a ProtocolError, never a silently short result.
     """
     pending = list(dict.fromkeys(batch_ids))
     total = len(pending)
@@ -180,9 +183,25 @@ async def collect_items(
             cursors.add(cursor)
         return items
 
+    errors: list[APIError] = []
+
     async def sweep(batch_id: str, finished: list[str]) -> None:
-        items = await page_items(batch_id)
+        try:
+            items = await page_items(batch_id)
+        except APIError as error:  # surfaces after the window, alone, not in an ExceptionGroup
+            errors.append(error)
+            return
         states = [i.get("status_code") for i in items]
+        want = (expected or {}).get(batch_id, 0)
+        if len({i.get("id") for i in items}) < want:
+            errors.append(
+                ProtocolError(
+                    f"batch {batch_id}: its pages gave {len(items)} items ({want} expected): a "
+                    "cursor repeated or a page went missing",
+                    retryable=False,
+                )
+            )
+            return
         if items and all(state in TERMINAL for state in states):
             seen[batch_id] = "over"
             on_batch(batch_id, items)
@@ -209,6 +228,8 @@ async def collect_items(
                 async with anyio.create_task_group() as tg:
                     for batch_id in window:
                         tg.start_soon(sweep, batch_id, finished)
+                if errors:
+                    raise errors[0]
                 if not finished:
                     break  # a whole window still running: the rest is younger, wait
                 pending = [b for b in pending if b not in finished]

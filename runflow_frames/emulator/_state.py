@@ -161,6 +161,8 @@ class Emulator:
     credit : int, optional
         Runs the organization can still pay for; a batch that needs more is refused with
         402 ``INSUFFICIENT_CREDIT``. Unlimited by default.
+    page_cap : int, default 500
+        Most items a list page holds, whatever ``limit`` asks (servers cap pages).
     """
 
     def __init__(
@@ -173,7 +175,9 @@ class Emulator:
         seed: int | None = None,
         faults: Faults | None = None,
         credit: int | None = None,
+        page_cap: int = MAX_PAGE,
     ) -> None:
+        self.page_cap = page_cap
         self.timing = timing or Timing()
         self.faults = faults
         self.credit = credit
@@ -384,6 +388,7 @@ class Emulator:
                     [{"loc": ["query", "pq"], "msg": "invalid cursor", "type": "value_error"}],
                 )
             now = self.clock()
+            size = min(size, self.page_cap)
             page = batch.runs[start : start + size]
             nxt = _encode_cursor(start + size) if start + size < len(batch.runs) else None
             prev = _encode_cursor(max(0, start - size)) if start > 0 else None

@@ -1,0 +1,297 @@
+"""Results: wait, collect (also from a checkpoint in another process), pagination, retry_failed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+
+from runflow_frames import (
+    DeadlineExceeded,
+    InputError,
+    ProtocolError,
+    Summary,
+    collect,
+    retry_failed,
+    run_batches,
+    summarize,
+)
+from runflow_frames._results import batch_is_over, next_cursor
+from runflow_frames.emulator import Emulator, Timing, create_app, serve
+
+from .conftest import API_KEY
+
+LOCAL = "http://localhost"
+FAST_POLL = (0.05, 0.2)
+
+
+def mixed(n: int) -> pd.DataFrame:
+    """acme/uppercase input where every 7th row is invalid (its run fails)."""
+    text: list[Any] = [f"row {i}" if i % 7 else i for i in range(n)]
+    return pd.DataFrame(
+        {"text": text, "repeat": 1 + np.arange(n) % 3}, index=[f"k{i:05d}" for i in range(n)]
+    )
+
+
+def expected_output(row: pd.Series) -> dict[str, Any] | None:
+    return (
+        None if not isinstance(row["text"], str) else {"text": row["text"].upper() * row["repeat"]}
+    )
+
+
+@pytest.mark.parametrize(
+    ("batch", "over"),
+    [
+        ({"status_code": "succeeded"}, True),
+        ({"status_code": "partial_succeeded"}, True),
+        ({"status_code": "cancelled"}, True),
+        ({"status_code": "canceled"}, True),
+        ({"status_code": "errored"}, True),
+        ({"status_code": "running"}, False),
+        ({"status_code": "something_new"}, False),
+        ({"status_code": "running", "completed_at": "2026-01-01T00:00:00Z"}, True),
+        (
+            {
+                "status_code": "weird",
+                "items_total": 3,
+                "items_succeeded": 2,
+                "items_failed": 1,
+                "items_cancelled": 0,
+            },
+            True,
+        ),
+        (
+            {
+                "status_code": "weird",
+                "items_total": 3,
+                "items_succeeded": 1,
+                "items_failed": 1,
+                "items_cancelled": 0,
+            },
+            False,
+        ),
+    ],
+)
+def test_when_a_batch_is_over(batch: dict[str, Any], over: bool) -> None:
+    assert batch_is_over(batch) is over
+
+
+@pytest.mark.parametrize(
+    ("page", "cursor"),
+    [
+        ({"next_pq": "abc", "next": "zzz"}, "abc"),
+        ({"next": "abc"}, "abc"),
+        ({"next": "/v1/batches/b/items?limit=5&pq=xyz"}, "xyz"),
+        ({"next": "?pq=xyz&limit=5"}, "xyz"),
+        ({"next": None, "next_pq": None}, None),
+        ({}, None),
+    ],
+)
+def test_next_cursor_reads_both_spellings(page: dict[str, Any], cursor: str | None) -> None:
+    assert next_cursor(page) == cursor
+
+
+def test_wait_joins_every_rows_outcome_over_thousands_of_rows(
+    emulator: Emulator, base_url: str
+) -> None:
+    df = mixed(3000)
+    out = run_batches(df, "acme", "uppercase", base_url=base_url, api_key=API_KEY, wait=True)
+    pd.testing.assert_frame_equal(out[df.columns], df)
+    ok = df["text"].map(lambda t: isinstance(t, str))
+    assert (out.loc[ok, "runflow_status"] == "succeeded").all()
+    assert (out.loc[~ok, "runflow_status"] == "failed").all()
+    for key, row in df.iterrows():
+        assert out.at[key, "runflow_output"] == expected_output(row)
+    assert (out.loc[ok, "runflow_cost"] == Decimal("0.002")).all()
+    assert (out.loc[~ok, "runflow_cost"] == Decimal("0")).all()
+    assert out.loc[~ok, "runflow_failure_code"].eq("INPUT_VALIDATION_FAILED").all()
+    assert out.loc[~ok, "runflow_failure_message"].eq("input 'text' must be of type string").all()
+    assert out.loc[ok, "runflow_failure_code"].isna().all()
+    assert str(out["runflow_completed_at"].dtype).startswith("datetime64")
+    assert (out["runflow_completed_at"] >= out["runflow_created_at"]).all()
+    summary = summarize(out)
+    assert isinstance(summary, Summary)
+    assert summary.by_status == {"succeeded": int(ok.sum()), "failed": int((~ok).sum())}
+    assert summary.total_cost == Decimal("0.002") * int(ok.sum())
+    assert summary.failures_by_code == {"INPUT_VALIDATION_FAILED": int((~ok).sum())}
+    assert "total cost" in repr(summary)
+    assert "<table" in summary._repr_html_()
+    # The costs the server reports for the rows' runs add up to the same total.
+    received = {r["run_id"] for r in emulator.received()}
+    assert set(out["runflow_run_id"]) == received
+
+
+def test_flatten_spreads_outputs_into_columns(base_url: str) -> None:
+    df = mixed(50)
+    out = run_batches(df, "acme", "uppercase", base_url=base_url, api_key=API_KEY)
+    flat = collect(out, base_url=base_url, api_key=API_KEY, flatten=True, poll_interval=FAST_POLL)
+    assert "runflow_output" not in flat.columns
+    assert [None if pd.isna(t) else t for t in flat["runflow_output.text"]] == [
+        None if o is None else o["text"] for o in (expected_output(r) for _, r in df.iterrows())
+    ]
+
+
+def test_collect_from_a_checkpoint_in_a_fresh_process_and_again_without_refetching(
+    tmp_path: Path, emulator: Emulator, base_url: str
+) -> None:
+    df = mixed(700)
+    run_batches(df, "acme", "uppercase", base_url=base_url, api_key=API_KEY, checkpoint=tmp_path)
+    code = (
+        "import sys, runflow_frames as rf\n"
+        "out = rf.collect(sys.argv[1], poll_interval=(0.05, 0.2))\n"
+        "out.drop(columns=['runflow_output']).to_parquet(sys.argv[2])\n"
+        "print(rf.summarize(out).api_requests)\n"
+    )
+    env = {"RUNFLOW_API_KEY": API_KEY, "PATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), str(tmp_path / "out.parquet")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) >= 8  # it polled and paged, from nothing but the checkpoint path
+    collected = pd.read_parquet(tmp_path / "out.parquet")
+    assert len(collected) == 700
+    assert set(collected.index) == set(df.index)
+    assert (collected["runflow_status"] == "failed").sum() == (
+        ~df["text"].map(lambda t: isinstance(t, str))
+    ).sum()
+    before = emulator.accounting().requests_by_route
+    again = collect(tmp_path, api_key=API_KEY)
+    assert emulator.accounting().requests_by_route == before  # nothing fetched twice
+    assert summarize(again).api_requests == 0
+    assert again["runflow_status"].to_dict() == collected["runflow_status"].to_dict()
+
+
+def test_many_pages_are_followed() -> None:
+    emulator = Emulator(page_cap=7)
+    with serve(emulator) as url:
+        out = run_batches(mixed(300), "acme", "uppercase", base_url=url, api_key=API_KEY, wait=True)
+    assert out["runflow_status"].notna().all()
+    pages = emulator.accounting().requests_by_route["GET /v1/batches/{id}/items"]
+    assert pages >= 3 * 15  # 100 items, 7 a page
+
+
+class Pages(httpx.AsyncBaseTransport):
+    """The emulator in-process, with its item pages rewritten by ``edit``."""
+
+    def __init__(self, emulator: Emulator, edit: Any) -> None:
+        self.inner = httpx.ASGITransport(app=create_app(emulator))
+        self.edit = edit
+        self.pages = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if not request.url.path.endswith("/items"):
+            return response
+        self.pages += 1
+        body = orjson.loads(await response.aread())
+        self.edit(body)
+        return httpx.Response(200, content=orjson.dumps(body))
+
+
+def test_only_next_as_a_url_is_followed() -> None:
+    emulator = Emulator(page_cap=10)
+
+    def url_cursors(page: dict[str, Any]) -> None:
+        cursor = page.pop("next_pq")
+        page["next"] = None if cursor is None else f"/v1/batches/x/items?limit=10&pq={cursor}"
+
+    transport = Pages(emulator, url_cursors)
+    out = run_batches(
+        mixed(100), "acme", "uppercase", api_key=API_KEY, base_url=LOCAL, transport=transport
+    )
+    done = collect(
+        out, api_key=API_KEY, base_url=LOCAL, transport=transport, poll_interval=FAST_POLL
+    )
+    assert done["runflow_status"].notna().all()
+    assert transport.pages >= 10
+
+
+class Stuck(Pages):
+    """A server that answers every page with the first one and the same cursor, for ever."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/items"):
+            request = httpx.Request(
+                "GET", request.url.copy_remove_param("pq"), headers=request.headers
+            )
+        return await super().handle_async_request(request)
+
+
+def test_a_repeated_cursor_never_loops_forever() -> None:
+    emulator = Emulator(page_cap=10)
+
+    def stuck(page: dict[str, Any]) -> None:
+        page["next_pq"] = page["next"] = "the-same-cursor"
+
+    transport = Stuck(emulator, stuck)
+    out = run_batches(
+        mixed(100), "acme", "uppercase", api_key=API_KEY, base_url=LOCAL, transport=transport
+    )
+    with pytest.raises(ProtocolError, match="a cursor repeated"):
+        collect(out, api_key=API_KEY, base_url=LOCAL, transport=transport, poll_interval=FAST_POLL)
+    # It read the first page and the repeated cursor once, then stopped.
+    assert transport.pages == 2
+
+
+def test_a_deadline_returns_what_was_collected() -> None:
+    emulator = Emulator(timing=Timing(queued=0.05, dispatching=0.05, running=30))
+    with serve(emulator) as url:
+        out = run_batches(mixed(250), "acme", "uppercase", base_url=url, api_key=API_KEY)
+        with pytest.raises(DeadlineExceeded, match="still running") as info:
+            collect(out, base_url=url, api_key=API_KEY, deadline=0.5, poll_interval=FAST_POLL)
+    partial = info.value.result
+    # The oldest batch was polled and is running; younger ones wait their turn (no status yet).
+    statuses = set(partial["runflow_status"].dropna())
+    assert "running" in statuses
+    assert statuses <= {"running", "dispatching", "queued"}
+    assert partial["runflow_output"].isna().all()
+
+
+def test_collect_needs_handles() -> None:
+    with pytest.raises(InputError, match="lacks"):
+        collect(pd.DataFrame({"v": [1]}), api_key=API_KEY, base_url=LOCAL)
+
+
+def test_retry_failed_sends_only_the_failed_rows_once(
+    tmp_path: Path, emulator: Emulator, base_url: str
+) -> None:
+    df = mixed(700)
+    options: dict[str, Any] = {"base_url": base_url, "api_key": API_KEY, "checkpoint": tmp_path}
+    done = run_batches(df, "acme", "uppercase", wait=True, **options)
+    failed = done.index[done["runflow_status"] == "failed"]
+    first_runs = emulator.accounting().runs_by_client_ref
+    assert set(first_runs) == set(df.index)
+
+    retried = retry_failed(done, "acme", "uppercase", wait=True, **options)
+    runs = emulator.accounting().runs_by_client_ref
+    assert {k: n for k, n in runs.items() if n == 2} == dict.fromkeys(failed, 2)
+    assert (retried.loc[failed, "runflow_attempt"] == 2).all()
+    assert (retried.loc[~retried.index.isin(failed), "runflow_attempt"] == 1).all()
+    assert (retried.loc[failed, "runflow_run_id"] != done.loc[failed, "runflow_run_id"]).all()
+    pd.testing.assert_series_equal(
+        retried.loc[~retried.index.isin(failed), "runflow_run_id"],
+        done.loc[~done.index.isin(failed), "runflow_run_id"],
+    )
+    # The same call again (say, after a crash) resumes attempt 2: nothing is sent a third time.
+    retry_failed(done, "acme", "uppercase", wait=True, **options)
+    assert emulator.accounting().runs_by_client_ref == runs
+
+
+def test_summarize_a_frame_without_results() -> None:
+    summary = summarize(pd.DataFrame({"v": [1, 2]}))
+    assert summary.rows == 2
+    assert summary.by_status == {"not collected": 2}
+    assert summary.total_cost == 0
