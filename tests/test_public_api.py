@@ -21,6 +21,7 @@ def test_public_names() -> None:
             "AsyncRunflowClient",
             "AuthenticationError",
             "CheckpointError",
+            "DeadlineExceeded",
             "InputError",
             "InsufficientCreditError",
             "PermissionDeniedError",
@@ -32,10 +33,16 @@ def test_public_names() -> None:
             "ServerError",
             "StaleIntentWarning",
             "SubmissionError",
+            "Summary",
             "__version__",
+            "acollect",
+            "aretry_failed",
             "arun_batches",
+            "collect",
             "read_checkpoint",
+            "retry_failed",
             "run_batches",
+            "summarize",
         ]
     )
     for name in runflow_frames.__all__:
