@@ -1,6 +1,7 @@
 """runflow-frames: push a dataframe through Runflow's batch API, exactly once, joined back."""
 
 from ._api import aretry_failed, arun_batches, retry_failed, run_batches
+from ._callbacks import verify_signature
 from ._checkpoint import read_checkpoint
 from ._client import AsyncRunflowClient
 from ._collect import Summary, acollect, collect, summarize
@@ -58,4 +59,5 @@ __all__ = [
     "retry_failed",
     "run_batches",
     "summarize",
+    "verify_signature",
 ]

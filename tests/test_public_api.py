@@ -43,6 +43,7 @@ def test_public_names() -> None:
             "retry_failed",
             "run_batches",
             "summarize",
+            "verify_signature",
         ]
     )
     for name in runflow_frames.__all__:

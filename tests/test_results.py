@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,11 @@ import numpy as np
 import orjson
 import pandas as pd
 import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from runflow_frames import (
     DeadlineExceeded,
@@ -23,9 +32,12 @@ from runflow_frames import (
     retry_failed,
     run_batches,
     summarize,
+    verify_signature,
 )
+from runflow_frames._callbacks import sign
 from runflow_frames._results import batch_is_over, next_cursor
 from runflow_frames.emulator import Emulator, Timing, create_app, serve
+from runflow_frames.emulator._serve import _bind
 
 from .conftest import API_KEY
 
@@ -295,3 +307,75 @@ def test_summarize_a_frame_without_results() -> None:
     assert summary.rows == 2
     assert summary.by_status == {"not collected": 2}
     assert summary.total_cost == 0
+
+
+# -- callbacks -------------------------------------------------------------------------------------
+
+
+def test_verify_signature() -> None:
+    body = b'{"event":"batch.succeeded"}'
+    good = sign(body, "whsec_new")
+    assert verify_signature(body, good, "whsec_new")
+    assert verify_signature(body, good, ["whsec_old", "whsec_new"])  # during a rotation
+    assert not verify_signature(body, good, ["whsec_old"])
+    assert not verify_signature(body + b" ", good, "whsec_new")  # the raw bytes, exactly
+    assert not verify_signature(body, good.upper(), "whsec_new")  # 64 lowercase hex only
+    assert not verify_signature(body, good[:-1], "whsec_new")
+    assert not verify_signature(body, None, "whsec_new")
+    assert not verify_signature(body, good, [])
+
+
+@contextmanager
+def receiver(statuses: Iterator[int]) -> Iterator[tuple[str, list[tuple[bytes, dict[str, str]]]]]:
+    """A real HTTP endpoint on loopback that records what it receives and answers with
+    ``statuses`` in turn (then 200)."""
+    received: list[tuple[bytes, dict[str, str]]] = []
+
+    async def hook(request: Request) -> Response:
+        received.append((await request.body(), dict(request.headers)))
+        return Response(status_code=next(statuses, 200))
+
+    app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+    sock = _bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/hook", received
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+        sock.close()
+
+
+def test_the_emulator_delivers_signed_batch_callbacks_and_retries(
+    base_url: str, emulator: Emulator
+) -> None:
+    emulator.signing_secrets = ["whsec_old", "whsec_new"]  # the newest signs
+    with receiver(iter([503])) as (hook_url, received):  # the first delivery fails
+        options: dict[str, Any] = {"base_url": base_url, "api_key": API_KEY, "wait": True}
+        out = run_batches(
+            mixed(150), "acme", "uppercase", callback_url=hook_url, metadata={"job": 7}, **options
+        )
+        deadline = time.monotonic() + 10
+        while len(received) < 3 and time.monotonic() < deadline:  # 2 batches + 1 retry
+            time.sleep(0.02)
+    by_batch: dict[str, list[bytes]] = {}
+    for body, headers in received:
+        assert verify_signature(body, headers.get("runflow-signature"), ["whsec_new"])
+        assert not verify_signature(body, headers.get("runflow-signature"), ["whsec_old"])
+        envelope = orjson.loads(body)
+        by_batch.setdefault(envelope["batch_id"], []).append(body)
+        assert envelope["event"] == f"batch.{envelope['status']}"
+        assert envelope["metadata"] == {"job": 7}
+        assert envelope["completed_at"].endswith("+00:00")
+        assert envelope["output"]["total"] == len(envelope["output"]["items"])
+    assert set(by_batch) == set(out["runflow_batch_id"])  # one callback per batch...
+    retried = [bodies for bodies in by_batch.values() if len(bodies) > 1]
+    assert len(retried) == 1  # ...the one answered 503 was delivered again,
+    assert retried[0][0] == retried[0][1]  # with the same frozen bytes
+    history = httpx.get(
+        f"{base_url}/v1/batches/{next(iter(by_batch))}/callback",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ).json()
+    assert [d["status_code"] for d in history] == ["succeeded"]

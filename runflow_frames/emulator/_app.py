@@ -89,6 +89,9 @@ def create_app(emulator: Emulator) -> Starlette:
         p = request.path_params
         return emulator.get_item(token, p["batch_id"], p["item_id"])
 
+    async def callback_history(request: Request, token: str) -> Answer:
+        return emulator.callback_history(token, request.path_params["batch_id"])
+
     async def get_run(request: Request, token: str) -> Answer:
         return emulator.get_run(token, request.path_params["run_id"])
 
@@ -132,6 +135,11 @@ def create_app(emulator: Emulator) -> Starlette:
         Route(
             "/v1/batches/{batch_id}/items/{item_id}",
             route("GET /v1/batches/{id}/items/{item_id}", get_item),
+            methods=["GET"],
+        ),
+        Route(
+            "/v1/batches/{batch_id}/callback",
+            route("GET /v1/batches/{id}/callback", callback_history),
             methods=["GET"],
         ),
         Route("/v1/runs/{run_id}", route("GET /v1/runs/{id}", get_run), methods=["GET"]),

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 from ._app import create_app
@@ -24,6 +25,33 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     return sock
+
+
+def _deliver_callbacks(emulator: Emulator, stop: threading.Event) -> None:
+    """POST due callbacks until ``stop`` (in its own thread, beside the server)."""
+    with httpx.Client(timeout=5.0) as http:
+        while not stop.wait(0.05):
+            for batch_id, url, body, headers in emulator.due_callbacks():
+                try:
+                    response = http.post(url, content=body, headers=headers)
+                except httpx.HTTPError as exc:
+                    emulator.delivered(batch_id, None, type(exc).__name__)
+                else:
+                    emulator.delivered(batch_id, response.status_code)
+
+
+@contextmanager
+def _callbacks(emulator: Emulator) -> Iterator[None]:
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=_deliver_callbacks, args=(emulator, stop), name="runflow-callbacks", daemon=True
+    )
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=_STARTUP_TIMEOUT)
 
 
 def _server(emulator: Emulator) -> uvicorn.Server:
@@ -66,7 +94,8 @@ def serve(emulator: Emulator | None = None, *, port: int = 0) -> Iterator[str]:
             raise RuntimeError("the emulator's server did not start")
         time.sleep(0.005)
     try:
-        yield f"http://127.0.0.1:{bound}"
+        with _callbacks(emulator):
+            yield f"http://127.0.0.1:{bound}"
     finally:
         server.should_exit = True
         thread.join(timeout=_STARTUP_TIMEOUT)
@@ -77,6 +106,7 @@ def run_forever(
     emulator: Emulator | None = None, *, host: str = "127.0.0.1", port: int = 8080
 ) -> None:
     """Serve in the foreground until interrupted (what ``runflow-frames emulator`` runs)."""
-    server = _server(emulator if emulator is not None else Emulator())
-    with _bind(host, port) as sock:
+    emulator = emulator if emulator is not None else Emulator()
+    server = _server(emulator)
+    with _bind(host, port) as sock, _callbacks(emulator):
         server.run(sockets=[sock])

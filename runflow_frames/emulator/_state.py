@@ -38,6 +38,7 @@ from typing import Any, Final
 
 import orjson
 
+from .._callbacks import sign
 from ._faults import Faults
 from ._models import ModelSpec, builtin_models
 
@@ -163,6 +164,11 @@ class Emulator:
         402 ``INSUFFICIENT_CREDIT``. Unlimited by default.
     page_cap : int, default 500
         Most items a list page holds, whatever ``limit`` asks (servers cap pages).
+    signing_secrets : list of str
+        Callback signing secrets; the newest (last) signs ``Runflow-Signature``. None: unsigned.
+    callback_attempts : int, default 5
+        Tries per callback delivery (non-2xx, timeouts and connection errors are retried, with
+        exponential backoff from 0.1 s).
     """
 
     def __init__(
@@ -176,8 +182,13 @@ class Emulator:
         faults: Faults | None = None,
         credit: int | None = None,
         page_cap: int = MAX_PAGE,
+        signing_secrets: Iterable[str] = (),
+        callback_attempts: int = 5,
     ) -> None:
         self.page_cap = page_cap
+        self.signing_secrets = list(signing_secrets)
+        self.callback_attempts = callback_attempts
+        self._deliveries: dict[str, dict[str, Any]] = {}
         self.timing = timing or Timing()
         self.faults = faults
         self.credit = credit
@@ -415,6 +426,98 @@ class Emulator:
             if run is None:
                 return _error(404, "BATCH_ITEM_NOT_FOUND", f"item {item_id!r} not found")
             return Answer(200, self._item_detail(run, self.clock()))
+
+    def due_callbacks(self) -> list[tuple[str, str, bytes, dict[str, str]]]:
+        """Callbacks to (re)deliver now: (delivery id, url, body, headers). The body is frozen
+        at the first attempt, as Runflow's ``payload_bytes`` are."""
+        now = self.clock()
+        due = []
+        with self._lock:
+            for batch in self._batches.values():
+                if not batch.callback_url:
+                    continue
+                delivery = self._deliveries.get(batch.id)
+                if delivery is None:
+                    view = self._batch_view(batch, now, detail=False)
+                    if view["completed_at"] is None:
+                        continue
+                    delivery = self._new_delivery(batch, view)
+                if delivery["status_code"] == "pending" and delivery["next_attempt_at"] <= now:
+                    delivery["status_code"] = "delivering"
+                    due.append(
+                        (
+                            batch.id,
+                            batch.callback_url,
+                            delivery["payload_bytes"],
+                            delivery["headers"],
+                        )
+                    )
+        return due
+
+    def _new_delivery(self, batch: _Batch, view: dict[str, Any]) -> dict[str, Any]:
+        status = view["status_code"]
+        envelope = {
+            "event": f"batch.{status}",
+            "batch_id": batch.id,
+            "status": status,
+            "output": {
+                "items": view["items"],
+                "succeeded": view["items_succeeded"],
+                "failed": view["items_failed"],
+                "cancelled": view["items_cancelled"],
+                "total": view["items_total"],
+            },
+            "duration_ms": None,
+            # Callback bodies use +00:00, not Z (the docs: bytes as Python's isoformat()).
+            "created_at": view["created_at"].replace("Z", "+00:00"),
+            "completed_at": view["completed_at"].replace("Z", "+00:00"),
+            "metadata": batch.metadata,
+        }
+        body = orjson.dumps(envelope)
+        headers = {"Content-Type": "application/json", "Runflow-Request-Id": str(uuid.uuid4())}
+        if self.signing_secrets:
+            headers["Runflow-Signature"] = sign(body, self.signing_secrets[-1])
+        delivery: dict[str, Any] = {
+            "id": str(uuid.uuid4()),
+            "batch_id": batch.id,
+            "callback_url": batch.callback_url,
+            "payload_bytes": body,
+            "headers": headers,
+            "status_code": "pending",
+            "attempt_count": 0,
+            "max_attempts": self.callback_attempts,
+            "next_attempt_at": self.clock(),
+            "attempts": [],
+        }
+        self._deliveries[batch.id] = delivery
+        return delivery
+
+    def delivered(self, batch_id: str, status: int | None, error: str | None = None) -> None:
+        """How a delivery attempt went (HTTP status, or None and an error)."""
+        with self._lock:
+            delivery = self._deliveries[batch_id]
+            delivery["attempt_count"] += 1
+            delivery["attempts"].append({"status_code": status, "error_message": error})
+            if status is not None and 200 <= status < 300:
+                delivery["status_code"] = "succeeded"
+            elif delivery["attempt_count"] >= delivery["max_attempts"]:
+                delivery["status_code"] = "failed"
+            else:
+                delivery["status_code"] = "pending"
+                delivery["next_attempt_at"] = self.clock() + 0.1 * 2 ** delivery["attempt_count"]
+
+    def callback_history(self, token: str, batch_id: str) -> Answer:
+        """``GET /v1/batches/{id}/callback``: the batch's deliveries."""
+        with self._lock:
+            if self._batch(token, batch_id) is None:
+                return _error(404, "BATCH_NOT_FOUND", f"batch {batch_id!r} not found")
+            delivery = self._deliveries.get(batch_id)
+            if delivery is None:
+                return Answer(200, [])
+            shown = {k: v for k, v in delivery.items() if k not in ("headers", "next_attempt_at")}
+            shown["payload_bytes"] = delivery["payload_bytes"].decode()
+            shown["payload"] = orjson.loads(delivery["payload_bytes"])
+            return Answer(200, [shown])
 
     def get_run(self, token: str, run_id: str) -> Answer:
         with self._lock:
