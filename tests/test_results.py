@@ -379,3 +379,24 @@ def test_the_emulator_delivers_signed_batch_callbacks_and_retries(
         headers={"Authorization": f"Bearer {API_KEY}"},
     ).json()
     assert [d["status_code"] for d in history] == ["succeeded"]
+
+
+def test_collecting_rides_through_a_faulty_server(base_url: str, emulator: Emulator) -> None:
+    from runflow_frames import RetryPolicy
+    from runflow_frames.emulator import Faults
+
+    df = mixed(1500)
+    out = run_batches(df, "acme", "uppercase", base_url=base_url, api_key=API_KEY)
+    emulator.faults = Faults(seed=4, rate_limited=0.15, server_error=0.15, reset_before=0.1)
+    done = collect(
+        out,
+        base_url=base_url,
+        api_key=API_KEY,
+        poll_interval=FAST_POLL,
+        retry=RetryPolicy(attempts=20, wait_initial=0.01, wait_max=0.05),
+    )
+    struck = emulator.accounting().faults
+    assert sum(struck.values()) > 0
+    assert done["runflow_status"].isin(["succeeded", "failed"]).all()
+    ok = df["text"].map(lambda t: isinstance(t, str))
+    assert (done.loc[ok, "runflow_status"] == "succeeded").all()
