@@ -5,49 +5,18 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-
-import httpx
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The emulator in its own process, started as the crash test starts it.
+from tests.crash_harness import emulator_process  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def emulator_process(*args: str) -> Iterator[str]:
-    """``runflow-frames emulator`` in a subprocess (its own GIL); yields the base URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runflow_frames.cli", "emulator", "--port", str(port), *args],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(url + "/v1/health", timeout=1).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("emulator did not start") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+__all__ = ["RESULTS", "append_results", "emulator_process", "machine", "spread"]
 
 
 def machine() -> str:

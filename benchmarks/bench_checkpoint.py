@@ -30,10 +30,9 @@ import pandas as pd
 from _common import append_results, emulator_process, spread
 
 from runflow_frames import run_batches
+from tests.crash_job import job_frame  # the crash job's frame (_common put the repo on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from tests.crash_job import job_frame  # noqa: E402 - the same frame the crash job submits
 
 KEY = "bench"
 

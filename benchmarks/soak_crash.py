@@ -17,7 +17,6 @@ from pathlib import Path
 
 from _common import append_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.crash_harness import soak
 
 
