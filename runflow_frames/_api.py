@@ -19,6 +19,7 @@ from ._collect import acollect
 from ._errors import APIStatusError, InputError, StaleIntentWarning, SubmissionError
 from ._join import Handle, HandleTable, check_no_collision, join_handles
 from ._pipeline import ChunkFailure, Errors, ends_the_job, submit_chunks
+from ._progress import ProgressOption, Reporter
 from ._retry import RetryPolicy
 from ._rows import (
     MAX_CALLBACK_URL_LEN,
@@ -61,6 +62,7 @@ async def arun_batches(
     errors: Errors = "raise",
     retry: RetryPolicy | None = None,
     wait: bool = False,
+    progress: ProgressOption = None,
     api_key: str | None = None,
     base_url: str | None = None,
     org_id: str | None = None,
@@ -89,6 +91,7 @@ async def arun_batches(
 
     ckpt: Checkpoint | None = None
     new_handles = HandleTable()
+    reporter = Reporter(progress, total=len(refs), desc="submitted")
     try:
         if checkpoint is None:
             job_id, first_number = uuid.uuid4().hex, 0
@@ -112,6 +115,7 @@ async def arun_batches(
             _warn_if_stale([intent for intent, _ in pending], max_intent_age)
             job_id, first_number = ckpt.job_id, ckpt.state.next_chunk()
             ckpt.start()
+            reporter.advance(ckpt.state.submitted().num_rows)
 
         def chunks() -> Iterator[Chunk]:
             # Pending intents first, byte for byte and with their recorded keys.
@@ -145,12 +149,14 @@ async def arun_batches(
             # them again (maybe fixed). An uncertain one stays pending, to be re-sent as is.
             if ckpt is not None and not failure.maybe_created:
                 ckpt.reject(failure.chunk.number)
+            reporter.advance(len(failure.chunk.refs))
 
         def on_submitted(chunk: Chunk, chunk_handles: list[Handle]) -> None:
             if ckpt is not None:
                 ckpt.record(chunk.number, chunk_handles)
             else:
                 new_handles.add(chunk.refs, chunk_handles)
+            reporter.advance(len(chunk.refs))
 
         started = time.monotonic()
         async with client:
@@ -167,6 +173,7 @@ async def arun_batches(
                 policy=retry,
             )
     finally:
+        reporter.close()
         if ckpt is not None:
             ckpt.close()
 
@@ -190,6 +197,7 @@ async def arun_batches(
             result,
             checkpoint=checkpoint,
             retry=retry,
+            progress=progress,
             api_key=api_key,
             base_url=base_url,
             org_id=org_id,
@@ -318,6 +326,7 @@ def run_batches(
     errors: Errors = "raise",
     retry: RetryPolicy | None = None,
     wait: bool = False,
+    progress: ProgressOption = None,
     api_key: str | None = None,
     base_url: str | None = None,
     org_id: str | None = None,
@@ -375,6 +384,10 @@ def run_batches(
         request, and concurrency adapts down and back up to ``max_concurrency``.
     wait : bool, default False
         Also wait for the runs to end and join their outcomes, as :func:`collect` does.
+    progress : bool or callable, optional
+        A progress bar of rows submitted (tqdm.auto: a widget in notebooks, a bar in terminals;
+        by default shown only where someone can see it), ``False`` for none, ``True`` to force
+        it, or a callable called as ``progress(rows_done, rows_total)``.
     api_key, base_url, org_id : str, optional
         Default to ``RUNFLOW_API_KEY``, ``RUNFLOW_BASE_URL`` (then ``https://api.runflow.io``)
         and ``RUNFLOW_ORG_ID``.
@@ -426,6 +439,7 @@ def run_batches(
             errors=errors,
             retry=retry,
             wait=wait,
+            progress=progress,
             api_key=api_key,
             base_url=base_url,
             org_id=org_id,

@@ -17,6 +17,7 @@ import pyarrow as pa
 from ._checkpoint import Checkpoint, read_checkpoint
 from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient
 from ._errors import InputError
+from ._progress import ProgressOption, Reporter
 from ._results import (
     RESULT_COLUMNS,
     DeadlineExceeded,
@@ -31,7 +32,6 @@ from ._retry import RetryPolicy
 from ._sync import run_sync
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
 
     import httpx
 
@@ -112,7 +112,7 @@ async def acollect(
     poll_interval: tuple[float, float] = (1.0, 15.0),
     max_concurrency: int = 4,
     retry: RetryPolicy | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressOption = None,
     api_key: str | None = None,
     base_url: str | None = None,
     org_id: str | None = None,
@@ -134,6 +134,7 @@ async def acollect(
     out = frame.drop(columns=[c for c in frame.columns if _is_result_column(c)])
 
     ckpt = Checkpoint.open(ckpt_path, None) if ckpt_path is not None else None
+    reporter: Reporter | None = None
     try:
         cached = _from_store(ckpt.results()) if ckpt is not None else _empty_results()
         if ckpt is not None and base_url is None and org_id is None:
@@ -147,12 +148,16 @@ async def acollect(
         )
         collected = [cached]
         statuses: dict[str, str] = {}
+        rows_in = batches.value_counts()
+        reporter = Reporter(progress, total=int(batches.notna().sum()), desc="collected")
+        reporter.advance(int((known & batches.notna()).sum()))
 
-        def on_batch(_batch_id: str, batch_items: list[dict[str, Any]]) -> None:
+        def on_batch(batch_id: str, batch_items: list[dict[str, Any]]) -> None:
             raw = results_frame(batch_items)
             collected.append(raw)
             if ckpt is not None:
                 ckpt.record_results(_to_store(raw))
+            reporter.advance(int(rows_in.get(batch_id, 0)))
 
         async with client:
             unfinished = await collect_items(
@@ -166,13 +171,14 @@ async def acollect(
                 ),
                 retry=retry or RetryPolicy(),
                 on_batch=on_batch,
-                on_progress=progress,
                 statuses=statuses,
                 expected={str(b): int(n) for b, n in batches.value_counts().items()},
             )
     finally:
         if ckpt is not None:
             ckpt.close()
+        if reporter is not None:
+            reporter.close()
 
     results = pd.concat(collected)
     results = results[~results.index.duplicated(keep="last")]
@@ -204,7 +210,7 @@ def collect(
     poll_interval: tuple[float, float] = (1.0, 15.0),
     max_concurrency: int = 4,
     retry: RetryPolicy | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressOption = None,
     api_key: str | None = None,
     base_url: str | None = None,
     org_id: str | None = None,
@@ -230,8 +236,9 @@ def collect(
         Spread the output dict into ``runflow_output.<key>`` columns.
     deadline : float, optional
         Seconds to wait in all; past it, ``DeadlineExceeded`` carries what was collected.
-    progress : callable, optional
-        Called as ``progress(batches_done, batches_total)`` after each polling round.
+    progress : bool or callable, optional
+        A progress bar of rows collected (tqdm; by default only in a terminal or notebook),
+        ``False`` for none, or a callable called as ``progress(rows_done, rows_total)``.
 
     Returns
     -------

@@ -132,7 +132,6 @@ async def collect_items(
     poll: PollPolicy,
     retry: RetryPolicy,
     on_batch: Callable[[str, list[dict[str, Any]]], None],
-    on_progress: Callable[[int, int], None] | None = None,
     statuses: dict[str, str] | None = None,
     expected: Mapping[str, int] | None = None,
 ) -> list[str]:
@@ -151,7 +150,6 @@ async def collect_items(
     missing) is a ProtocolError, never a silently short result.
     """
     pending = list(dict.fromkeys(batch_ids))
-    total = len(pending)
     throttle = Throttle(poll.max_concurrency, clock=anyio.current_time, sleep=anyio.sleep)
     rng = random.Random()  # noqa: S311 - jitter, not secrets
     started = time.monotonic()
@@ -234,8 +232,6 @@ async def collect_items(
                     break  # a whole window still running: the rest is younger, wait
                 pending = [b for b in pending if b not in finished]
                 index += len(window) - len(finished)  # step past the ones still running
-                if on_progress is not None:
-                    on_progress(total - len(pending), total)
             probe_over = False
             if not pending:
                 break

@@ -400,3 +400,32 @@ def test_collecting_rides_through_a_faulty_server(base_url: str, emulator: Emula
     assert done["runflow_status"].isin(["succeeded", "failed"]).all()
     ok = df["text"].map(lambda t: isinstance(t, str))
     assert (done.loc[ok, "runflow_status"] == "succeeded").all()
+
+
+def test_progress_callbacks_count_rows_submitted_and_collected(base_url: str) -> None:
+    seen: list[tuple[int, int]] = []
+    run_batches(
+        mixed(1234),
+        "acme",
+        "uppercase",
+        base_url=base_url,
+        api_key=API_KEY,
+        wait=True,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    submitted, collected = seen[:13], seen[13:]
+    assert [d for d, _ in submitted] == sorted(d for d, _ in submitted)
+    assert submitted[-1] == (1234, 1234)
+    assert collected[-1] == (1234, 1234)
+    assert all(total == 1234 for _, total in seen)
+
+
+def test_progress_bar_goes_to_stderr_only_when_asked(
+    base_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_batches(mixed(300), "acme", "uppercase", base_url=base_url, api_key=API_KEY)
+    assert capsys.readouterr().err == ""  # not a terminal: quiet by default
+    run_batches(mixed(300), "acme", "uppercase", base_url=base_url, api_key=API_KEY, progress=True)
+    err = capsys.readouterr().err
+    assert "submitted" in err
+    assert "300/300" in err
