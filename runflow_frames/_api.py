@@ -107,11 +107,14 @@ async def arun_batches(
                     "key": None if key is None else str(key),
                     "columns": fields,
                     "missing": missing,
-                    "metadata": metadata,
+                    # As sent: the same dict with its keys in another order (or 1 for 1.0)
+                    # would make other bytes, and a re-sent chunk a 409.
+                    "metadata": None if metadata is None else suffix.decode(),
                     "callback_url": callback_url,
                 },
             )
             pending, unsent = plan_resume(ckpt.state, refs, items)
+            ckpt.check_api_key(client.key_fingerprint(ckpt.job_id), pending=bool(pending))
             _warn_if_stale([intent for intent, _ in pending], max_intent_age)
             job_id, first_number = ckpt.job_id, ckpt.state.next_chunk()
             ckpt.start()
@@ -121,7 +124,7 @@ async def arun_batches(
             # Pending intents first, byte for byte and with their recorded keys.
             for intent, rows in pending:
                 body = chunk_body([items[i] for i in rows], suffix)
-                yield Chunk(intent.chunk, tuple(rows), intent.refs, body, intent.key)
+                yield Chunk(intent.chunk, tuple(rows), intent.refs, body, intent.key, resent=True)
             for n, start in enumerate(range(0, len(unsent), chunk_size)):
                 rows = list(unsent[start : start + chunk_size])
                 number = first_number + n
@@ -151,6 +154,11 @@ async def arun_batches(
                 ckpt.reject(failure.chunk.number)
             reporter.advance(len(failure.chunk.refs))
 
+        def on_unsent(chunk: Chunk) -> None:
+            # Intended ahead of its POST, never sent (the job stopped): unsent again.
+            if ckpt is not None and not chunk.resent:
+                ckpt.reject(chunk.number)
+
         def on_submitted(chunk: Chunk, chunk_handles: list[Handle]) -> None:
             if ckpt is not None:
                 ckpt.record(chunk.number, chunk_handles)
@@ -167,6 +175,7 @@ async def arun_batches(
                 max_concurrency=max_concurrency,
                 on_submitted=on_submitted,
                 on_failed=on_failed,
+                on_unsent=on_unsent,
                 before_send=before_send,
                 group=2 * max_concurrency,
                 errors=errors,

@@ -525,6 +525,27 @@ class Checkpoint:
         }
         self._write([record], sync=False)
 
+    def check_api_key(self, fingerprint: str, *, pending: bool) -> None:
+        """Refuse to re-send pending chunks under another API key than the one that sent them:
+        if the server keeps Idempotency-Keys per API key (the emulator does; Runflow does not
+        say), it would create them a second time. With nothing pending a new key is fine, and
+        becomes the one recorded."""
+        recorded = self.manifest.get("api_key_fingerprint")
+        if recorded == fingerprint:
+            return
+        if recorded is None or not pending:
+            self.manifest["api_key_fingerprint"] = fingerprint
+            _atomic_write(
+                self.directory / MANIFEST, lambda tmp: tmp.write_bytes(orjson.dumps(self.manifest))
+            )
+        else:
+            raise CheckpointError(
+                f"checkpoint {self.directory} has chunks whose answer was lost, sent with another "
+                "API key; re-sending them under this key could run them twice (idempotency keys "
+                "may be scoped per API key). Resume with the key that started the job",
+                changes=["api key"],
+            )
+
     def results(self) -> pa.Table:
         """Every collected outcome recorded so far (``RESULTS_SCHEMA``; later files win)."""
         tables = []

@@ -7,6 +7,8 @@ outgoing requests; it is never formatted into a message, a repr or a log line.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import logging
 import os
@@ -131,6 +133,11 @@ class AsyncRunflowClient:
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
         self.requests_made = 0
+
+    def key_fingerprint(self, salt: str) -> str:
+        """A salted, truncated HMAC of the API key: tells two keys apart without revealing
+        either (what a checkpoint keeps, never the key)."""
+        return hmac.new(salt.encode(), self.__key.encode(), hashlib.sha256).hexdigest()[:16]
 
     def _redact(self, exc: Exception) -> str:
         return f"{type(exc).__name__}: {exc}".replace(self.__key, "[redacted]")

@@ -32,7 +32,6 @@ from ._retry import RetryPolicy
 from ._sync import run_sync
 
 if TYPE_CHECKING:
-
     import httpx
 
 NEEDED = ("runflow_batch_id", "runflow_item_id")

@@ -45,8 +45,9 @@ class ChunkFailure:
     """A chunk whose submission failed for good, and why.
 
     ``maybe_created`` is True when some try of it may have been processed: one got no usable
-    answer (a timeout, a lost connection, a 5xx, an unreadable 201). Only a chunk whose every
-    try was refused with a 4xx surely created nothing.
+    answer (a timeout, a lost connection, a 5xx, an unreadable 201, a 409), or the chunk was
+    left pending by an earlier run (whose tries this run never saw). Only a chunk first sent in
+    this run and refused with a 4xx on every try surely created nothing.
     """
 
     chunk: Chunk
@@ -126,6 +127,7 @@ async def submit_chunks(
     max_concurrency: int,
     on_submitted: Callable[[Chunk, list[Handle]], None],
     on_failed: Callable[[ChunkFailure], None] | None = None,
+    on_unsent: Callable[[Chunk], None] | None = None,
     before_send: Callable[[Sequence[Chunk]], None] | None = None,
     group: int = 1,
     errors: Errors = "raise",
@@ -133,7 +135,8 @@ async def submit_chunks(
     rng: random.Random | None = None,
 ) -> list[ChunkFailure]:
     """POST every chunk with retries; ``on_submitted`` gets verified handles (in the chunk's row
-    order), ``on_failed`` each chunk that failed for good.
+    order), ``on_failed`` each chunk that failed for good, ``on_unsent`` each chunk taken
+    ahead (``before_send`` saw it) but never sent because the job stopped.
 
     With ``errors="raise"`` the first failure stops new chunks; with ``"keep"`` only an error
     that ends the job does (``ends_the_job``). Requests in flight always finish. Returns the
@@ -181,7 +184,7 @@ async def submit_chunks(
                 )
             except APIError as error:
                 tries.append(error)
-                maybe_created = any(not not_created(e) for e in tries)
+                maybe_created = chunk.resent or any(not not_created(e) for e in tries)
                 failure = ChunkFailure(chunk, error, maybe_created)
                 failures.append(failure)
                 if on_failed is not None:
@@ -194,4 +197,7 @@ async def submit_chunks(
     async with anyio.create_task_group() as tg:
         for _ in range(max_concurrency):
             tg.start_soon(worker)
+    # Chunks taken ahead (their intents written) that no worker sent before the job stopped.
+    while ready and on_unsent is not None:
+        on_unsent(ready.popleft())
     return failures

@@ -90,9 +90,12 @@ def retryable(error: APIError) -> bool:
 
 
 def not_created(error: APIError) -> bool:
-    """Whether the server surely created nothing: it answered with a 4xx (429 included).
-    After a timeout, a lost connection, a 5xx or an unreadable 2xx it may have."""
-    return isinstance(error, APIStatusError) and error.status_code < 500
+    """Whether this answer says the server created nothing: a 4xx (429 included) but 409, which
+    for an Idempotency-Key means the key was used. After a timeout, a lost connection, a 5xx or
+    an unreadable 2xx it may have created it."""
+    return (
+        isinstance(error, APIStatusError) and error.status_code < 500 and error.status_code != 409
+    )
 
 
 def slows_everyone(error: APIError) -> bool:

@@ -73,6 +73,7 @@ class Chunk:
     refs: tuple[str, ...]
     body: bytes
     key: str
+    resent: bool = False  # an intent from an earlier run: it may already exist on the server
 
 
 class _Unencodable(Exception):  # noqa: N818 - internal signal, never escapes this module
