@@ -16,6 +16,7 @@ import pandas as pd
 from ._checkpoint import Checkpoint, Intent, plan_resume, row_digest
 from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient, model_path
 from ._collect import acollect
+from ._results import RESULT_COLUMNS
 from ._errors import APIStatusError, InputError, StaleIntentWarning, SubmissionError
 from ._join import Handle, HandleTable, check_no_collision, join_handles
 from ._pipeline import ChunkFailure, Errors, ends_the_job, submit_chunks
@@ -491,19 +492,21 @@ async def aretry_failed(
     sub = None if checkpoint is None else Path(checkpoint) / f"attempt-{attempt}"
     again = await arun_batches(inputs, owner, slug, checkpoint=sub, wait=wait, **options)
     again["runflow_attempt"] = attempt
-    replaced = [c for c in again.columns if str(c).startswith("runflow_")]
-    out = out.drop(
-        columns=[c for c in out.columns if _is_output_of_collect(c) and c not in replaced]
-    )
-    for column in replaced:
+    # The retried rows' old outcome is no longer theirs: clear it, then put in what is new.
+    stale = [c for c in out.columns if _is_outcome(c)]
+    out[stale] = out[stale].mask(pd.Series(failed, index=out.index), None)
+    for column in (c for c in again.columns if str(c).startswith("runflow_")):
         if column not in out.columns:
             out[column] = pd.Series(pd.NA, index=out.index, dtype=again[column].dtype)
         out.loc[failed, column] = again[column].to_numpy()
     return out
 
 
-def _is_output_of_collect(column: object) -> bool:
-    return isinstance(column, str) and column.startswith("runflow_output.")
+def _is_outcome(column: object) -> bool:
+    """A column collect() fills in."""
+    return isinstance(column, str) and (
+        column in RESULT_COLUMNS or column.startswith("runflow_output.")
+    )
 
 
 def retry_failed(

@@ -58,7 +58,7 @@ _RESULTS_RE: Final = re.compile(r"results-(\d{6})\.parquet")
 # written once per collect, read back so that a finished batch is never fetched again.
 RESULTS_SCHEMA: Final = pa.schema(
     [
-        ("item_id", pa.string()),
+        ("item_key", pa.string()),  # batch id / item id: item ids may be unique per batch only
         ("runflow_status", pa.string()),
         ("runflow_output", pa.string()),
         ("runflow_cost", pa.string()),
@@ -67,6 +67,7 @@ RESULTS_SCHEMA: Final = pa.schema(
         ("runflow_created_at", pa.string()),
         ("runflow_started_at", pa.string()),
         ("runflow_completed_at", pa.string()),
+        ("client_ref", pa.string()),
     ]
 )
 # Fields of the manifest that must match for a resume: they decide the bytes of every item and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import logging
 import os
 import time
 from collections import Counter
@@ -16,7 +17,7 @@ import pyarrow as pa
 
 from ._checkpoint import Checkpoint, read_checkpoint
 from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient
-from ._errors import InputError
+from ._errors import InputError, ProtocolError
 from ._progress import ProgressOption, Reporter
 from ._results import (
     RESULT_COLUMNS,
@@ -34,7 +35,8 @@ from ._sync import run_sync
 if TYPE_CHECKING:
     import httpx
 
-NEEDED = ("runflow_batch_id", "runflow_item_id")
+NEEDED = ("runflow_client_ref", "runflow_batch_id", "runflow_item_id")
+_log = logging.getLogger("runflow_frames")
 
 
 @dataclass
@@ -121,7 +123,10 @@ async def acollect(
     """Async twin of :func:`collect`."""
     started = time.monotonic()
     ckpt_path = checkpoint if isinstance(source, pd.DataFrame) else source
-    frame = source if isinstance(source, pd.DataFrame) else _frame_from_checkpoint(source)
+    if isinstance(source, pd.DataFrame):
+        frame, unconfirmed = source, pd.Series(False, index=source.index)
+    else:
+        frame, unconfirmed = _frame_from_checkpoint(source)
     missing = [c for c in NEEDED if c not in frame.columns]
     if missing:
         raise InputError(
@@ -131,31 +136,34 @@ async def acollect(
     if max_concurrency < 1 or not 0 < poll_interval[0] <= poll_interval[1]:
         raise InputError("max_concurrency must be >= 1 and poll_interval (initial, max) positive")
     out = frame.drop(columns=[c for c in frame.columns if _is_result_column(c)])
+    batches = out["runflow_batch_id"]
+    handled = batches.notna() & out["runflow_item_id"].notna()
+    keys = (batches + "/" + out["runflow_item_id"]).where(handled)
+    expected: dict[str, set[str]] = {}
+    for batch_id, item_id in zip(
+        batches[handled], out.loc[handled, "runflow_item_id"], strict=True
+    ):
+        expected.setdefault(str(batch_id), set()).add(str(item_id))
 
     ckpt = Checkpoint.open(ckpt_path, None) if ckpt_path is not None else None
     reporter: Reporter | None = None
+    fresh: list[pd.DataFrame] = []
     try:
         cached = _from_store(ckpt.results()) if ckpt is not None else _empty_results()
         if ckpt is not None and base_url is None and org_id is None:
             base_url, org_id = ckpt.manifest.get("base_url"), ckpt.manifest.get("org_id")
-        items = out["runflow_item_id"]
-        batches = out["runflow_batch_id"]
-        known = items.isin(cached.index)
-        todo = batches[batches.notna() & ~known].unique().tolist()
+        known = keys.isin(cached.index)
+        todo = batches[handled & ~known].unique().tolist()
         client = AsyncRunflowClient(
             api_key=api_key, base_url=base_url, org_id=org_id, timeout=timeout, transport=transport
         )
-        collected = [cached]
         statuses: dict[str, str] = {}
-        rows_in = batches.value_counts()
-        reporter = Reporter(progress, total=int(batches.notna().sum()), desc="collected")
-        reporter.advance(int((known & batches.notna()).sum()))
+        rows_in = batches[handled].value_counts()
+        reporter = Reporter(progress, total=int(handled.sum()), desc="collected")
+        reporter.advance(int(known.sum()))
 
         def on_batch(batch_id: str, batch_items: list[dict[str, Any]]) -> None:
-            raw = results_frame(batch_items)
-            collected.append(raw)
-            if ckpt is not None:
-                ckpt.record_results(_to_store(raw))
+            fresh.append(results_frame(batch_id, batch_items))
             reporter.advance(int(rows_in.get(batch_id, 0)))
 
         async with client:
@@ -171,20 +179,41 @@ async def acollect(
                 retry=retry or RetryPolicy(),
                 on_batch=on_batch,
                 statuses=statuses,
-                expected={str(b): int(n) for b, n in batches.value_counts().items()},
+                expected=expected,
             )
     finally:
         if ckpt is not None:
-            ckpt.close()
+            try:
+                # Once per collect, whatever stopped it: what was fetched is never fetched again.
+                if fresh:
+                    ckpt.record_results(_to_store(pd.concat(fresh)))
+            finally:
+                ckpt.close()
         if reporter is not None:
             reporter.close()
 
-    results = pd.concat(collected)
+    results = pd.concat([cached, *fresh])
     results = results[~results.index.duplicated(keep="last")]
-    joined = results.reindex(items.astype(object).where(items.notna(), None)).set_axis(out.index)
-    # Rows of unfinished batches show the batch's last status, for now.
+    joined = results.reindex(keys.astype(object).where(handled, None)).set_axis(out.index)
+    came_back = joined.pop("client_ref")
+    wrong = handled & came_back.notna() & (came_back != out["runflow_client_ref"])
+    if wrong.any():
+        first = out.index[wrong.to_numpy()][0]
+        raise ProtocolError(
+            f"{int(wrong.sum())} item(s) came back with another row's client_ref (row "
+            f"{first!r} got {came_back[first]!r}): refusing to join them"
+        )
+    # Rows of unfinished batches show the batch's last status, for now; rows a checkpoint
+    # recorded as sent without an answer show "pending" (resume the job to settle them).
     waiting = batches.isin(unfinished)
     joined.loc[waiting.to_numpy(), "runflow_status"] = batches[waiting].map(statuses)
+    joined.loc[unconfirmed.to_numpy(), "runflow_status"] = "pending"
+    if unconfirmed.any():
+        _log.warning(
+            "%d row(s) were sent but their answer never came back: they show status 'pending'; "
+            "resume the job (the same run_batches call) to settle them",
+            int(unconfirmed.sum()),
+        )
     out = pd.concat([out, finish_columns(joined, flatten=flatten)], axis=1)
     # JSON-able only: pandas writes attrs into Parquet metadata.
     out.attrs["runflow"] = {
@@ -278,20 +307,23 @@ def _is_result_column(name: object) -> bool:
     return isinstance(name, str) and (name in RESULT_COLUMNS or name.startswith("runflow_output."))
 
 
-def _frame_from_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
+def _frame_from_checkpoint(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.Series]:
+    """A checkpoint's rows as a handle frame, and which of them are pending (sent, unanswered)."""
     recorded = read_checkpoint(Path(path))
-    submitted = recorded[recorded["state"] == "submitted"]
-    return submitted.drop(columns=["state", "chunk", "intent_at", "submitted_at"])
+    recorded.insert(0, "runflow_client_ref", recorded.index.astype("string"))
+    pending = recorded["state"] == "pending"
+    frame = recorded.drop(columns=["state", "chunk", "intent_at", "submitted_at"])
+    return frame, pending
 
 
 def _empty_results() -> pd.DataFrame:
-    return pd.DataFrame(columns=list(RESULT_COLUMNS), index=pd.Index([], dtype=object))
+    return pd.DataFrame(columns=[*RESULT_COLUMNS, "client_ref"], index=pd.Index([], dtype=object))
 
 
 def _to_store(raw: pd.DataFrame) -> pa.Table:
     """Raw outcomes as text, for the checkpoint."""
-    data: dict[str, Any] = {"item_id": raw.index.tolist()}
-    for col in RESULT_COLUMNS:
+    data: dict[str, Any] = {"item_key": raw.index.tolist()}
+    for col in (*RESULT_COLUMNS, "client_ref"):
         values = raw[col].tolist()
         if col == "runflow_output":
             data[col] = encode_outputs(values)
@@ -305,7 +337,8 @@ def _from_store(table: pa.Table) -> pd.DataFrame:
         return _empty_results()
     data = table.to_pydict()
     frame = pd.DataFrame(
-        {col: data[col] for col in RESULT_COLUMNS}, index=pd.Index(data["item_id"], dtype=object)
+        {col: data[col] for col in (*RESULT_COLUMNS, "client_ref")},
+        index=pd.Index(data["item_key"], dtype=object),
     )
     frame["runflow_output"] = decode_outputs(data["runflow_output"])
     costs: list[Any] = [None if c is None else Decimal(c) for c in data["runflow_cost"]]

@@ -133,7 +133,7 @@ async def collect_items(
     retry: RetryPolicy,
     on_batch: Callable[[str, list[dict[str, Any]]], None],
     statuses: dict[str, str] | None = None,
-    expected: Mapping[str, int] | None = None,
+    expected: Mapping[str, set[str]] | None = None,
 ) -> list[str]:
     """Wait for ``batch_ids`` (in creation order) to end, page through each one's items once
     and hand them to ``on_batch``. Returns the batches still unfinished at the deadline.
@@ -145,9 +145,9 @@ async def collect_items(
     same request, and the sweep stops at the first window in which none had. A finished batch
     thus costs one request (a page of up to 500 items), plus one poll per waiting round.
 
-    ``statuses`` receives the last seen status of each batch. ``expected`` gives how many items
-    a batch holds: a batch whose pages yield fewer (a cursor that repeats, a page that goes
-    missing) is a ProtocolError, never a silently short result.
+    ``statuses`` receives the last seen status of each batch. ``expected`` gives the item ids we
+    hold for a batch: pages that lack one (a cursor that repeats, a page that goes missing) are
+    a ProtocolError, never a silently short result.
     """
     pending = list(dict.fromkeys(batch_ids))
     throttle = Throttle(poll.max_concurrency, clock=anyio.current_time, sleep=anyio.sleep)
@@ -189,18 +189,21 @@ async def collect_items(
         except APIError as error:  # surfaces after the window, alone, not in an ExceptionGroup
             errors.append(error)
             return
-        states = [i.get("status_code") for i in items]
-        want = (expected or {}).get(batch_id, 0)
-        if len({i.get("id") for i in items}) < want:
+        states = [outcome(i)["runflow_status"] for i in items]
+        lacking = (expected or {}).get(batch_id, set()) - {i.get("id") for i in items}
+        if lacking:
             errors.append(
                 ProtocolError(
-                    f"batch {batch_id}: its pages gave {len(items)} items ({want} expected): a "
-                    "cursor repeated or a page went missing",
+                    f"batch {batch_id}: its pages lack {len(lacking)} of our items (e.g. "
+                    f"{sorted(lacking)[:3]}): a cursor repeated or a page went missing",
                     retryable=False,
                 )
             )
             return
-        if items and all(state in TERMINAL for state in states):
+        if items and all(
+            state in TERMINAL or i.get("completed_at")
+            for state, i in zip(states, items, strict=True)
+        ):
             seen[batch_id] = "over"
             on_batch(batch_id, items)
             finished.append(batch_id)
@@ -219,19 +222,19 @@ async def collect_items(
             seen[pending[0]] = str(batch.get("status_code"))
             probe_over = batch_is_over(batch)
         if probe_over:
-            index = 0
-            while index < len(pending):
-                window = pending[index : index + poll.max_concurrency]
-                finished: list[str] = []
+            finished: list[str] = []
+            for start in range(0, len(pending), poll.max_concurrency):
+                window = pending[start : start + poll.max_concurrency]
+                before = len(finished)
                 async with anyio.create_task_group() as tg:
                     for batch_id in window:
                         tg.start_soon(sweep, batch_id, finished)
                 if errors:
                     raise errors[0]
-                if not finished:
+                if len(finished) == before:
                     break  # a whole window still running: the rest is younger, wait
-                pending = [b for b in pending if b not in finished]
-                index += len(window) - len(finished)  # step past the ones still running
+            done = set(finished)
+            pending = [b for b in pending if b not in done]
             probe_over = False
             if not pending:
                 break
@@ -243,10 +246,20 @@ async def collect_items(
     return pending
 
 
-def results_frame(items: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """Item outcomes indexed by item id (result columns, still raw: see ``finish_columns``)."""
-    rows = {item["id"]: outcome(item) for item in items if isinstance(item.get("id"), str)}
-    return pd.DataFrame.from_dict(rows, orient="index", columns=list(RESULT_COLUMNS))
+def item_key(batch_id: str, item_id: str) -> str:
+    """Where an item's outcome is filed: ids are opaque and maybe unique only in their batch."""
+    return f"{batch_id}/{item_id}"
+
+
+def results_frame(batch_id: str, items: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Item outcomes indexed by ``item_key`` (result columns, still raw: see ``finish_columns``),
+    with the ``client_ref`` each item came back with, to check the join."""
+    rows = {
+        item_key(batch_id, item["id"]): {**outcome(item), "client_ref": item.get("client_ref")}
+        for item in items
+        if isinstance(item.get("id"), str)
+    }
+    return pd.DataFrame.from_dict(rows, orient="index", columns=[*RESULT_COLUMNS, "client_ref"])
 
 
 def finish_columns(df: pd.DataFrame, *, flatten: bool) -> pd.DataFrame:
