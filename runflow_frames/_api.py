@@ -16,11 +16,11 @@ import pandas as pd
 from ._checkpoint import Checkpoint, Intent, plan_resume, row_digest
 from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient, model_path
 from ._collect import acollect
-from ._results import RESULT_COLUMNS
 from ._errors import APIStatusError, InputError, StaleIntentWarning, SubmissionError
 from ._join import Handle, HandleTable, check_no_collision, join_handles
 from ._pipeline import ChunkFailure, Errors, ends_the_job, submit_chunks
 from ._progress import ProgressOption, Reporter
+from ._results import RESULT_COLUMNS
 from ._retry import RetryPolicy
 from ._rows import (
     MAX_CALLBACK_URL_LEN,
