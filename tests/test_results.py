@@ -191,6 +191,8 @@ def test_many_pages_are_followed() -> None:
     with serve(emulator) as url:
         out = run_batches(mixed(300), "acme", "uppercase", base_url=url, api_key=API_KEY, wait=True)
     assert out["runflow_status"].notna().all()
+    df = mixed(300)
+    assert out["runflow_output"].tolist() == [expected_output(r) for _, r in df.iterrows()]
     pages = emulator.accounting().requests_by_route["GET /v1/batches/{id}/items"]
     assert pages >= 3 * 15  # 100 items, 7 a page
 
@@ -400,6 +402,7 @@ def test_collecting_rides_through_a_faulty_server(base_url: str, emulator: Emula
     assert done["runflow_status"].isin(["succeeded", "failed"]).all()
     ok = df["text"].map(lambda t: isinstance(t, str))
     assert (done.loc[ok, "runflow_status"] == "succeeded").all()
+    assert done["runflow_output"].tolist() == [expected_output(r) for _, r in df.iterrows()]
 
 
 def test_progress_callbacks_count_rows_submitted_and_collected(base_url: str) -> None:
