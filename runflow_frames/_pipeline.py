@@ -85,7 +85,6 @@ class Throttle:
         self.limit = float(max_concurrency)
         self.in_flight = 0
         self.paused_until = -math.inf
-        self.slowdowns = 0  # 429/503 answers seen
         self.strikes = 0  # slow-down episodes since the last success
         self._clock = clock
         self._sleep = sleep
@@ -108,7 +107,6 @@ class Throttle:
             self.limit = min(float(self.max), self.limit + 1 / self.limit)
             self.strikes = 0
         elif slows_everyone(error):
-            self.slowdowns += 1
             now = self._clock()
             if now >= self.paused_until:  # the first 429 of an episode cuts; the rest echo it
                 self.limit = max(1.0, self.limit / 2)

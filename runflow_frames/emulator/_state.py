@@ -123,12 +123,6 @@ class Accounting:
         data["responses_by_status"] = {str(k): v for k, v in self.responses_by_status.items()}
         return data
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Accounting:
-        data = dict(data)
-        data["responses_by_status"] = {int(k): v for k, v in data["responses_by_status"].items()}
-        return cls(**data)
-
 
 def _error(status: int, code: str, message: str, errors: list[Any] | None = None) -> Answer:
     return Answer(status, {"code": code, "message": message, "errors": errors})
