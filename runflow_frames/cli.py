@@ -1,18 +1,269 @@
-"""The ``runflow-frames`` command: ``demo`` and ``emulator``."""
+"""The ``runflow-frames`` command (click): submit, status, collect, emulator, demo.
+
+Exit codes: 0 done; 1 some rows failed or are not done (their errors are in the output);
+2 bad arguments; 3 refused before sending anything (bad input, a checkpoint of another job);
+4 the API refused the key, the credit or the permission; 5 another API or network failure.
+Errors are one line on stderr; ``--debug`` shows the traceback. The API key comes from
+``RUNFLOW_API_KEY`` or a hidden prompt, never from an argument (it would land in shell history).
+"""
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
 
 from ._version import __version__
 
 DEMO_KEY = "rf_live_demo"
+T = TypeVar("T")
+
+EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_REFUSED, EXIT_ACCESS, EXIT_API = 1, 2, 3, 4, 5
 
 
-def _demo(rows: int) -> int:
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"runflow-frames: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _guarded(debug: bool, job: Callable[[], T]) -> T:
+    """Run ``job``, turning the library's errors into one line and an exit code."""
+    from ._errors import (
+        AuthenticationError,
+        CheckpointError,
+        InputError,
+        InsufficientCreditError,
+        PermissionDeniedError,
+        RunflowError,
+        SubmissionError,
+    )
+    from ._results import DeadlineExceeded
+
+    try:
+        return job()
+    except RunflowError as exc:
+        if debug:
+            traceback.print_exc()
+        cause = exc.__cause__
+        if isinstance(exc, InputError | CheckpointError):
+            code = EXIT_REFUSED
+        elif isinstance(
+            cause, AuthenticationError | InsufficientCreditError | PermissionDeniedError
+        ):
+            code = EXIT_ACCESS
+        elif isinstance(exc, SubmissionError | DeadlineExceeded):
+            code = EXIT_FAILED_ROWS
+        else:
+            code = EXIT_API
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code)
+
+
+def _api_key(required: bool = True) -> str | None:
+    key = os.environ.get("RUNFLOW_API_KEY")
+    if key:
+        return key
+    if sys.stdin.isatty():
+        return str(click.prompt("Runflow API key", hide_input=True))
+    if required:
+        _fail("no API key: set RUNFLOW_API_KEY (or run in a terminal to be prompted)", EXIT_USAGE)
+    return None
+
+
+def _read(path: Path) -> Any:
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    if suffix == ".csv":
+        return pd.read_csv(path)
+    _fail(f"{path}: only .csv and .parquet files are read", EXIT_USAGE)
+
+
+def _write(df: Any, path: Path) -> None:
+    import orjson
+
+    out = df.copy()
+    for column in out.columns:
+        # Outputs are dicts: JSON text in files, so CSV and Parquet both carry them.
+        if column == "runflow_output":
+            out[column] = [None if v is None else orjson.dumps(v).decode() for v in out[column]]
+        elif column == "runflow_cost":
+            out[column] = [None if v is None else str(v) for v in out[column]]
+    if path.suffix.lower() == ".csv":
+        out.to_csv(path)
+    else:
+        out.to_parquet(path)
+
+
+def _split(owner_slug: str) -> tuple[str, str]:
+    owner, _, slug = owner_slug.partition("/")
+    if not owner or not slug:
+        raise click.BadParameter("give the model as OWNER/SLUG, e.g. acme/echo")
+    return owner, slug
+
+
+@click.group()
+@click.version_option(__version__, prog_name="runflow-frames")
+def main() -> None:
+    """Push dataframes and files through Runflow's batch API, exactly once."""
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "-m", required=True, help="OWNER/SLUG, e.g. acme/echo")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--key", help="column holding the row keys (default: the row number)")
+@click.option("--columns", help="comma-separated columns to send (default: all but the key)")
+@click.option("--chunk-size", type=click.IntRange(1, 100), default=100, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--metadata", help="JSON object sent as every batch's metadata")
+@click.option("--callback-url")
+@click.option("--errors", type=click.Choice(["raise", "keep"]), default="keep", show_default=True)
+@click.option("--wait/--no-wait", default=False, help="wait for outputs and write them too")
+@click.option("--dry-run", is_flag=True, help="validate every row, print the plan, send nothing")
+@click.option("--base-url", envvar="RUNFLOW_BASE_URL")
+@click.option("--org-id", envvar="RUNFLOW_ORG_ID")
+@click.option("--progress/--no-progress", default=None, help="progress bar (default: on a tty)")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def submit(
+    source: Path,
+    model: str,
+    output: Path | None,
+    key: str | None,
+    columns: str | None,
+    chunk_size: int,
+    concurrency: int,
+    checkpoint: Path | None,
+    metadata: str | None,
+    callback_url: str | None,
+    errors: str,
+    wait: bool,
+    dry_run: bool,
+    base_url: str | None,
+    org_id: str | None,
+    progress: bool | None,
+    debug: bool,
+) -> None:
+    """Submit every row of SOURCE (.csv or .parquet) and write the joined result to --output."""
+    import orjson
+
+    owner, slug = _split(model)
+    meta = None
+    if metadata:
+        try:
+            meta = orjson.loads(metadata)
+        except orjson.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from exc
+        if not isinstance(meta, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--metadata")
+    df = _read(source)
+    chosen = [c.strip() for c in columns.split(",")] if columns else None
+
+    if dry_run:
+        from ._plan import plan_job
+
+        plan = _guarded(
+            debug,
+            lambda: plan_job(
+                df, owner, slug, key=key, columns=chosen, chunk_size=chunk_size, metadata=meta
+            ),
+        )
+        click.echo(str(plan))
+        sys.exit(0 if plan.ok else EXIT_REFUSED)
+
+    from ._api import run_batches
+
+    if output is None:
+        raise click.UsageError("--output is required (or use --dry-run)")
+    api_key = _api_key()
+    started = time.monotonic()
+    result = _guarded(
+        debug,
+        lambda: run_batches(
+            df,
+            owner,
+            slug,
+            key=key,
+            columns=chosen,
+            chunk_size=chunk_size,
+            max_concurrency=concurrency,
+            checkpoint=checkpoint,
+            metadata=meta,
+            callback_url=callback_url,
+            errors=errors,  # type: ignore[arg-type]
+            wait=wait,
+            progress=progress,
+            api_key=api_key,
+            base_url=base_url,
+            org_id=org_id,
+        ),
+    )
+    _write(result, output)
+    failed = int(result["runflow_error"].notna().sum())
+    click.echo(
+        f"{len(result):,} rows -> {output} in {time.monotonic() - started:.1f} s; "
+        f"{len(result) - failed:,} submitted, {failed:,} failed",
+        err=True,
+    )
+    sys.exit(EXIT_FAILED_ROWS if failed else 0)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--debug", is_flag=True)
+def status(checkpoint: Path, debug: bool) -> None:
+    """Show a checkpoint's progress, without sending anything."""
+    from ._checkpoint import read_checkpoint
+
+    recorded = _guarded(debug, lambda: read_checkpoint(checkpoint))
+    for name, value in recorded.attrs["progress"].items():
+        click.echo(f"{name:<18} {value}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--flatten", is_flag=True, help="spread outputs into runflow_output.<key> columns")
+@click.option("--deadline", type=float, help="seconds to wait at most")
+@click.option("--progress/--no-progress", default=None)
+@click.option("--debug", is_flag=True)
+def collect(
+    checkpoint: Path,
+    output: Path,
+    flatten: bool,
+    deadline: float | None,
+    progress: bool | None,
+    debug: bool,
+) -> None:
+    """Wait for a checkpoint's runs and write every row's outcome to --output."""
+    from ._collect import collect as collect_outcomes
+    from ._collect import summarize
+
+    api_key = _api_key()
+    result = _guarded(
+        debug,
+        lambda: collect_outcomes(
+            checkpoint, flatten=flatten, deadline=deadline, progress=progress, api_key=api_key
+        ),
+    )
+    _write(result, output)
+    click.echo(repr(summarize(result)), err=True)
+    done = result["runflow_status"].isin(["succeeded", "partial_succeeded"])
+    sys.exit(0 if done.all() else EXIT_FAILED_ROWS)
+
+
+@main.command()
+@click.option("--rows", type=click.IntRange(1), default=250, show_default=True)
+def demo(rows: int) -> None:
+    """Run a small job on the embedded emulator and print the joined frame."""
     import pandas as pd
 
     from ._api import run_batches
@@ -28,63 +279,62 @@ def _demo(rows: int) -> int:
         index=pd.Index([f"row-{i:05d}" for i in range(rows)], name="row"),
     )
     with serve(emulator) as base_url:
-        print(f"emulator serving Runflow's batch API at {base_url}")
-        print(f"submitting {rows} rows to acme/uppercase in chunks of 100, 8 at a time...")
+        click.echo(f"emulator serving Runflow's batch API at {base_url}")
+        click.echo(f"submitting {rows} rows to acme/uppercase in chunks of 100, 8 at a time...")
         started = time.perf_counter()
-        out = run_batches(df, "acme", "uppercase", base_url=base_url, api_key=DEMO_KEY)
+        out = run_batches(
+            df, "acme", "uppercase", base_url=base_url, api_key=DEMO_KEY, wait=True, progress=False
+        )
         elapsed = time.perf_counter() - started
     seen = emulator.accounting()
+    shown = ["text", "runflow_batch_id", "runflow_run_id", "runflow_status", "runflow_output"]
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(out)
-    print(
+        click.echo(out[shown])
+    click.echo(
         f"\n{len(out)} rows -> {out['runflow_batch_id'].nunique()} batches, "
-        f"{out['runflow_run_id'].nunique()} runs in {elapsed:.2f} s; "
+        f"{out['runflow_run_id'].nunique()} runs, submitted and collected in {elapsed:.2f} s; "
         f"the emulator created {seen.batches_created} batches, "
         f"{sum(seen.runs_by_client_ref.values())} runs, duplicates: {len(seen.duplicate_refs())}"
     )
-    return 0
 
 
-def _emulator(
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--queued", type=float, default=0.05, show_default=True, help="seconds queued")
+@click.option("--running", type=float, default=0.2, show_default=True, help="seconds running")
+@click.option("--latency", type=float, default=0.0, help="service time of a create POST")
+@click.option(
+    "--faults",
+    default="",
+    help="e.g. 'rate_limited=0.05,retry_after=1,reset_after=0.02,rate_limit=20'",
+)
+def emulator(
     host: str, port: int, queued: float, running: float, latency: float, faults: str
-) -> int:
+) -> None:
+    """Serve the local Runflow emulator (any bearer token is accepted)."""
     from .emulator import Emulator, Faults, Timing
     from .emulator._serve import run_forever
 
     timing = Timing(queued=queued, running=running, create_latency=latency)
-    injected = Faults.parse(faults) if faults else None
-    print(f"Runflow emulator on http://{host}:{port} (any bearer token is accepted)", flush=True)
+    try:
+        injected = Faults.parse(faults) if faults else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--faults") from exc
+    click.echo(f"Runflow emulator on http://{host}:{port} (any bearer token is accepted)")
     if injected is not None:
-        print(f"injecting {injected}", flush=True)
+        click.echo(f"injecting {injected}")
     run_forever(Emulator(timing=timing, faults=injected), host=host, port=port)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Entry point for ``python -m runflow_frames.cli``."""
+    try:
+        main.main(args=list(argv) if argv is not None else None, standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0)
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="runflow-frames", description="Push dataframes through Runflow's batch API."
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run a small job on the embedded emulator")
-    demo.add_argument("--rows", type=int, default=250, help="rows to submit (default 250)")
-    emu = commands.add_parser("emulator", help="serve the local Runflow emulator")
-    emu.add_argument("--host", default="127.0.0.1")
-    emu.add_argument("--port", type=int, default=8080)
-    emu.add_argument("--queued", type=float, default=0.05, help="seconds a run waits in queue")
-    emu.add_argument("--running", type=float, default=0.2, help="seconds a run runs")
-    emu.add_argument("--latency", type=float, default=0.0, help="service time of a create POST")
-    emu.add_argument(
-        "--faults",
-        default="",
-        help="faults to inject, e.g. 'rate_limited=0.05,retry_after=1,reset_after=0.02,"
-        "rate_limit=20' (see runflow_frames.emulator.Faults)",
-    )
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _demo(args.rows)
-    return _emulator(args.host, args.port, args.queued, args.running, args.latency, args.faults)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -1,0 +1,161 @@
+"""The runflow-frames command, through its real entry point (a subprocess), against the emulator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from runflow_frames.emulator import Emulator
+
+from .conftest import API_KEY
+
+SCRIPT = str(Path(sys.executable).with_name("runflow-frames"))
+
+
+def cli(*args: str, key: str | None = API_KEY, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNFLOW_")}
+    if key is not None:
+        environment["RUNFLOW_API_KEY"] = key
+    environment.update(env)
+    return subprocess.run(
+        [SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    text = [f"row {i}" if i % 9 else None for i in range(450)]
+    df = pd.DataFrame(
+        {"id": [f"r{i:04d}" for i in range(450)], "text": text, "repeat": np.arange(450) % 3 + 1}
+    )
+    path = tmp_path / "in.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+def test_submit_then_status_then_collect(
+    tmp_path: Path, source: Path, base_url: str, emulator: Emulator
+) -> None:
+    out, ckpt = tmp_path / "out.parquet", tmp_path / "ckpt"
+    done = cli(
+        "submit",
+        str(source),
+        "-m",
+        "acme/uppercase",
+        "--key",
+        "id",
+        "-o",
+        str(out),
+        "--checkpoint",
+        str(ckpt),
+        "--base-url",
+        base_url,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "450 rows" in done.stderr
+    submitted = pd.read_parquet(out)
+    assert submitted["runflow_run_id"].notna().all()
+    assert emulator.accounting().runs_by_client_ref == dict.fromkeys(submitted["id"], 1)
+
+    status = cli("status", str(ckpt))
+    assert status.returncode == 0
+    assert "rows_submitted     450" in status.stdout
+
+    collected = tmp_path / "collected.csv"
+    result = cli("collect", str(ckpt), "-o", str(collected))
+    bad_rows = submitted["text"].isna().sum()
+    assert result.returncode == 1  # the rows with no text failed as items
+    assert "INPUT_VALIDATION_FAILED" in result.stderr
+    table = pd.read_csv(collected)
+    assert (table["runflow_status"] == "failed").sum() == bad_rows
+    assert (table["runflow_status"] == "succeeded").sum() == 450 - bad_rows
+
+
+def test_dry_run_sends_nothing_and_lists_every_refusal(
+    tmp_path: Path, base_url: str, emulator: Emulator
+) -> None:
+    df = pd.DataFrame({"id": ["a", "b", "b", "c"], "x": [1.0, float("inf"), 2.0, float("-inf")]})
+    path = tmp_path / "bad.parquet"
+    df.to_parquet(path)
+    plan = cli(
+        "submit", str(path), "-m", "acme/echo", "--key", "id", "--dry-run", "--base-url", base_url
+    )
+    assert plan.returncode == 3
+    assert "rows         4" in plan.stdout
+    assert "not unique" in plan.stdout
+    assert "column 'x': 2 row(s)" in plan.stdout
+    good = cli(
+        "submit",
+        str(tmp_path / "bad.parquet"),
+        "-m",
+        "acme/echo",
+        "--columns",
+        "id",
+        "--dry-run",
+        key=None,
+    )
+    assert good.returncode == 0
+    assert "requests     1" in good.stdout
+    assert emulator.accounting().requests_by_route == {}
+
+
+def test_bad_arguments_exit_2(source: Path) -> None:
+    assert cli("submit", str(source), "-m", "no-slash", "-o", "x.parquet").returncode == 2
+    assert (
+        cli(
+            "submit", str(source), "-m", "acme/echo", "--chunk-size", "101", "-o", "x.parquet"
+        ).returncode
+        == 2
+    )
+    assert (
+        cli(
+            "submit", str(source), "-m", "acme/echo", "--metadata", "[1]", "-o", "x.parquet"
+        ).returncode
+        == 2
+    )
+    assert cli("nonsense").returncode == 2
+
+
+def test_a_missing_api_key_is_one_clear_line(source: Path, tmp_path: Path) -> None:
+    result = cli(
+        "submit", str(source), "-m", "acme/echo", "-o", str(tmp_path / "o.parquet"), key=None
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "runflow-frames: error: no API key: set RUNFLOW_API_KEY (or run in a terminal to be prompted)"
+    )
+
+
+def test_errors_are_one_line_with_meaningful_codes(source: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "o.parquet")
+    emulator = Emulator(api_keys={"rf_live_the_right_one"})
+    from runflow_frames.emulator import serve
+
+    with serve(emulator) as url:
+        refused = cli(
+            "submit", str(source), "-m", "acme/echo", "--key", "nope", "-o", out, "--base-url", url
+        )
+        denied = cli("submit", str(source), "-m", "acme/echo", "-o", out, "--base-url", url)
+        traced = cli(
+            "submit", str(source), "-m", "acme/echo", "-o", out, "--base-url", url, "--debug"
+        )
+    assert refused.returncode == 3
+    assert refused.stderr.count("\n") == 1
+    assert "key column 'nope' is not in the frame" in refused.stderr
+    assert denied.returncode == 4
+    assert denied.stderr.startswith("runflow-frames: error:")
+    assert denied.stderr.count("\n") == 1
+    assert API_KEY not in denied.stderr
+    assert "Traceback" in traced.stderr
