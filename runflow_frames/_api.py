@@ -9,7 +9,7 @@ import uuid
 import warnings
 from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import pandas as pd
 
@@ -17,6 +17,7 @@ from ._checkpoint import Checkpoint, Intent, plan_resume, row_digest
 from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient, model_path
 from ._collect import acollect
 from ._errors import APIStatusError, InputError, StaleIntentWarning, SubmissionError
+from ._frames import to_pandas
 from ._join import Handle, HandleTable, check_no_collision, join_handles
 from ._pipeline import ChunkFailure, Errors, ends_the_job, submit_chunks
 from ._progress import ProgressOption, Reporter
@@ -41,13 +42,15 @@ if TYPE_CHECKING:
 _log = logging.getLogger("runflow_frames")
 
 DEFAULT_CHUNK_SIZE: Final = MAX_CHUNK_SIZE
+# A pandas DataFrame, a pyarrow Table or a polars DataFrame: the result is of the same type.
+Frame = TypeVar("Frame")
 DEFAULT_MAX_CONCURRENCY: Final = 8
 # Idempotency-Key retention is undocumented; a day is the common convention (Stripe's, e.g.).
 DEFAULT_MAX_INTENT_AGE: Final = 24 * 3600.0
 
 
 async def arun_batches(
-    df: pd.DataFrame,
+    df: Frame,
     owner: str,
     slug: str,
     *,
@@ -69,22 +72,23 @@ async def arun_batches(
     org_id: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     transport: httpx.AsyncBaseTransport | None = None,
-) -> pd.DataFrame:
+) -> Frame:
     """Async twin of :func:`run_batches`, for code already inside an event loop.
 
     Examples
     --------
     >>> result = await arun_batches(df, "acme", "echo")  # doctest: +SKIP
     """
+    frame, back = to_pandas(df)
     _check_options(
-        df, chunk_size, max_concurrency, missing, metadata, callback_url, max_intent_age, errors
+        chunk_size, max_concurrency, missing, metadata, callback_url, max_intent_age, errors
     )
     path = model_path(owner, slug)
-    check_no_collision(list(df.columns))
-    fields = item_columns(df, key, columns)
-    refs = client_refs(df, key)
+    check_no_collision(list(frame.columns))
+    fields = item_columns(frame, key, columns)
+    refs = client_refs(frame, key)
     # Encode everything before the first request: every refusal happens while nothing is sent.
-    items = encode_rows(df, refs, fields, missing=missing)
+    items = encode_rows(frame, refs, fields, missing=missing)
     suffix = body_suffix(metadata, callback_url)
     client = AsyncRunflowClient(
         api_key=api_key, base_url=base_url, org_id=org_id, timeout=timeout, transport=transport
@@ -189,7 +193,7 @@ async def arun_batches(
 
     # After close() every handle of a checkpointed job, old or new, is in its segments.
     handles = new_handles.to_arrow() if ckpt is None else ckpt.state.submitted()
-    result = join_handles(df, refs, handles, _error_messages(failures))
+    result = join_handles(frame, refs, handles, _error_messages(failures))
     if failures and (errors == "raise" or any(ends_the_job(f.error) for f in failures)):
         error = _submission_error(
             failures, result, len(refs), handles.num_rows, checkpoint, started
@@ -203,7 +207,7 @@ async def arun_batches(
             _summary(failures),
         )
     if wait:
-        return await acollect(
+        result = await acollect(
             result,
             checkpoint=checkpoint,
             retry=retry,
@@ -214,7 +218,7 @@ async def arun_batches(
             timeout=timeout,
             transport=transport,
         )
-    return result
+    return cast(Frame, back(result))
 
 
 def _error_messages(failures: Sequence[ChunkFailure]) -> dict[str, str]:
@@ -272,7 +276,6 @@ def _submission_error(
 
 
 def _check_options(
-    df: object,
     chunk_size: int,
     max_concurrency: int,
     missing: str,
@@ -281,8 +284,6 @@ def _check_options(
     max_intent_age: float,
     errors: str,
 ) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise InputError(f"expected a pandas DataFrame, got {type(df).__name__}")
     if not (isinstance(chunk_size, int) and 1 <= chunk_size <= MAX_CHUNK_SIZE):
         raise InputError(
             f"chunk_size must be an integer from 1 to {MAX_CHUNK_SIZE}, got {chunk_size!r}"
@@ -320,7 +321,7 @@ def _warn_if_stale(pending: Sequence[Intent], max_age: float) -> None:
 
 
 def run_batches(
-    df: pd.DataFrame,
+    df: Frame,
     owner: str,
     slug: str,
     *,
@@ -342,7 +343,7 @@ def run_batches(
     org_id: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     transport: httpx.AsyncBaseTransport | None = None,
-) -> pd.DataFrame:
+) -> Frame:
     """Submit every row of ``df`` to a Runflow model as batch items and join the handles back.
 
     Each row becomes one input item whose ``client_ref`` is the row's key; items go out in
@@ -351,8 +352,9 @@ def run_batches(
 
     Parameters
     ----------
-    df : pandas.DataFrame
-        One row per item.
+    df : pandas.DataFrame, pyarrow.Table or polars.DataFrame
+        One row per item. The result is of the same type (a Table or a polars frame has no
+        index: rows are keyed by ``key``, or by their position).
     owner, slug : str
         The model, e.g. ``"acme", "echo"``; ``slug`` may contain ``/`` for longer model paths.
     key : column label, optional
@@ -432,7 +434,7 @@ def run_batches(
     True
     """
 
-    async def job() -> pd.DataFrame:
+    async def job() -> Frame:
         return await arun_batches(
             df,
             owner,

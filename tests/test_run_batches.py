@@ -452,3 +452,38 @@ def test_a_timeout_after_the_server_processed_is_reported_as_uncertain(
     assert err.uncertain == 300
     assert "could run them twice" in str(err)
     assert "checkpoint=" in str(err)
+
+
+def test_a_pyarrow_table_in_gives_a_table_out(
+    emulator: Emulator, asgi: httpx.ASGITransport
+) -> None:
+    import pyarrow as pa
+
+    table = pa.table(
+        {
+            "id": ["a", "b", "c"],
+            "tags": [["x"], [], ["y", "z"]],
+            "n": pa.array([1, None, 3], pa.int64()),
+        }
+    )
+    out = run_batches(
+        table, "acme", "echo", key="id", api_key=API_KEY, base_url=LOCAL, transport=asgi
+    )
+    assert isinstance(out, pa.Table)
+    assert out.column_names[:3] == ["id", "tags", "n"]
+    assert out["runflow_client_ref"].to_pylist() == ["a", "b", "c"]
+    received = server_view(emulator)
+    assert received["b"]["input"] == {"tags": []}
+    assert received["c"]["input"] == {"tags": ["y", "z"], "n": 3}
+    assert out["runflow_run_id"].to_pylist() == [received[k]["run_id"] for k in "abc"]
+
+
+def test_a_polars_frame_in_gives_a_polars_frame_out(emulator: Emulator, base_url: str) -> None:
+    import polars as pl
+
+    frame = pl.DataFrame({"text": ["a", "b", "c"], "repeat": [1, 2, 3]})
+    out = run_batches(frame, "acme", "uppercase", api_key=API_KEY, base_url=base_url, wait=True)
+    assert isinstance(out, pl.DataFrame)
+    assert out["runflow_client_ref"].to_list() == ["0", "1", "2"]
+    assert out["runflow_status"].to_list() == ["succeeded"] * 3
+    assert [o["text"] for o in out["runflow_output"].to_list()] == ["A", "BB", "CCC"]
