@@ -23,6 +23,7 @@ from ._errors import (
     StaleIntentWarning,
     SubmissionError,
 )
+from ._files import arun_batches_file, run_batches_file
 from ._join import HANDLE_COLUMNS
 from ._results import DeadlineExceeded
 from ._retry import RetryPolicy
@@ -54,10 +55,12 @@ __all__ = [
     "acollect",
     "aretry_failed",
     "arun_batches",
+    "arun_batches_file",
     "collect",
     "read_checkpoint",
     "retry_failed",
     "run_batches",
+    "run_batches_file",
     "summarize",
     "verify_signature",
 ]

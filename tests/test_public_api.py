@@ -38,10 +38,12 @@ def test_public_names() -> None:
             "acollect",
             "aretry_failed",
             "arun_batches",
+            "arun_batches_file",
             "collect",
             "read_checkpoint",
             "retry_failed",
             "run_batches",
+            "run_batches_file",
             "summarize",
             "verify_signature",
         ]

@@ -1,0 +1,164 @@
+"""Streaming file jobs: bounded blocks, incremental results, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runflow_frames import CheckpointError, run_batches_file
+from runflow_frames.emulator import Emulator, Timing
+
+from .conftest import API_KEY
+
+COMPARED = ["id", "text", "n", "runflow_client_ref", "runflow_error"]
+
+
+def write_source(path: Path, rows: int) -> Path:
+    table = pa.table(
+        {
+            "id": [f"r{i:06d}" for i in range(rows)],
+            "text": [f"t{i}" for i in range(rows)],
+            "n": np.arange(rows),
+        }
+    )
+    pq.write_table(table, path, row_group_size=3000)
+    return path
+
+
+def test_a_file_streams_in_blocks_to_one_output(
+    tmp_path: Path, emulator: Emulator, base_url: str
+) -> None:
+    source = write_source(tmp_path / "in.parquet", 25_000)
+    out = tmp_path / "out.parquet"
+    counts = run_batches_file(
+        source,
+        "acme",
+        "echo",
+        output=out,
+        checkpoint=tmp_path / "ckpt",
+        key="id",
+        block_rows=10_000,
+        base_url=base_url,
+        api_key=API_KEY,
+    )
+    assert counts == {"rows": 25_000, "blocks": 3, "blocks_skipped": 0, "failed_rows": 0}
+    result = pd.read_parquet(out)
+    assert result["id"].tolist() == [f"r{i:06d}" for i in range(25_000)]
+    received = {r["client_ref"]: r["run_id"] for r in emulator.received()}
+    assert emulator.accounting().runs_by_client_ref == dict.fromkeys(result["id"], 1)
+    assert dict(zip(result["id"], result["runflow_run_id"], strict=True)) == received
+    # Again: every block is done, nothing is sent.
+    again = run_batches_file(
+        source,
+        "acme",
+        "echo",
+        output=out,
+        checkpoint=tmp_path / "ckpt",
+        key="id",
+        block_rows=10_000,
+        base_url=base_url,
+        api_key=API_KEY,
+    )
+    assert again["blocks_skipped"] == 3
+    assert emulator.accounting().batches_created == 250
+
+
+def test_csv_in_and_out_keyed_by_position(
+    tmp_path: Path, emulator: Emulator, base_url: str
+) -> None:
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"text": [f"t{i}" for i in range(2500)]}).to_csv(source, index=False)
+    out = tmp_path / "out.csv"
+    run_batches_file(
+        source,
+        "acme",
+        "echo",
+        output=out,
+        checkpoint=tmp_path / "ckpt",
+        block_rows=1000,
+        base_url=base_url,
+        api_key=API_KEY,
+    )
+    result = pd.read_csv(out)
+    assert result["runflow_client_ref"].tolist() == list(range(2500))
+    received = {r["client_ref"]: r["input"] for r in emulator.received()}
+    assert received["1999"] == {"text": "t1999"}
+
+
+def test_a_changed_source_is_refused(tmp_path: Path, emulator: Emulator, base_url: str) -> None:
+    source = write_source(tmp_path / "in.parquet", 500)
+    options = {
+        "output": tmp_path / "o.parquet",
+        "checkpoint": tmp_path / "ckpt",
+        "base_url": base_url,
+        "api_key": API_KEY,
+    }
+    run_batches_file(source, "acme", "echo", key="id", **options)
+    write_source(source, 600)
+    with pytest.raises(CheckpointError, match="size"):
+        run_batches_file(source, "acme", "echo", key="id", **options)
+
+
+def test_a_killed_file_job_resumes_to_the_same_results(
+    tmp_path: Path, base_url: str, emulator: Emulator
+) -> None:
+    emulator.timing = Timing(create_latency=0.1)
+    source = write_source(tmp_path / "in.parquet", 12_000)
+    out, ckpt = tmp_path / "out.parquet", tmp_path / "ckpt"
+    env = {**os.environ, "RUNFLOW_API_KEY": API_KEY}
+    cmd = [
+        sys.executable,
+        str(Path(__file__).with_name("file_job.py")),
+        base_url,
+        str(source),
+        str(out),
+        str(ckpt),
+        "4000",
+    ]
+    kills = 0
+    for delay in (0.4, 0.5, 0.3):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"READY\n"
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.communicate()
+    assert kills >= 2
+    done = subprocess.run(cmd, capture_output=True, env=env, timeout=120, check=True)
+    assert b"DONE" in done.stdout
+    resumed = pd.read_parquet(out)
+
+    # An uninterrupted run of the same file, elsewhere, gives the same rows and columns.
+    straight = run_batches_file(
+        source,
+        "acme",
+        "echo",
+        output=tmp_path / "straight.parquet",
+        checkpoint=tmp_path / "ckpt2",
+        key="id",
+        block_rows=4000,
+        base_url=base_url,
+        api_key=API_KEY,
+    )
+    assert straight["rows"] == 12_000
+    expected = pd.read_parquet(tmp_path / "straight.parquet")
+    pd.testing.assert_frame_equal(resumed[COMPARED], expected[COMPARED])
+    assert list(resumed.columns) == list(expected.columns)
+    # The killed-and-resumed job made each run exactly once: its ids are the server's.
+    ours = set(resumed["runflow_batch_id"])
+    first = {r["client_ref"]: r["run_id"] for r in emulator.received() if r["batch_id"] in ours}
+    assert dict(zip(resumed["id"], resumed["runflow_run_id"], strict=True)) == first
+    counts = emulator.accounting().runs_by_client_ref
+    assert set(counts.values()) == {2}  # once for the resumed job, once for the straight run
