@@ -49,7 +49,9 @@ def _blocks(source: Path, block_rows: int) -> Iterator[pa.Table]:
             batch_size=block_rows
         )
     elif suffix == ".csv":
-        batches = iter(pacsv.open_csv(source))
+        # Empty fields are missing values, as pandas.read_csv has them.
+        convert = pacsv.ConvertOptions(strings_can_be_null=True)
+        batches = iter(pacsv.open_csv(source, convert_options=convert))
     else:
         raise InputError(f"{source}: only .csv and .parquet files can be streamed")
     pending: list[pa.RecordBatch] = []
@@ -235,3 +237,12 @@ def run_batches_file(
         )
 
     return run_sync(job)
+
+
+def block_checkpoints(root: str | os.PathLike[str]) -> list[Path] | None:
+    """The per-block checkpoints of a file job's checkpoint, in order; None if ``root`` is not
+    a file job's."""
+    directory = Path(root)
+    if not (directory / MANIFEST).exists():
+        return None
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("block-"))

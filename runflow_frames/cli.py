@@ -9,6 +9,7 @@ Errors are one line on stderr; ``--debug`` shows the traceback. The API key come
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -86,20 +87,54 @@ def _read(path: Path) -> Any:
     _fail(f"{path}: only .csv and .parquet files are read", EXIT_USAGE)
 
 
-def _write(df: Any, path: Path) -> None:
+def _for_files(df: Any) -> Any:
+    """Outputs (dicts) as JSON text and costs as decimal text, so CSV and Parquet carry them."""
     import orjson
 
     out = df.copy()
-    for column in out.columns:
-        # Outputs are dicts: JSON text in files, so CSV and Parquet both carry them.
-        if column == "runflow_output":
-            out[column] = [None if v is None else orjson.dumps(v).decode() for v in out[column]]
-        elif column == "runflow_cost":
-            out[column] = [None if v is None else str(v) for v in out[column]]
+    if "runflow_output" in out.columns:
+        out["runflow_output"] = [
+            None if v is None else orjson.dumps(v).decode() for v in out["runflow_output"]
+        ]
+    if "runflow_cost" in out.columns:
+        out["runflow_cost"] = [None if v is None else str(v) for v in out["runflow_cost"]]
+    return out
+
+
+def _write(df: Any, path: Path) -> None:
+    out = _for_files(df)
     if path.suffix.lower() == ".csv":
         out.to_csv(path)
     else:
         out.to_parquet(path)
+
+
+class _Sink:
+    """Frames appended to one .parquet or .csv file, one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.writer: Any = None
+        self.schema: Any = None
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def write(self, df: Any) -> None:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(_for_files(df))
+        if self.writer is None:
+            csv = self.path.suffix.lower() == ".csv"
+            self.schema = table.schema
+            self.writer = (pacsv.CSVWriter if csv else pq.ParquetWriter)(self.path, self.schema)
+        self.writer.write_table(table.cast(self.schema))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _split(owner_slug: str) -> tuple[str, str]:
@@ -164,10 +199,10 @@ def submit(
             raise click.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from exc
         if not isinstance(meta, dict):
             raise click.BadParameter("must be a JSON object", param_hint="--metadata")
-    df = _read(source)
     chosen = [c.strip() for c in columns.split(",")] if columns else None
 
     if dry_run:
+        df = _read(source)
         from ._plan import plan_job
 
         plan = _guarded(
@@ -185,6 +220,39 @@ def submit(
         raise click.UsageError("--output is required (or use --dry-run)")
     api_key = _api_key()
     started = time.monotonic()
+    if checkpoint is not None and not wait:
+        # Resumable and in bounded memory: the file is streamed block by block.
+        from ._files import run_batches_file
+
+        counts = _guarded(
+            debug,
+            lambda: run_batches_file(
+                source,
+                owner,
+                slug,
+                output=output,
+                checkpoint=checkpoint,
+                key=key,
+                columns=chosen,
+                progress=progress,
+                chunk_size=chunk_size,
+                max_concurrency=concurrency,
+                metadata=meta,
+                callback_url=callback_url,
+                errors=errors,
+                api_key=api_key,
+                base_url=base_url,
+                org_id=org_id,
+            ),
+        )
+        click.echo(
+            f"{counts['rows']:,} rows -> {output} in {time.monotonic() - started:.1f} s; "
+            f"{counts['rows'] - counts['failed_rows']:,} submitted, {counts['failed_rows']:,} "
+            f"failed ({counts['blocks_skipped']} of {counts['blocks']} blocks done before)",
+            err=True,
+        )
+        sys.exit(EXIT_FAILED_ROWS if counts["failed_rows"] else 0)
+    df = _read(source)
     result = _guarded(
         debug,
         lambda: run_batches(
@@ -220,11 +288,22 @@ def submit(
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--debug", is_flag=True)
 def status(checkpoint: Path, debug: bool) -> None:
-    """Show a checkpoint's progress, without sending anything."""
+    """Show a checkpoint's progress (a frame job's or a file job's), sending nothing."""
     from ._checkpoint import read_checkpoint
+    from ._files import block_checkpoints
 
-    recorded = _guarded(debug, lambda: read_checkpoint(checkpoint))
-    for name, value in recorded.attrs["progress"].items():
+    blocks = block_checkpoints(checkpoint)
+    if blocks is None:
+        recorded = _guarded(debug, lambda: read_checkpoint(checkpoint))
+        for name, value in recorded.attrs["progress"].items():
+            click.echo(f"{name:<18} {value}")
+        return
+    totals = {"blocks": len(blocks), "rows_submitted": 0, "rows_pending": 0}
+    for block in blocks:
+        progress = _guarded(debug, functools.partial(read_checkpoint, block)).attrs["progress"]
+        totals["rows_submitted"] += progress["rows_submitted"]
+        totals["rows_pending"] += progress["rows_pending"]
+    for name, value in totals.items():
         click.echo(f"{name:<18} {value}")
 
 
@@ -244,19 +323,33 @@ def collect(
     debug: bool,
 ) -> None:
     """Wait for a checkpoint's runs and write every row's outcome to --output."""
+    import pandas as pd
+
     from ._collect import collect as collect_outcomes
     from ._collect import summarize
+    from ._files import block_checkpoints
 
     api_key = _api_key()
-    result = _guarded(
-        debug,
-        lambda: collect_outcomes(
-            checkpoint, flatten=flatten, deadline=deadline, progress=progress, api_key=api_key
-        ),
-    )
-    _write(result, output)
-    click.echo(repr(summarize(result)), err=True)
-    done = result["runflow_status"].isin(["succeeded", "partial_succeeded"])
+    # A file job is collected block by block, so memory holds one block's outcomes at a time.
+    parts = block_checkpoints(checkpoint) or [checkpoint]
+    statuses: list[pd.Series] = []
+    with _Sink(output) as sink:
+        for part in parts:
+            result = _guarded(
+                debug,
+                functools.partial(
+                    collect_outcomes,
+                    part,
+                    flatten=flatten,
+                    deadline=deadline,
+                    progress=progress,
+                    api_key=api_key,
+                ),
+            )
+            sink.write(result)
+            statuses.append(result["runflow_status"])
+            click.echo(repr(summarize(result)), err=True)
+    done = pd.concat(statuses).isin(["succeeded", "partial_succeeded"])
     sys.exit(0 if done.all() else EXIT_FAILED_ROWS)
 
 
