@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from ._checkpoint import _atomic_write
 from ._errors import CheckpointError, InputError
+from ._plan import Plan, plan_job
 from ._progress import ProgressOption, Reporter
 from ._sync import run_sync
 
@@ -246,3 +247,37 @@ def block_checkpoints(root: str | os.PathLike[str]) -> list[Path] | None:
     if not (directory / MANIFEST).exists():
         return None
     return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("block-"))
+
+
+def plan_file(
+    source: str | os.PathLike[str],
+    owner: str,
+    slug: str,
+    *,
+    key: str | None = None,
+    columns: list[str] | None = None,
+    chunk_size: int = 100,
+    metadata: dict[str, Any] | None = None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> Plan:
+    """A dry run over a file, block by block (bounded memory): every row validated, nothing
+    sent. Key uniqueness is checked within blocks, as the job itself does."""
+    src = Path(source)
+    if not src.is_file():
+        raise InputError(f"{src}: no such file")
+    total: Plan | None = None
+    for number, table in enumerate(_blocks(src, block_rows)):
+        frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+        frame.index = pd.RangeIndex(number * block_rows, number * block_rows + len(frame))
+        plan = plan_job(
+            frame, owner, slug, key=key, columns=columns, chunk_size=chunk_size, metadata=metadata
+        )
+        if total is None:
+            total = plan
+        else:
+            total.rows += plan.rows
+            total.chunks += plan.chunks
+            total.refused += plan.refused
+    if total is None:
+        raise InputError(f"{src}: the file has no rows")
+    return total

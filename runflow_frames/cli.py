@@ -202,13 +202,14 @@ def submit(
     chosen = [c.strip() for c in columns.split(",")] if columns else None
 
     if dry_run:
-        df = _read(source)
-        from ._plan import plan_job
+        from ._files import plan_file
 
+        if source.suffix.lower() not in (".csv", ".parquet", ".pq"):
+            _fail(f"{source}: only .csv and .parquet files are read", EXIT_USAGE)
         plan = _guarded(
             debug,
-            lambda: plan_job(
-                df, owner, slug, key=key, columns=chosen, chunk_size=chunk_size, metadata=meta
+            lambda: plan_file(
+                source, owner, slug, key=key, columns=chosen, chunk_size=chunk_size, metadata=meta
             ),
         )
         click.echo(str(plan))
