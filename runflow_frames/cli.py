@@ -398,19 +398,20 @@ def demo(rows: int) -> None:
 @click.option("--queued", type=float, default=0.05, show_default=True, help="seconds queued")
 @click.option("--running", type=float, default=0.2, show_default=True, help="seconds running")
 @click.option("--latency", type=float, default=0.0, help="service time of a create POST")
+@click.option("--jitter", type=float, default=0.0, help="lognormal sigma of that service time")
 @click.option(
     "--faults",
     default="",
     help="e.g. 'rate_limited=0.05,retry_after=1,reset_after=0.02,rate_limit=20'",
 )
 def emulator(
-    host: str, port: int, queued: float, running: float, latency: float, faults: str
+    host: str, port: int, queued: float, running: float, latency: float, jitter: float, faults: str
 ) -> None:
     """Serve the local Runflow emulator (any bearer token is accepted)."""
     from .emulator import Emulator, Faults, Timing
     from .emulator._serve import run_forever
 
-    timing = Timing(queued=queued, running=running, create_latency=latency)
+    timing = Timing(queued=queued, running=running, create_latency=latency, latency_sigma=jitter)
     try:
         injected = Faults.parse(faults) if faults else None
     except ValueError as exc:

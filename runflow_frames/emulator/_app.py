@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
 
@@ -31,6 +32,8 @@ def _respond(answer: Answer) -> Response:
 
 def create_app(emulator: Emulator) -> Starlette:
     """An ASGI app serving ``emulator`` (mount it in-process with ``httpx.ASGITransport``)."""
+
+    latency_rng = random.Random(0)  # noqa: S311 - simulated latency, reproducible
 
     def route(
         template: str, handler: Handler, *, auth: bool = True, internal: bool = False
@@ -69,7 +72,7 @@ def create_app(emulator: Emulator) -> Starlette:
                 # what the access log shows, the client never sees it.
                 return _error(499, "CLIENT_CLOSED_REQUEST", "client disconnected")
             if emulator.timing.create_latency > 0:
-                await anyio.sleep(emulator.timing.create_latency)
+                await anyio.sleep(emulator.timing.service_time(latency_rng))
             return emulator.create_batch(
                 token, "/".join(model), body, request.headers.get("idempotency-key")
             )

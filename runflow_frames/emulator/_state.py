@@ -53,12 +53,20 @@ CREATE_ROUTE: Final = "POST /v1/models/{model}/batches"
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds a run spends in each state, and the service latency of a create request."""
+    """Seconds a run spends in each state, and the service latency of a create request:
+    ``create_latency`` times a lognormal factor of shape ``latency_sigma`` (0: fixed)."""
 
     queued: float = 0.05
     dispatching: float = 0.05
     running: float = 0.2
     create_latency: float = 0.0
+    latency_sigma: float = 0.0
+
+    def service_time(self, rng: random.Random) -> float:
+        """One create request's service time (median ``create_latency``)."""
+        if self.latency_sigma <= 0:
+            return self.create_latency
+        return self.create_latency * rng.lognormvariate(0.0, self.latency_sigma)
 
 
 @dataclass

@@ -1,0 +1,267 @@
+"""The benchmark suite, one command: figures into RESULTS.md, charts into benchmarks/*.png.
+
+1. Throughput against the physical limit. The emulator answers each create after a fixed service
+   latency L; with C requests in flight the ceiling is C x 100 / L rows/s (Little's law). We plot
+   achieved / ceiling for C in 1..64 and L in {20, 100, 500} ms.
+2. Against the peer a user would write: asyncio + httpx + a semaphore, sending chunks in waves
+   with gather, under lognormal latency jitter; throughput ratio, side by side in one run.
+3. Client CPU per row (encode, join, checkpoint) at 100,000 and 1,000,000 rows, against the
+   naive ``df.to_dict("records")`` + ``json.dumps`` path.
+
+Each figure is the median of several runs, with the spread. ``--quick`` runs a small version in
+seconds (CI runs it as a smoke test, writing to a scratch file instead of RESULTS.md).
+
+    python benchmarks/run_all.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+from _common import RESULTS, append_results, emulator_process
+
+from runflow_frames import run_batches
+
+HERE = Path(__file__).parent
+KEY = "bench"
+
+
+def frame(rows: int) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return pd.DataFrame(
+        {
+            "prompt": [f"a photo of item {i}" for i in range(rows)],
+            "seed": rng.integers(0, 2**31, rows),
+            "strength": rng.random(rows),
+        }
+    )
+
+
+def capacity(quick: bool) -> float:
+    """What the emulator itself can serve (rows/s, no latency, many in flight): where it, not
+    the client, is the bottleneck."""
+    df = frame(5_000 if quick else 50_000)
+    with emulator_process() as url:
+        started = time.perf_counter()
+        run_batches(
+            df, "acme", "echo", base_url=url, api_key=KEY, max_concurrency=16, progress=False
+        )
+        return len(df) / (time.perf_counter() - started)
+
+
+def ceiling(quick: bool, runs: int) -> tuple[list[str], dict[float, dict[int, list[float]]]]:
+    served = capacity(quick)
+    latencies = [0.02, 0.1] if quick else [0.02, 0.1, 0.5]
+    concurrencies = [1, 4, 16] if quick else [1, 2, 4, 8, 16, 32, 64]
+    ratios: dict[float, dict[int, list[float]]] = {}
+    lines = [
+        f"the emulator alone (no latency, C=16) serves {served:,.0f} rows/s: above that the "
+        "emulator, not the client, is the bottleneck (such points are marked)"
+    ]
+    for latency in latencies:
+        ratios[latency] = {}
+        with emulator_process("--latency", str(latency)) as url:
+            for c in concurrencies:
+                # Enough requests that the pipeline's fill and drain are a small part of the run.
+                requests = max(2 * c, 8) if quick else max(10 * c, 40)
+                df = frame(requests * 100)
+                limit = c * 100 / latency
+                got = []
+                for _ in range(runs):
+                    started = time.perf_counter()
+                    run_batches(
+                        df,
+                        "acme",
+                        "echo",
+                        base_url=url,
+                        api_key=KEY,
+                        max_concurrency=c,
+                        progress=False,
+                    )
+                    got.append(len(df) / (time.perf_counter() - started) / limit)
+                ratios[latency][c] = got
+                bound = " [emulator-bound]" if limit > served else ""
+                lines.append(
+                    f"L={latency * 1000:g} ms, C={c}: achieved/ceiling median "
+                    f"{statistics.median(got):.3f} (min {min(got):.3f}, max {max(got):.3f}), "
+                    f"ceiling {limit:,.0f} rows/s{bound}"
+                )
+    return lines, ratios
+
+
+async def waves(df: pd.DataFrame, url: str, concurrency: int) -> None:
+    """The peer: chunks in waves of ``concurrency``, each wave waiting for its slowest."""
+    records = df.to_dict("records")
+    chunks = [records[i : i + 100] for i in range(0, len(records), 100)]
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as client:
+
+        async def send(chunk: list[dict[str, Any]]) -> None:
+            async with sem:
+                body = json.dumps({"input": chunk})
+                r = await client.post(
+                    "/v1/models/acme/echo/batches",
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                )
+                r.raise_for_status()
+
+        for start in range(0, len(chunks), concurrency):
+            await asyncio.gather(*(send(c) for c in chunks[start : start + concurrency]))
+
+
+def peer(quick: bool, runs: int) -> tuple[list[str], dict[str, list[float]]]:
+    rows = 4_000 if quick else 40_000
+    c, latency, sigma = 8, 0.1, 0.5
+    df = frame(rows)
+    rates: dict[str, list[float]] = {"runflow-frames": [], "waves (gather)": []}
+    with emulator_process("--latency", str(latency), "--jitter", str(sigma)) as url:
+        for _ in range(runs):
+            started = time.perf_counter()
+            run_batches(
+                df, "acme", "echo", base_url=url, api_key=KEY, max_concurrency=c, progress=False
+            )
+            rates["runflow-frames"].append(rows / (time.perf_counter() - started))
+            started = time.perf_counter()
+            asyncio.run(waves(df, url, c))
+            rates["waves (gather)"].append(rows / (time.perf_counter() - started))
+    ours, theirs = (statistics.median(rates[k]) for k in rates)
+    return [
+        f"lognormal latency (median {latency * 1000:g} ms, sigma {sigma}), C={c}, {rows:,} rows: "
+        f"runflow-frames {ours:,.0f} rows/s (min {min(rates['runflow-frames']):,.0f}, max "
+        f"{max(rates['runflow-frames']):,.0f}); waves with gather {theirs:,.0f} rows/s (min "
+        f"{min(rates['waves (gather)']):,.0f}, max {max(rates['waves (gather)']):,.0f}); "
+        f"ratio {ours / theirs:.2f}"
+    ], rates
+
+
+def cpu(quick: bool, runs: int) -> list[str]:
+    from runflow_frames._checkpoint import row_digest
+    from runflow_frames._join import HandleTable, join_handles
+    from runflow_frames._rows import body_suffix, chunk_body, client_refs, encode_rows, item_columns
+
+    lines = []
+    for rows in [20_000] if quick else [100_000, 1_000_000]:
+        df = frame(rows)
+        ours, naive = [], []
+        for _ in range(runs):
+            started = time.process_time()
+            refs = client_refs(df, None)
+            items = encode_rows(df, refs, item_columns(df, None, None))
+            suffix = body_suffix(None, None)
+            bodies = [chunk_body(items[i : i + 100], suffix) for i in range(0, rows, 100)]
+            digests = [row_digest(b) for b in items]  # what a checkpoint adds
+            table = HandleTable()
+            for i in range(0, rows, 100):
+                from runflow_frames._join import Handle
+
+                table.add(
+                    refs[i : i + 100],
+                    [
+                        Handle("b", f"i{j}", f"r{j}", j % 100, "queued")
+                        for j in range(i, min(i + 100, rows))
+                    ],
+                )
+            join_handles(df, refs, table.to_arrow())
+            ours.append((time.process_time() - started) / rows * 1e6)
+            del bodies, digests
+            started = time.process_time()
+            records = df.to_dict("records")
+            for i in range(0, rows, 100):
+                json.dumps(
+                    {
+                        "input": [
+                            {"client_ref": str(i + j), **r}
+                            for j, r in enumerate(records[i : i + 100])
+                        ]
+                    }
+                )
+            naive.append((time.process_time() - started) / rows * 1e6)
+        lines.append(
+            f"client CPU per row, {rows:,} rows: runflow-frames (encode, bodies, digests, join) "
+            f"median {statistics.median(ours):.2f} us (min {min(ours):.2f}, max {max(ours):.2f}); "
+            f"naive to_dict + json.dumps {statistics.median(naive):.2f} us (encode only)"
+        )
+    return lines
+
+
+def chart(
+    ratios: dict[float, dict[int, list[float]]], rates: dict[str, list[float]], out: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for latency, by_c in ratios.items():
+        cs = sorted(by_c)
+        med = [statistics.median(by_c[c]) for c in cs]
+        low = [med[i] - min(by_c[c]) for i, c in enumerate(cs)]
+        high = [max(by_c[c]) - med[i] for i, c in enumerate(cs)]
+        left.errorbar(
+            cs, med, yerr=[low, high], marker="o", capsize=3, label=f"L = {latency * 1000:g} ms"
+        )
+    left.axhline(0.9, color="grey", linestyle="--", linewidth=1, label="target 0.9")
+    left.set_xscale("log", base=2)
+    left.set_ylim(0, 1.1)
+    left.set_xlabel("max_concurrency C")
+    left.set_ylabel("achieved / ceiling (C x 100 / L)")
+    left.set_title("Throughput against Little's law")
+    left.legend()
+    names = list(rates)
+    right.bar(
+        names,
+        [statistics.median(rates[n]) for n in names],
+        yerr=[
+            [statistics.median(rates[n]) - min(rates[n]) for n in names],
+            [max(rates[n]) - statistics.median(rates[n]) for n in names],
+        ],
+        capsize=4,
+    )
+    right.set_ylabel("rows/s")
+    right.set_title("Lognormal latency: pipeline vs waves")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--quick", action="store_true", help="a small, fast version (CI smoke test)"
+    )
+    parser.add_argument("--runs", type=int, default=None)
+    args = parser.parse_args()
+    runs = args.runs or (1 if args.quick else 3)
+    lines, ratios = ceiling(args.quick, runs)
+    peer_lines, rates = peer(args.quick, runs)
+    lines += peer_lines + cpu(args.quick, runs)
+    if args.quick:
+        scratch = Path(tempfile.mkdtemp())
+        chart(ratios, rates, scratch / "suite.png")
+        print("\n".join(lines))
+        print(f"quick run: chart at {scratch / 'suite.png'}; RESULTS.md ({RESULTS}) untouched")
+        return
+    chart(ratios, rates, HERE / "suite.png")
+    append_results(
+        "Benchmark suite (benchmarks/run_all.py); chart: benchmarks/suite.png",
+        "python " + " ".join(sys.argv),
+        lines,
+    )
+
+
+if __name__ == "__main__":
+    main()
