@@ -8,6 +8,9 @@
 3. Client CPU per row (encode, join, checkpoint) at 100,000 and 1,000,000 rows, against the
    naive ``df.to_dict("records")`` + ``json.dumps`` path.
 
+4. Memory, resume and requests per 1,000 rows, resilience and the crash soak: the scripts of the
+   earlier issues, run in turn (``--core-only`` skips them).
+
 Each figure is the median of several runs, with the spread. ``--quick`` runs a small version in
 seconds (CI runs it as a smoke test, writing to a scratch file instead of RESULTS.md).
 
@@ -35,6 +38,15 @@ from runflow_frames import run_batches
 
 HERE = Path(__file__).parent
 KEY = "bench"
+# Part 4: memory, resume, requests per 1,000 rows, resilience, crash soak (their own scripts).
+ONE_COMMAND = [
+    ("bench_submit.py",),
+    ("bench_requests.py",),
+    ("bench_checkpoint.py",),
+    ("bench_files.py",),
+    ("bench_resilience.py",),
+    ("soak_crash.py", "--rows", "20000", "--kills", "60"),
+]
 
 
 def frame(rows: int) -> pd.DataFrame:
@@ -244,6 +256,7 @@ def main() -> None:
         "--quick", action="store_true", help="a small, fast version (CI smoke test)"
     )
     parser.add_argument("--runs", type=int, default=None)
+    parser.add_argument("--core-only", action="store_true", help="skip the scripts of part 4")
     args = parser.parse_args()
     runs = args.runs or (1 if args.quick else 3)
     lines, ratios = ceiling(args.quick, runs)
