@@ -274,6 +274,10 @@ def main() -> None:
         "python " + " ".join(sys.argv),
         lines,
     )
+    if not args.core_only:
+        # 4. The figures of the earlier issues, each script appending its own section.
+        for script, *script_args in ONE_COMMAND:
+            subprocess.run([sys.executable, str(HERE / script), *script_args], check=True)
 
 
 if __name__ == "__main__":
