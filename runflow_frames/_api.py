@@ -21,7 +21,7 @@ from ._frames import to_pandas
 from ._join import Handle, HandleTable, check_no_collision, join_handles
 from ._pipeline import ChunkFailure, Errors, ends_the_job, submit_chunks
 from ._progress import ProgressOption, Reporter
-from ._results import RESULT_COLUMNS
+from ._results import is_result_column
 from ._retry import RetryPolicy
 from ._rows import (
     MAX_CALLBACK_URL_LEN,
@@ -495,20 +495,13 @@ async def aretry_failed(
     again = await arun_batches(inputs, owner, slug, checkpoint=sub, wait=wait, **options)
     again["runflow_attempt"] = attempt
     # The retried rows' old outcome is no longer theirs: clear it, then put in what is new.
-    stale = [c for c in out.columns if _is_outcome(c)]
+    stale = [c for c in out.columns if is_result_column(c)]
     out[stale] = out[stale].mask(pd.Series(failed, index=out.index), None)
     for column in (c for c in again.columns if str(c).startswith("runflow_")):
         if column not in out.columns:
             out[column] = pd.Series(pd.NA, index=out.index, dtype=again[column].dtype)
         out.loc[failed, column] = again[column].to_numpy()
     return out
-
-
-def _is_outcome(column: object) -> bool:
-    """A column collect() fills in."""
-    return isinstance(column, str) and (
-        column in RESULT_COLUMNS or column.startswith("runflow_output.")
-    )
 
 
 def retry_failed(

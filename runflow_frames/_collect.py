@@ -27,6 +27,7 @@ from ._results import (
     decode_outputs,
     encode_outputs,
     finish_columns,
+    is_result_column,
     results_frame,
 )
 from ._retry import RetryPolicy
@@ -135,7 +136,7 @@ async def acollect(
         )
     if max_concurrency < 1 or not 0 < poll_interval[0] <= poll_interval[1]:
         raise InputError("max_concurrency must be >= 1 and poll_interval (initial, max) positive")
-    out = frame.drop(columns=[c for c in frame.columns if _is_result_column(c)])
+    out = frame.drop(columns=[c for c in frame.columns if is_result_column(c)])
     batches = out["runflow_batch_id"]
     handled = batches.notna() & out["runflow_item_id"].notna()
     keys = (batches + "/" + out["runflow_item_id"]).where(handled)
@@ -301,10 +302,6 @@ def collect(
         )
 
     return run_sync(job)
-
-
-def _is_result_column(name: object) -> bool:
-    return isinstance(name, str) and (name in RESULT_COLUMNS or name.startswith("runflow_output."))
 
 
 def _frame_from_checkpoint(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.Series]:

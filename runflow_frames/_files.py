@@ -69,6 +69,14 @@ def _blocks(source: Path, block_rows: int) -> Iterator[pa.Table]:
         yield pa.Table.from_batches(pending).combine_chunks()
 
 
+def _block_frame(table: pa.Table, number: int, block_rows: int) -> pd.DataFrame:
+    """Block ``number`` as pandas, indexed by file position (the keys, unless a key column
+    names them)."""
+    frame: pd.DataFrame = table.to_pandas(types_mapper=pd.ArrowDtype)
+    frame.index = pd.RangeIndex(number * block_rows, number * block_rows + len(frame))
+    return frame
+
+
 def _job_manifest(source: Path, block_rows: int, options: dict[str, Any]) -> dict[str, Any]:
     stat = source.stat()
     return {
@@ -134,11 +142,8 @@ async def arun_batches_file(
                 totals["blocks_skipped"] += 1
                 reporter.advance(table.num_rows)
                 continue
-            frame = table.to_pandas(types_mapper=pd.ArrowDtype)
-            # Keys are file positions unless a key column names them.
-            frame.index = pd.RangeIndex(number * block_rows, number * block_rows + len(frame))
             result = await arun_batches(
-                frame,
+                _block_frame(table, number, block_rows),
                 owner,
                 slug,
                 key=key,
@@ -267,10 +272,14 @@ def plan_file(
         raise InputError(f"{src}: no such file")
     total: Plan | None = None
     for number, table in enumerate(_blocks(src, block_rows)):
-        frame = table.to_pandas(types_mapper=pd.ArrowDtype)
-        frame.index = pd.RangeIndex(number * block_rows, number * block_rows + len(frame))
         plan = plan_job(
-            frame, owner, slug, key=key, columns=columns, chunk_size=chunk_size, metadata=metadata
+            _block_frame(table, number, block_rows),
+            owner,
+            slug,
+            key=key,
+            columns=columns,
+            chunk_size=chunk_size,
+            metadata=metadata,
         )
         if total is None:
             total = plan

@@ -48,6 +48,11 @@ RESULT_COLUMNS: Final = (
 )
 
 
+def is_result_column(name: object) -> bool:
+    """A column collect() fills in (and replaces when it runs again)."""
+    return isinstance(name, str) and (name in RESULT_COLUMNS or name.startswith("runflow_output."))
+
+
 class DeadlineExceeded(RunflowError):  # noqa: N818 - reads as what happened
     """Some batches were still running when ``deadline`` passed.
 
