@@ -162,8 +162,8 @@ def peer(quick: bool, runs: int) -> tuple[list[str], dict[str, list[float]]]:
 
 
 def cpu(quick: bool, runs: int) -> list[str]:
-    from runflow_frames._checkpoint import row_digest
-    from runflow_frames._join import HandleTable, join_handles
+    from runflow_frames._checkpoint import row_digests
+    from runflow_frames._join import Handles, HandleTable, join_handles
     from runflow_frames._rows import body_suffix, chunk_body, client_refs, encode_rows, item_columns
 
     lines = []
@@ -176,18 +176,12 @@ def cpu(quick: bool, runs: int) -> list[str]:
             items = encode_rows(df, refs, item_columns(df, None, None))
             suffix = body_suffix(None, None)
             bodies = [chunk_body(items[i : i + 100], suffix) for i in range(0, rows, 100)]
-            digests = [row_digest(b) for b in items]  # what a checkpoint adds
+            digests = row_digests(items)  # what a checkpoint adds
             table = HandleTable()
             for i in range(0, rows, 100):
-                from runflow_frames._join import Handle
-
-                table.add(
-                    refs[i : i + 100],
-                    [
-                        Handle("b", f"i{j}", f"r{j}", j % 100, "queued")
-                        for j in range(i, min(i + 100, rows))
-                    ],
-                )
+                n = len(refs[i : i + 100])
+                ids = [f"{j}" for j in range(i, i + n)]
+                table.add(refs[i : i + 100], Handles("b", ids, ids, list(range(n)), ["queued"] * n))
             join_handles(df, refs, table.to_arrow())
             ours.append((time.process_time() - started) / rows * 1e6)
             del bodies, digests

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import pandas as pd
 
-from ._checkpoint import Checkpoint, Intent, plan_resume, row_digest
+from ._checkpoint import Checkpoint, Intent, plan_resume, row_digests
 from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient, model_path
 from ._collect import acollect
 from ._errors import APIStatusError, InputError, StaleIntentWarning, SubmissionError
 from ._frames import to_pandas
-from ._join import Handle, HandleTable, check_no_collision, join_handles
+from ._join import Handles, HandleTable, check_no_collision, join_handles
 from ._pipeline import ChunkFailure, Errors, ends_the_job, submit_chunks
 from ._progress import ProgressOption, Reporter
 from ._results import is_result_column
@@ -118,7 +118,8 @@ async def arun_batches(
                     "callback_url": callback_url,
                 },
             )
-            pending, unsent = plan_resume(ckpt.state, refs, items)
+            digests = row_digests(items)
+            pending, unsent = plan_resume(ckpt.state, refs, digests)
             ckpt.check_api_key(client.key_fingerprint(ckpt.job_id), pending=bool(pending))
             _warn_if_stale([intent for intent, _ in pending], max_intent_age)
             job_id, first_number = ckpt.job_id, ckpt.state.next_chunk()
@@ -147,7 +148,7 @@ async def arun_batches(
                 return
             now = time.time()
             ckpt.intend(
-                Intent(c.number, c.key, now, c.refs, tuple(row_digest(items[i]) for i in c.rows))
+                Intent(c.number, c.key, now, c.refs, tuple(digests.take(c.rows).tolist()))
                 for c in group
                 if c.number not in ckpt.state.intents
             )
@@ -164,7 +165,7 @@ async def arun_batches(
             if ckpt is not None and not chunk.resent:
                 ckpt.reject(chunk.number)
 
-        def on_submitted(chunk: Chunk, chunk_handles: list[Handle]) -> None:
+        def on_submitted(chunk: Chunk, chunk_handles: Handles) -> None:
             if ckpt is not None:
                 ckpt.record(chunk.number, chunk_handles)
             else:

@@ -26,7 +26,6 @@ records are keyed by chunk number and loading deduplicates them.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import re
 import struct
@@ -34,6 +33,7 @@ import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -43,11 +43,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import xxhash
 
 from ._errors import CheckpointError
-from ._join import HANDLE_SCHEMA, Handle
+from ._join import HANDLE_SCHEMA, Handles
 
-FORMAT: Final = 1
+FORMAT: Final = 2  # 2: xxh3 row digests (1 had blake2b)
 MANIFEST: Final = "manifest.json"
 LOCK: Final = ".lock"
 _FRAME: Final = struct.Struct("<II")
@@ -95,9 +96,10 @@ _SEGMENT_SCHEMA: Final = pa.schema(
 )
 
 
-def row_digest(item: bytes) -> int:
-    """A 64-bit digest of a row's item bytes: how a resume knows the row did not change."""
-    return int.from_bytes(hashlib.blake2b(item, digest_size=8).digest(), "little", signed=True)
+def row_digests(items: Sequence[bytes]) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """A 64-bit digest (xxh3) of each row's item bytes: how a resume knows a row did not change."""
+    digests = np.fromiter(map(xxhash.xxh3_64_intdigest, items), np.uint64, len(items))
+    return digests.view(np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +125,9 @@ class Done:
     statuses: Sequence[str | None]
 
     @classmethod
-    def of(cls, handles: Sequence[Handle], at: float) -> Done:
-        _, item_ids, run_ids, seqs, statuses = zip(*handles, strict=True)
-        return cls(at, handles[0].batch_id, item_ids, run_ids, seqs, statuses)
+    def of(cls, handles: Handles, at: float) -> Done:
+        h = handles
+        return cls(at, h.batch_id, h.item_ids, h.run_ids, h.sequence_indexes, h.statuses)
 
 
 @dataclass(slots=True)
@@ -156,21 +158,41 @@ class State:
         writes them out)."""
         if not self.done:
             return
-        columns: dict[str, list[Any]] = {name: [] for name in _SEGMENT_SCHEMA.names}
-        for chunk in sorted(self.done):
-            intent, done = self.intents.pop(chunk), self.done.pop(chunk)
-            n = len(intent.refs)
-            columns["client_ref"] += intent.refs
-            columns["batch_id"] += [done.batch_id] * n
-            columns["item_id"] += done.item_ids
-            columns["run_id"] += done.run_ids
-            columns["sequence_index"] += done.sequence_indexes
-            columns["status"] += done.statuses
-            columns["chunk"] += [chunk] * n
-            columns["digest"] += intent.digests
-            columns["intent_at"] += [intent.at] * n
-            columns["submitted_at"] += [done.at] * n
-        table = pa.table(columns, schema=_SEGMENT_SCHEMA)
+        chunks = sorted(self.done)
+        intents = [self.intents.pop(c) for c in chunks]
+        dones = [self.done.pop(c) for c in chunks]
+        sizes = np.array([len(i.refs) for i in intents])
+        rows = int(sizes.sum())
+
+        def per_chunk(values: Sequence[Any]) -> np.ndarray[Any, Any]:
+            return np.repeat(np.array(values), sizes)
+
+        def strings(per_row: Iterable[Sequence[Any]]) -> pa.Array:
+            return pa.array(chain.from_iterable(per_row), type=pa.string(), size=rows)
+
+        batch_ids = pa.DictionaryArray.from_arrays(
+            pa.array(per_chunk(range(len(chunks))), type=pa.int32()),
+            pa.array([d.batch_id for d in dones], type=pa.string()),
+        )
+        table = pa.table(
+            {
+                "client_ref": strings(i.refs for i in intents),
+                "batch_id": batch_ids.cast(pa.string()),
+                "item_id": strings(d.item_ids for d in dones),
+                "run_id": strings(d.run_ids for d in dones),
+                "sequence_index": pa.array(
+                    chain.from_iterable(d.sequence_indexes for d in dones), pa.int64(), size=rows
+                ),
+                "status": strings(d.statuses for d in dones),
+                "chunk": per_chunk(chunks),
+                "digest": np.fromiter(
+                    chain.from_iterable(i.digests for i in intents), np.int64, rows
+                ),
+                "intent_at": per_chunk([i.at for i in intents]),
+                "submitted_at": per_chunk([d.at for d in dones]),
+            },
+            schema=_SEGMENT_SCHEMA,
+        )
         self.segments = pa.concat_tables([self.segments, table])
 
     def submitted(self) -> pa.Table:
@@ -337,9 +359,13 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         manifest = orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint manifest {path} is not valid JSON") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), int):
+        raise CheckpointError(f"{path} is not a runflow-frames checkpoint manifest")
+    if manifest["format"] != FORMAT:
         raise CheckpointError(
-            f"{path} is not a runflow-frames checkpoint manifest (format {FORMAT})"
+            f"checkpoint {directory} has format {manifest['format']}; this version of "
+            f"runflow-frames reads format {FORMAT}. Finish the job with the version that "
+            "started it, or start anew in another directory"
         )
     return manifest
 
@@ -354,7 +380,7 @@ def fingerprint_changes(recorded: Mapping[str, Any], current: Mapping[str, Any])
 
 
 def plan_resume(
-    state: State, refs: Sequence[str], items: Sequence[bytes]
+    state: State, refs: Sequence[str], digests: np.ndarray[Any, np.dtype[np.int64]]
 ) -> tuple[list[tuple[Intent, list[int]]], list[int]]:
     """What a run must still do: the pending intents to re-send (with their rows' positions),
     and the positions of the rows never recorded, in frame order.
@@ -364,7 +390,7 @@ def plan_resume(
     returned handles would not be for these values.
     """
     current = pa.array(refs, type=pa.string())
-    recorded, digests = state.recorded()
+    recorded, was = state.recorded()
     where = pc.index_in(recorded, value_set=current)
     if where.null_count:
         missing = recorded.filter(pc.is_null(where)).to_pylist()
@@ -374,9 +400,9 @@ def plan_resume(
             changes=[f"missing row {r!r}" for r in missing],
         )
     positions = where.to_numpy()
-    now = np.fromiter((row_digest(items[i]) for i in positions.tolist()), np.int64, len(positions))
-    if (now != digests).any():
-        changed = sorted(recorded.filter(pa.array(now != digests)).to_pylist())
+    differs = digests[positions] != was
+    if differs.any():
+        changed = sorted(recorded.filter(pa.array(differs)).to_pylist())
         raise CheckpointError(
             f"{len(changed)} row(s) already recorded for submission have different values now, "
             f"e.g. {changed[:5]}; restore their values, or give changed rows new keys",
@@ -507,7 +533,7 @@ class Checkpoint:
             records.append(_intent_record(intent))
         self._write(records, sync=True)
 
-    def record(self, chunk: int, handles: Sequence[Handle]) -> None:
+    def record(self, chunk: int, handles: Handles) -> None:
         """Record a chunk's handles. Written now, made durable with the next sync: until then
         a crash only means the intent is re-sent and the server replays its batch."""
         done = Done.of(handles, time.time())
@@ -603,7 +629,9 @@ class Checkpoint:
         if not table.num_rows:
             return
         path = self.directory / f"segment-{self._segment_no:06d}.parquet"
-        _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+        # Dictionary pages only where values repeat: for unique ids they cost time and bytes.
+        dictionary = ["batch_id", "status"]
+        _atomic_write(path, lambda tmp: pq.write_table(table, tmp, use_dictionary=dictionary))
         self._segment_no += 1
         self.state.written = self.state.segments.num_rows
 

@@ -6,8 +6,9 @@ A create response must hand back exactly one item per submitted ``client_ref``; 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, Final, NamedTuple
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
 
 import pandas as pd
 import pyarrow as pa
@@ -16,17 +17,19 @@ import pyarrow.compute as pc
 from ._errors import InputError, ProtocolError
 
 
-class Handle(NamedTuple):
-    """What the server gave back for one submitted row."""
+@dataclass(frozen=True, slots=True)
+class Handles:
+    """What the server gave back for one chunk, column by column, in the submitted rows' order
+    (a Python object per row would cost more than everything else done with it)."""
 
     batch_id: str
-    item_id: str
-    run_id: str
-    sequence_index: int | None
-    status: str | None
+    item_ids: list[str]
+    run_ids: list[str]
+    sequence_indexes: list[int | None]
+    statuses: list[str | None]
 
 
-# Output columns, in order: the client_ref sent, then the Handle fields.
+# Output columns, in order: the client_ref sent, then the Handles fields.
 CLIENT_REF_COLUMN: Final = "runflow_client_ref"
 HANDLE_COLUMNS: Final = (
     CLIENT_REF_COLUMN,
@@ -50,8 +53,8 @@ def check_no_collision(columns: Sequence[Hashable]) -> None:
         )
 
 
-def verify_handles(refs: Sequence[str], response: Mapping[str, Any]) -> dict[str, Handle]:
-    """The handles of a create response, keyed by client_ref, checked against ``refs``."""
+def verify_handles(refs: Sequence[str], response: Mapping[str, Any]) -> Handles:
+    """The handles of a create response, checked one to one against ``refs``, in their order."""
     batch_id = response.get("id")
     items = response.get("items")
     if not isinstance(batch_id, str) or not batch_id:
@@ -60,46 +63,51 @@ def verify_handles(refs: Sequence[str], response: Mapping[str, Any]) -> dict[str
         raise ProtocolError(
             f"create response for batch {batch_id} has no items[] list", retryable=False
         )
-    handles: dict[str, Handle] = {}
-    for item in items:
-        if not isinstance(item, dict):
-            raise ProtocolError(
-                f"batch {batch_id}: an item handle is not an object", retryable=False
-            )
-        ref, item_id, run_id = item.get("client_ref"), item.get("id"), item.get("run_id")
-        if not isinstance(ref, str):
-            raise ProtocolError(
-                f"batch {batch_id}: an item handle has no client_ref", retryable=False
-            )
-        if ref in handles:
-            raise ProtocolError(
-                f"batch {batch_id}: client_ref {ref!r} came back twice", retryable=False
-            )
-        if not isinstance(item_id, str) or not isinstance(run_id, str):
-            raise ProtocolError(
-                f"batch {batch_id}: item {ref!r} has no id or run_id", retryable=False
-            )
-        seq = item.get("sequence_index")
-        status = item.get("status_code")
-        handles[ref] = Handle(
-            batch_id,
-            item_id,
-            run_id,
-            seq if isinstance(seq, int) else None,
-            status if isinstance(status, str) else None,
-        )
-    expected = set(refs)
-    if len(expected) != len(refs):
-        raise ProtocolError("a chunk was submitted with repeated client_refs", retryable=False)
-    if handles.keys() != expected:
-        missing = sorted(expected - handles.keys())
-        extra = sorted(handles.keys() - expected)
+    # Column by column with C-speed checks; the first bad item is looked for only on error.
+    if not _all(dict, items):
+        raise ProtocolError(f"batch {batch_id}: an item handle is not an object", retryable=False)
+    got = [item.get("client_ref") for item in items]
+    item_ids = [item.get("id") for item in items]
+    run_ids = [item.get("run_id") for item in items]
+    if not _all(str, got):
+        raise ProtocolError(f"batch {batch_id}: an item handle has no client_ref", retryable=False)
+    if len(set(got)) != len(got):
+        twice = next(r for n, r in enumerate(got) if r in got[:n])
         raise ProtocolError(
-            f"batch {batch_id}: the handles do not match the submitted rows "
-            f"(missing {missing[:5]}, unexpected {extra[:5]})",
-            retryable=False,
+            f"batch {batch_id}: client_ref {twice!r} came back twice", retryable=False
         )
-    return handles
+    if not (_all(str, item_ids) and _all(str, run_ids)):
+        bad = next(
+            r for r, i, u in zip(got, item_ids, run_ids, strict=True) if not _all(str, (i, u))
+        )
+        raise ProtocolError(f"batch {batch_id}: item {bad!r} has no id or run_id", retryable=False)
+    seqs = [item.get("sequence_index") for item in items]
+    statuses = [item.get("status_code") for item in items]
+    if not _all(int, seqs):
+        seqs = [s if type(s) is int else None for s in seqs]
+    if not _all(str, statuses):
+        statuses = [s if type(s) is str else None for s in statuses]
+    if len(set(refs)) != len(refs):
+        raise ProtocolError("a chunk was submitted with repeated client_refs", retryable=False)
+    if got != list(refs):
+        if set(got) != set(refs):
+            missing = sorted(set(refs) - set(got))
+            extra = sorted(set(got) - set(refs))
+            raise ProtocolError(
+                f"batch {batch_id}: the handles do not match the submitted rows "
+                f"(missing {missing[:5]}, unexpected {extra[:5]})",
+                retryable=False,
+            )
+        position = {ref: n for n, ref in enumerate(got)}
+        order = [position[ref] for ref in refs]
+        item_ids, run_ids = [item_ids[n] for n in order], [run_ids[n] for n in order]
+        seqs, statuses = [seqs[n] for n in order], [statuses[n] for n in order]
+    return Handles(batch_id, item_ids, run_ids, seqs, statuses)
+
+
+def _all(kind: type, values: Iterable[object]) -> bool:
+    """Whether every value is exactly of ``kind`` (not a subclass: True is no sequence index)."""
+    return set(map(type, values)) <= {kind}
 
 
 HANDLE_SCHEMA: Final = pa.schema(
@@ -115,7 +123,7 @@ HANDLE_SCHEMA: Final = pa.schema(
 
 
 class HandleTable:
-    """Handles accumulated column by column (a million Handle tuples would cost seconds)."""
+    """Handles of many chunks, accumulated column by column."""
 
     def __init__(self) -> None:
         self.columns: dict[str, list[Any]] = {name: [] for name in HANDLE_SCHEMA.names}
@@ -123,14 +131,14 @@ class HandleTable:
     def __len__(self) -> int:
         return len(self.columns["client_ref"])
 
-    def add(self, refs: Sequence[str], handles: Sequence[Handle]) -> None:
+    def add(self, refs: Sequence[str], handles: Handles) -> None:
         c = self.columns
         c["client_ref"] += refs
-        c["batch_id"] += [h.batch_id for h in handles]
-        c["item_id"] += [h.item_id for h in handles]
-        c["run_id"] += [h.run_id for h in handles]
-        c["sequence_index"] += [h.sequence_index for h in handles]
-        c["status"] += [h.status for h in handles]
+        c["batch_id"] += [handles.batch_id] * len(refs)
+        c["item_id"] += handles.item_ids
+        c["run_id"] += handles.run_ids
+        c["sequence_index"] += handles.sequence_indexes
+        c["status"] += handles.statuses
 
     def to_arrow(self) -> pa.Table:
         return pa.table(self.columns, schema=HANDLE_SCHEMA)

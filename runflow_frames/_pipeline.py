@@ -33,7 +33,7 @@ from ._errors import (
     PermissionDeniedError,
     RequestRejectedError,
 )
-from ._join import Handle, verify_handles
+from ._join import Handles, verify_handles
 from ._retry import RetryPolicy, not_created, retrying, slows_everyone
 from ._rows import Chunk
 
@@ -123,7 +123,7 @@ async def submit_chunks(
     chunks: Iterable[Chunk],
     *,
     max_concurrency: int,
-    on_submitted: Callable[[Chunk, list[Handle]], None],
+    on_submitted: Callable[[Chunk, Handles], None],
     on_failed: Callable[[ChunkFailure], None] | None = None,
     on_unsent: Callable[[Chunk], None] | None = None,
     before_send: Callable[[Sequence[Chunk]], None] | None = None,
@@ -161,7 +161,7 @@ async def submit_chunks(
         nonlocal stopped
         while not stopped and (chunk := take()) is not None:
 
-            async def send(chunk: Chunk = chunk) -> dict[str, Handle]:
+            async def send(chunk: Chunk = chunk) -> Handles:
                 response = await client.create_batch(path, chunk.body, idempotency_key=chunk.key)
                 return verify_handles(chunk.refs, response)
 
@@ -190,7 +190,7 @@ async def submit_chunks(
                 if errors == "raise" or ends_the_job(error):
                     stopped = True
                 continue
-            on_submitted(chunk, [handles[r] for r in chunk.refs])
+            on_submitted(chunk, handles)
 
     async with anyio.create_task_group() as tg:
         for _ in range(max_concurrency):

@@ -360,6 +360,18 @@ def test_a_damaged_segment_or_manifest_is_an_error(tmp_path: Path, emulator: Emu
     assert emulator.accounting().batches_created == 2
 
 
+def test_a_checkpoint_of_another_format_is_refused_before_any_request(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    df = frame(100)
+    run(df, tmp_path, emulator)
+    manifest = orjson.loads((tmp_path / "manifest.json").read_bytes())
+    (tmp_path / "manifest.json").write_bytes(orjson.dumps({**manifest, "format": 1}))
+    with pytest.raises(CheckpointError, match="has format 1; this version .* reads format 2"):
+        run(frame(200), tmp_path, emulator)
+    assert emulator.accounting().batches_created == 1
+
+
 def test_leftover_temporary_files_are_never_read(tmp_path: Path, emulator: Emulator) -> None:
     df = frame(100)
     run(df, tmp_path, emulator)
