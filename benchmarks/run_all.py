@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -86,8 +87,10 @@ def ceiling(quick: bool, runs: int) -> tuple[list[str], dict[float, dict[int, li
         ratios[latency] = {}
         with emulator_process("--latency", str(latency)) as url:
             for c in concurrencies:
-                # Enough requests that the pipeline's fill and drain are a small part of the run.
-                requests = max(2 * c, 8) if quick else max(10 * c, 40)
+                # At least 10 rounds of C requests and 2 s at the ceiling, so that start-up
+                # (encoding, connecting) is a small part of the run; at most 200,000 rows.
+                rounds = max(10, math.ceil(2.0 / latency))
+                requests = max(2 * c, 8) if quick else min(rounds * c, 2_000)
                 df = frame(requests * 100)
                 limit = c * 100 / latency
                 got = []

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import re
+import ssl
 import time
 from collections.abc import Mapping
 from types import TracebackType
@@ -46,6 +47,50 @@ _log = logging.getLogger("runflow_frames")
 # What Runflow's own JS SDK accepts as a key (rf_live_..., rf_svc_...).
 _KEY_CHARS: Final = re.compile(r"[A-Za-z0-9_]+")
 _REQUEST_ID_HEADERS: Final = ("x-request-id", "runflow-request-id", "request-id")
+
+
+class ConnectionPerRequest(httpx.AsyncBaseTransport):
+    """A keep-alive connection for each request in flight, each in a pool of its own.
+
+    httpcore 1.0's pool rescans every connection, and every pair of connections, each time a
+    request starts or ends (encode/httpcore#1035, unfixed in 1.0.9): at 64 connections that
+    bookkeeping took most of the client's CPU and throughput fell below what 32 gave. A pool of
+    one connection makes that O(1). Pools are reused last in, first out (the warmest
+    connection first); there are as many as requests were ever in flight at once.
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[str, list[httpx.AsyncHTTPTransport]] = {}
+        self._pools: list[httpx.AsyncHTTPTransport] = []
+        self._tls: ssl.SSLContext | None = None
+
+    def _new_pool(self, scheme: str) -> httpx.AsyncHTTPTransport:
+        if scheme == "https":
+            # One verified context for all pools (loading the CA bundle costs ~20 ms).
+            self._tls = self._tls or httpx.create_ssl_context()
+            tls = self._tls
+        else:
+            # Plain HTTP (the emulator) needs none; this one, with no CA, verifies nothing.
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        pool = httpx.AsyncHTTPTransport(verify=tls, limits=httpx.Limits(max_connections=1))
+        self._pools.append(pool)
+        return pool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        scheme = request.url.scheme
+        idle = self._idle.setdefault(scheme, [])
+        pool = idle.pop() if idle else self._new_pool(scheme)
+        try:
+            response = await pool.handle_async_request(request)
+            # Our bodies are small JSON: read it here, so the pool is free once it is idle.
+            await response.aread()
+        finally:
+            idle.append(pool)
+        return response
+
+    async def aclose(self) -> None:
+        for pool in self._pools:
+            await pool.aclose()
 
 
 def model_path(owner: str, slug: str) -> str:
@@ -157,9 +202,8 @@ class AsyncRunflowClient:
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, DEFAULT_CONNECT_TIMEOUT)),
-            transport=self._transport,
-            # One pool for the whole job; the pipeline, not httpx, bounds concurrency.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            # The pipeline, not httpx, bounds concurrency.
+            transport=self._transport or ConnectionPerRequest(),
         )
         return self
 

@@ -64,6 +64,9 @@ def create_app(emulator: Emulator) -> Starlette:
         if segments[-1] != "batches" or len(model) < 2 or any("/" in m for m in model):
             return _error(404, "NOT_FOUND", f"no route {request.url.path}")
         emulator.create_started()
+        # The service time runs from arrival to the answer, our own processing included, so
+        # that C requests in flight make at most C / L answers a second (Little's law).
+        answer_at = anyio.current_time() + emulator.timing.service_time(latency_rng)
         try:
             try:
                 body = await request.body()
@@ -71,11 +74,13 @@ def create_app(emulator: Emulator) -> Starlette:
                 # The client went away mid-body (killed, say): nothing was created; 499 is
                 # what the access log shows, the client never sees it.
                 return _error(499, "CLIENT_CLOSED_REQUEST", "client disconnected")
-            if emulator.timing.create_latency > 0:
-                await anyio.sleep(emulator.timing.service_time(latency_rng))
-            return emulator.create_batch(
+            answer = emulator.create_batch(
                 token, "/".join(model), body, request.headers.get("idempotency-key")
             )
+            wait = answer_at - anyio.current_time()
+            if wait > 0:
+                await anyio.sleep(wait)
+            return answer
         finally:
             emulator.create_finished()
 

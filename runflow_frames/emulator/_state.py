@@ -676,16 +676,12 @@ class Emulator:
         return view
 
     def _uuid7(self, now: float) -> str:
-        ms = int(now * 1000) & ((1 << 48) - 1)
-        rand = self._rng.getrandbits(74)
-        value = (
-            (ms << 80)
-            | (0x7 << 76)
-            | ((rand >> 62) << 64)
-            | (0b10 << 62)
-            | (rand & ((1 << 62) - 1))
-        )
-        return str(uuid.UUID(int=value))
+        """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, version 7, 12 random bits, the
+        variant, 62 random bits. Formatted by hand: uuid.UUID cost half of a create."""
+        ms = f"{int(now * 1000) & ((1 << 48) - 1):012x}"
+        r = f"{self._rng.getrandbits(76):019x}"
+        variant = "89ab"[int(r[3], 16) & 3]
+        return f"{ms[:8]}-{ms[8:]}-7{r[:3]}-{variant}{r[4:7]}-{r[7:]}"
 
 
 def _validate_create(data: Any) -> list[dict[str, Any]]:
