@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Literal
+from typing import Final, Literal
 
 import anyio
 
@@ -31,6 +31,7 @@ from ._errors import (
     AuthenticationError,
     InsufficientCreditError,
     PermissionDeniedError,
+    RateLimitError,
     RequestRejectedError,
 )
 from ._join import Handles, verify_handles
@@ -38,6 +39,7 @@ from ._retry import RetryPolicy, not_created, retrying, slows_everyone
 from ._rows import Chunk
 
 Errors = Literal["raise", "keep"]
+Outcome = Literal["ok", "rate_limited", "overloaded", "failed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +74,26 @@ def ends_the_job(error: APIError) -> bool:
 
 
 class Throttle:
-    """Admission for every try of every request: a shared, adaptive concurrency limit."""
+    """Admission for every try of every request: a shared, adaptive limit on concurrency and,
+    once the server has rate-limited us, on rate.
+
+    Concurrency: at most ``limit`` requests in flight; a 429 or 503 episode halves ``limit``,
+    each success adds ``1 / limit`` (AIMD, as TCP does), never above ``max_concurrency``.
+
+    Rate: a 429 says we send too fast, whatever our concurrency. The first 429 of an episode
+    sets ``rate`` (admissions per second) to ``RATE_CUT`` times the smaller of the current rate
+    and the success rate measured over the last ``RATE_WINDOW`` seconds; each success then adds
+    ``RATE_GROWTH`` (a slow probe upward: 2% per second at any rate), so against a server limit
+    the rate settles just under it and a 429 comes once per probe, not once per request.
+    Admissions are spaced ``1 / rate`` apart, without bursts. A 503 (overload) cuts only
+    concurrency: a measured rate says nothing about an overloaded server.
+
+    Both pause every sender for the wait the server called for (``paused_until``).
+    """
+
+    RATE_WINDOW: Final = 2.0
+    RATE_CUT: Final = 0.8
+    RATE_GROWTH: Final = 0.02
 
     def __init__(
         self,
@@ -83,9 +104,12 @@ class Throttle:
     ) -> None:
         self.max = max_concurrency
         self.limit = float(max_concurrency)
+        self.rate: float | None = None  # no rate limit until the server asks for one
         self.in_flight = 0
         self.paused_until = -math.inf
         self.strikes = 0  # slow-down episodes since the last success
+        self._next_at = -math.inf  # the earliest next admission under ``rate``
+        self._successes: deque[float] = deque()  # times of the successes in the window
         self._clock = clock
         self._sleep = sleep
         self._changed = anyio.Event()
@@ -96,25 +120,59 @@ class Throttle:
             if now < self.paused_until:
                 await self._sleep(self.paused_until - now)
                 continue
+            if now < self._next_at:
+                await self._sleep(self._next_at - now)
+                continue
             if self.in_flight < int(self.limit):
                 self.in_flight += 1
+                if self.rate is not None:
+                    self._next_at = max(now, self._next_at) + 1 / self.rate
                 return
             await self._changed.wait()
 
     def release(self, error: APIError | None, wait: float | None = None) -> None:
-        self.in_flight -= 1
         if error is None:
+            self.settle("ok")
+        else:
+            kind: Outcome = (
+                "rate_limited"
+                if isinstance(error, RateLimitError)
+                else "overloaded"
+                if slows_everyone(error)
+                else "failed"
+            )
+            self.settle(kind, wait)
+
+    def settle(self, outcome: Outcome, wait: float | None = None) -> None:
+        """``release`` by kind of outcome (what a throttle in another process is sent)."""
+        self.in_flight -= 1
+        now = self._clock()
+        if outcome == "ok":
             self.limit = min(float(self.max), self.limit + 1 / self.limit)
             self.strikes = 0
-        elif slows_everyone(error):
-            now = self._clock()
+            self._successes.append(now)
+            while self._successes[0] < now - self.RATE_WINDOW:
+                self._successes.popleft()
+            if self.rate is not None:
+                self.rate += self.RATE_GROWTH
+        elif outcome in ("rate_limited", "overloaded"):
             if now >= self.paused_until:  # the first 429 of an episode cuts; the rest echo it
                 self.limit = max(1.0, self.limit / 2)
                 self.strikes += 1
+                if outcome == "rate_limited":
+                    self._cut_rate(now)
             if wait is not None:
                 self.paused_until = max(self.paused_until, now + wait)
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
+
+    def _cut_rate(self, now: float) -> None:
+        times = [t for t in self._successes if t >= now - self.RATE_WINDOW]
+        rates = [] if self.rate is None else [self.rate]
+        if len(times) >= 2 and times[-1] > times[0]:
+            rates.append((len(times) - 1) / (times[-1] - times[0]))
+        if rates:  # else too few successes to measure: the pause alone must do
+            self.rate = max(min(rates) * self.RATE_CUT, 1 / self.RATE_WINDOW)
 
 
 async def submit_chunks(

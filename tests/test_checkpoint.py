@@ -367,7 +367,7 @@ def test_a_checkpoint_of_another_format_is_refused_before_any_request(
     run(df, tmp_path, emulator)
     manifest = orjson.loads((tmp_path / "manifest.json").read_bytes())
     (tmp_path / "manifest.json").write_bytes(orjson.dumps({**manifest, "format": 1}))
-    with pytest.raises(CheckpointError, match="has format 1; this version .* reads format 2"):
+    with pytest.raises(CheckpointError, match=r"has format 1; this version .* reads format 2"):
         run(frame(200), tmp_path, emulator)
     assert emulator.accounting().batches_created == 1
 

@@ -243,6 +243,55 @@ def test_the_throttle_admits_no_more_than_its_limit() -> None:
     assert len(admitted) == 12
 
 
+def test_a_429_sets_a_rate_under_the_measured_one_which_then_creeps_up() -> None:
+    time = FakeTime()
+    throttle = Throttle(4, clock=time.clock, sleep=time.sleep)
+
+    async def main() -> None:
+        # 21 successes 0.05 s apart: 20 requests/s measured, with no rate limit yet.
+        for _ in range(21):
+            await throttle.acquire()
+            throttle.release(None)
+            time.now += 0.05
+        assert throttle.rate is None
+        assert time.sleeps == []
+        await throttle.acquire()
+        throttle.release(status(RateLimitError, 429), wait=1.0)
+        assert throttle.rate == pytest.approx(16.0)  # 0.8 x 20/s
+        # After the pause, admissions are spaced 1/16 s apart, without a burst.
+        time.sleeps.clear()
+        for _ in range(3):
+            await throttle.acquire()
+            throttle.release(None)
+        assert time.sleeps == pytest.approx([1.0, 1 / 16, 1 / 16.02])
+        # Each success adds 0.02/s: a slow probe back towards the limit.
+        assert throttle.rate == pytest.approx(16.06)
+        # A second episode cuts from the current rate when that is below what was measured.
+        time.now += 10
+        await throttle.acquire()
+        throttle.release(status(RateLimitError, 429), wait=0.5)
+        assert throttle.rate == pytest.approx(16.06 * 0.8)
+
+    anyio.run(main)
+
+
+def test_a_503_cuts_concurrency_but_sets_no_rate() -> None:
+    time = FakeTime()
+    throttle = Throttle(4, clock=time.clock, sleep=time.sleep)
+
+    async def main() -> None:
+        for _ in range(10):
+            await throttle.acquire()
+            throttle.release(None)
+            time.now += 0.1
+        await throttle.acquire()
+        throttle.release(status(ServerError, 503), wait=1.0)
+        assert throttle.limit == 2.0
+        assert throttle.rate is None
+
+    anyio.run(main)
+
+
 def test_other_errors_neither_cut_nor_pause() -> None:
     time = FakeTime()
     throttle = Throttle(4, clock=time.clock, sleep=time.sleep)
@@ -466,8 +515,12 @@ def test_a_shared_pause_grows_with_episodes_not_with_one_requests_retries() -> N
     assert anyio.run(main) == "ok"
     rng = random.Random(3)
     # Each pause drew from [0, 1 s] (a first episode each time), not from the [0, 8 s] that this
-    # request's fourth retry would allow.
-    assert time.sleeps == pytest.approx([rng.uniform(0, 1.0) for _ in range(4)])
+    # request's fourth retry would allow. (A fifth, short sleep spaces the last try under the
+    # rate those 429s set.)
+    assert time.sleeps[:4] == pytest.approx([rng.uniform(0, 1.0) for _ in range(4)])
+    assert len(time.sleeps) == 5
+    assert throttle.rate is not None
+    assert time.sleeps[4] <= 1 / throttle.rate
     assert throttle.strikes == 0
 
     time = FakeTime()
