@@ -19,6 +19,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from itertools import islice
 from typing import Final, Literal
@@ -35,7 +36,7 @@ from ._errors import (
     RequestRejectedError,
 )
 from ._join import Handles, verify_handles
-from ._retry import RetryPolicy, not_created, retrying, slows_everyone
+from ._retry import Gate, RetryPolicy, not_created, retrying, slows_everyone
 from ._rows import Chunk
 
 Errors = Literal["raise", "keep"]
@@ -71,6 +72,15 @@ def ends_the_job(error: APIError) -> bool:
     return isinstance(error, RequestRejectedError) and (
         error.code in ("MODEL_NOT_FOUND", "MODEL_NOT_BATCH_CAPABLE") or error.status_code == 404
     )
+
+
+def outcome_of(error: APIError | None) -> Outcome:
+    """What a throttle needs to know of how a try went."""
+    if error is None:
+        return "ok"
+    if isinstance(error, RateLimitError):
+        return "rate_limited"
+    return "overloaded" if slows_everyone(error) else "failed"
 
 
 class Throttle:
@@ -131,17 +141,7 @@ class Throttle:
             await self._changed.wait()
 
     def release(self, error: APIError | None, wait: float | None = None) -> None:
-        if error is None:
-            self.settle("ok")
-        else:
-            kind: Outcome = (
-                "rate_limited"
-                if isinstance(error, RateLimitError)
-                else "overloaded"
-                if slows_everyone(error)
-                else "failed"
-            )
-            self.settle(kind, wait)
+        self.settle(outcome_of(error), wait)
 
     def settle(self, outcome: Outcome, wait: float | None = None) -> None:
         """``release`` by kind of outcome (what a throttle in another process is sent)."""
@@ -175,6 +175,19 @@ class Throttle:
             self.rate = max(min(rates) * self.RATE_CUT, 1 / self.RATE_WINDOW)
 
 
+# The gate every request made in this context passes instead of a job's own Throttle: set to a
+# cluster-wide one (``_cluster.ClusterGate``) while a Dask task runs a partition.
+SHARED_GATE: ContextVar[Gate | None] = ContextVar("runflow_frames_shared_gate", default=None)
+
+
+def job_gate(max_concurrency: int) -> Gate:
+    """The context's shared gate, else a Throttle of the job's own."""
+    shared = SHARED_GATE.get()
+    if shared is not None:
+        return shared
+    return Throttle(max_concurrency, clock=anyio.current_time, sleep=anyio.sleep)
+
+
 async def submit_chunks(
     client: AsyncRunflowClient,
     path: str,
@@ -200,7 +213,7 @@ async def submit_chunks(
     """
     policy = policy or RetryPolicy()
     rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
-    throttle = Throttle(max_concurrency, clock=anyio.current_time, sleep=anyio.sleep)
+    throttle = job_gate(max_concurrency)
     source = iter(chunks)
     ready: deque[Chunk] = deque()
     failures: list[ChunkFailure] = []

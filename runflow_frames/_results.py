@@ -23,7 +23,7 @@ import pandas as pd
 
 from ._client import AsyncRunflowClient
 from ._errors import APIError, ProtocolError, RunflowError
-from ._pipeline import Throttle
+from ._pipeline import job_gate
 from ._retry import RetryPolicy, retrying
 
 # Statuses that end a batch or an item. Both spellings of cancelled occur (Part B5 of the
@@ -155,7 +155,7 @@ async def collect_items(
     a ProtocolError, never a silently short result.
     """
     pending = list(dict.fromkeys(batch_ids))
-    throttle = Throttle(poll.max_concurrency, clock=anyio.current_time, sleep=anyio.sleep)
+    throttle = job_gate(poll.max_concurrency)
     rng = random.Random()  # noqa: S311 - jitter, not secrets
     started = time.monotonic()
     interval = poll.initial
