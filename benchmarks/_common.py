@@ -24,8 +24,9 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
-def spread(values: Sequence[float]) -> str:
-    return f"median {statistics.median(values):,.0f} (min {min(values):,.0f}, max {max(values):,.0f}, n={len(values)})"
+def spread(values: Sequence[float], fmt: str = ",.0f") -> str:
+    low, mid, high = (format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
+    return f"median {mid} (min {low}, max {high}, n={len(values)})"
 
 
 def append_results(title: str, command: str, lines: Sequence[str]) -> None:

@@ -8,8 +8,9 @@
 3. Client CPU per row (encode, join, checkpoint) at 100,000 and 1,000,000 rows, against the
    naive ``df.to_dict("records")`` + ``json.dumps`` path.
 
-4. Memory, resume and requests per 1,000 rows, resilience and the crash soak: the scripts of the
-   earlier issues, run in turn (``--core-only`` skips them).
+4. Memory, resume and requests per 1,000 rows, resilience, a Dask cluster against a rate limit
+   and the crash soak: the scripts of the earlier issues, run in turn (``--core-only`` skips
+   them).
 
 Each figure is the median of several runs, with the spread. ``--quick`` runs a small version in
 seconds (CI runs it as a smoke test, writing to a scratch file instead of RESULTS.md).
@@ -47,6 +48,7 @@ ONE_COMMAND = [
     ("bench_checkpoint.py",),
     ("bench_files.py",),
     ("bench_resilience.py",),
+    ("bench_dask.py",),
     ("soak_crash.py", "--rows", "20000", "--kills", "60"),
 ]
 
