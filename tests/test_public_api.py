@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import runflow_frames
+import runflow_frames.dask
 import runflow_frames.emulator
 
 
@@ -52,6 +53,7 @@ def test_public_names() -> None:
         assert getattr(runflow_frames, name) is not None
     for name in runflow_frames.emulator.__all__:
         assert getattr(runflow_frames.emulator, name) is not None
+    assert sorted(runflow_frames.dask.__all__) == ["collect", "partition_checkpoint", "run_batches"]
 
 
 def test_every_error_is_a_runflow_error() -> None:
@@ -64,9 +66,13 @@ def test_every_error_is_a_runflow_error() -> None:
 
 def test_import_needs_no_server_extra() -> None:
     # Importing the library must not import the emulator's server (an optional extra).
-    code = "import runflow_frames, sys; print('starlette' in sys.modules, 'uvicorn' in sys.modules)"
+    # Nor dask (another optional extra).
+    code = (
+        "import runflow_frames, sys; "
+        "print(*(m in sys.modules for m in ('starlette', 'uvicorn', 'dask', 'distributed')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False"] * 4
 
 
 def test_console_script_runs_the_demo() -> None:
