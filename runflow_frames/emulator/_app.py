@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
 
 import anyio
+import anyio.lowlevel
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,6 +29,17 @@ def _respond(answer: Answer) -> Response:
         media_type="application/json",
         headers=answer.headers,
     )
+
+
+async def _sleep_until(deadline: float) -> None:
+    """Sleep until ``deadline`` (event-loop time), to well under a millisecond: the loop's
+    timers wake up to a millisecond late (epoll rounds its timeout up), which at a 20 ms
+    service time would be a 4% slower server than the one asked for."""
+    early = deadline - anyio.current_time() - 0.0015
+    if early > 0:
+        await anyio.sleep(early)
+    while anyio.current_time() < deadline:
+        await anyio.lowlevel.checkpoint()
 
 
 def create_app(emulator: Emulator) -> Starlette:
@@ -77,9 +89,7 @@ def create_app(emulator: Emulator) -> Starlette:
             answer = emulator.create_batch(
                 token, "/".join(model), body, request.headers.get("idempotency-key")
             )
-            wait = answer_at - anyio.current_time()
-            if wait > 0:
-                await anyio.sleep(wait)
+            await _sleep_until(answer_at)
             return answer
         finally:
             emulator.create_finished()
