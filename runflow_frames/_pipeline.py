@@ -102,7 +102,7 @@ class Throttle:
     """
 
     RATE_WINDOW: Final = 2.0
-    RATE_CUT: Final = 0.8
+    RATE_CUT: Final = 0.9
     RATE_GROWTH: Final = 0.02
 
     def __init__(

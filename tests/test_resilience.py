@@ -257,20 +257,20 @@ def test_a_429_sets_a_rate_under_the_measured_one_which_then_creeps_up() -> None
         assert time.sleeps == []
         await throttle.acquire()
         throttle.release(status(RateLimitError, 429), wait=1.0)
-        assert throttle.rate == pytest.approx(16.0)  # 0.8 x 20/s
-        # After the pause, admissions are spaced 1/16 s apart, without a burst.
+        assert throttle.rate == pytest.approx(18.0)  # 0.9 x 20/s
+        # After the pause, admissions are spaced 1/18 s apart, without a burst.
         time.sleeps.clear()
         for _ in range(3):
             await throttle.acquire()
             throttle.release(None)
-        assert time.sleeps == pytest.approx([1.0, 1 / 16, 1 / 16.02])
+        assert time.sleeps == pytest.approx([1.0, 1 / 18, 1 / 18.02])
         # Each success adds 0.02/s: a slow probe back towards the limit.
-        assert throttle.rate == pytest.approx(16.06)
+        assert throttle.rate == pytest.approx(18.06)
         # A second episode cuts from the current rate when that is below what was measured.
         time.now += 10
         await throttle.acquire()
         throttle.release(status(RateLimitError, 429), wait=0.5)
-        assert throttle.rate == pytest.approx(16.06 * 0.8)
+        assert throttle.rate == pytest.approx(18.06 * 0.9)
 
     anyio.run(main)
 
@@ -515,12 +515,11 @@ def test_a_shared_pause_grows_with_episodes_not_with_one_requests_retries() -> N
     assert anyio.run(main) == "ok"
     rng = random.Random(3)
     # Each pause drew from [0, 1 s] (a first episode each time), not from the [0, 8 s] that this
-    # request's fourth retry would allow. (A fifth, short sleep spaces the last try under the
+    # request's fourth retry would allow. (Any later sleep only spaces the last try under the
     # rate those 429s set.)
     assert time.sleeps[:4] == pytest.approx([rng.uniform(0, 1.0) for _ in range(4)])
-    assert len(time.sleeps) == 5
     assert throttle.rate is not None
-    assert time.sleeps[4] <= 1 / throttle.rate
+    assert all(wait <= 1 / throttle.rate for wait in time.sleeps[4:])
     assert throttle.strikes == 0
 
     time = FakeTime()
