@@ -76,6 +76,69 @@ def capacity(quick: bool) -> float:
         return len(df) / (time.perf_counter() - started)
 
 
+async def _bare_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A create answered with the least work: echo one handle per submitted client_ref."""
+    import orjson
+
+    while True:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        body = orjson.loads(await reader.readexactly(length))
+        items = [
+            {
+                "id": f"i{n}",
+                "run_id": f"r{n}",
+                "sequence_index": n,
+                "client_ref": item["client_ref"],
+            }
+            for n, item in enumerate(body["input"])
+        ]
+        answer = orjson.dumps({"id": "b", "items": items})
+        writer.write(
+            b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
+        )
+        await writer.drain()
+
+
+def _bare_server(port: Any) -> None:
+    async def main() -> None:
+        server = await asyncio.start_server(_bare_handler, "127.0.0.1", 0)
+        port.value = server.sockets[0].getsockname()[1]
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def bare_round_trip(quick: bool) -> float:
+    """Seconds per create, one at a time, against a bare asyncio server (its own process) that
+    only echoes handles: the client's own share of every round trip."""
+    import multiprocessing
+
+    requests = 50 if quick else 300
+    df = frame(requests * 100)
+    port = multiprocessing.Value("i", 0)
+    server = multiprocessing.Process(target=_bare_server, args=(port,), daemon=True)
+    server.start()
+    try:
+        while not port.value:
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{port.value}"
+        started = time.perf_counter()
+        run_batches(
+            df, "acme", "echo", base_url=url, api_key=KEY, max_concurrency=1, progress=False
+        )
+        return (time.perf_counter() - started) / requests
+    finally:
+        server.kill()
+
+
 def round_trip(quick: bool) -> float:
     """Seconds per create with no service latency, one at a time: what the client's and the
     emulator's HTTP stacks and the emulator's own processing add to every request."""
@@ -96,6 +159,7 @@ def ceiling(quick: bool, runs: int) -> tuple[list[str], Ratios, set[tuple[float,
     served = capacity(quick)
     per_create = 100 / served  # seconds of emulator CPU per create, processed one at a time
     trip = round_trip(quick)
+    bare = bare_round_trip(quick)
     latencies = [0.02, 0.1] if quick else [0.02, 0.1, 0.5]
     concurrencies = [1, 4, 16] if quick else [1, 2, 4, 8, 16, 32, 64]
     ratios: Ratios = {}
@@ -106,9 +170,12 @@ def ceiling(quick: bool, runs: int) -> tuple[list[str], Ratios, set[tuple[float,
         "marked [emulator-bound] when its ceiling is above that, or when a round of C creates "
         "arriving together queues for more than a tenth of L behind each other's processing "
         "(C x that > L / 10)",
-        f"round trip with no service latency, C=1: {trip * 1000:.2f} ms per create (both HTTP "
-        "stacks, the emulator's processing, the client's): at L=20 ms that alone is "
-        f"{trip / 0.02:.0%} of L",
+        f"round trip with no service latency, C=1: {trip * 1000:.2f} ms per create; of which "
+        f"the client's own {bare * 1000:.2f} ms (the same job against a bare asyncio server "
+        f"that only echoes handles), the emulator's processing {per_create * 1000:.2f} ms "
+        "(inside L once L is longer) and its HTTP stack (uvicorn, Starlette) the other "
+        f"{(trip - bare - per_create) * 1000:.2f} ms: at L=20 ms, C=1 the two stacks alone "
+        f"cost {(trip - per_create) / 0.02:.0%} of L",
     ]
     for latency in latencies:
         ratios[latency] = {}
