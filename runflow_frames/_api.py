@@ -11,6 +11,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
+import anyio
 import pandas as pd
 
 from ._checkpoint import Checkpoint, Intent, plan_resume, row_digests
@@ -143,7 +144,7 @@ async def arun_batches(
                     f"rff-{job_id}-{number}",
                 )
 
-        def before_send(group: Sequence[Chunk]) -> None:
+        async def before_send(group: Sequence[Chunk]) -> None:
             if ckpt is None:
                 return
             now = time.time()
@@ -152,6 +153,9 @@ async def arun_batches(
                 for c in group
                 if c.number not in ckpt.state.intents
             )
+            # Durable before any of them is sent; the fsync waits in a thread, so answers to
+            # the requests in flight are handled meanwhile.
+            await anyio.to_thread.run_sync(ckpt.sync)
 
         def on_failed(failure: ChunkFailure) -> None:
             # A refused chunk created nothing: its rows go back to unsent, so a resume sends

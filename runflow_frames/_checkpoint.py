@@ -526,12 +526,19 @@ class Checkpoint:
             _fsync_dir(self.directory)
 
     def intend(self, intents: Iterable[Intent]) -> None:
-        """Record intents durably; returns once they are on disk (so their POSTs may go)."""
+        """Record intents; they are durable once :meth:`sync` returns (then their POSTs may
+        go)."""
         records = []
         for intent in intents:
             self.state.intents[intent.chunk] = intent
             records.append(_intent_record(intent))
-        self._write(records, sync=True)
+        self._write(records, sync=False)
+
+    def sync(self) -> None:
+        """Make everything written so far durable (fsync the journal); safe in a thread."""
+        if self._fd is None:
+            raise RuntimeError("Checkpoint.start() first")
+        os.fsync(self._fd)
 
     def record(self, chunk: int, handles: Handles) -> None:
         """Record a chunk's handles. Written now, made durable with the next sync: until then

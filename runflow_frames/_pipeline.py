@@ -10,7 +10,8 @@ wait it called for has passed.
 
 Chunks leave the source in groups: ``before_send`` sees each group before any of its chunks is
 handed to a worker, which is where the checkpoint makes their intents durable (one fsync per
-group, not per chunk).
+group, not per chunk). The next group is prepared in a task of its own while half of the
+current one is still waiting, so workers do not stall on it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from itertools import islice
 from typing import Final, Literal
 
 import anyio
+import anyio.abc
 
 from ._client import AsyncRunflowClient
 from ._errors import (
@@ -197,7 +199,7 @@ async def submit_chunks(
     on_submitted: Callable[[Chunk, Handles], None],
     on_failed: Callable[[ChunkFailure], None] | None = None,
     on_unsent: Callable[[Chunk], None] | None = None,
-    before_send: Callable[[Sequence[Chunk]], None] | None = None,
+    before_send: Callable[[Sequence[Chunk]], Awaitable[None]] | None = None,
     group: int = 1,
     errors: Errors = "raise",
     policy: RetryPolicy | None = None,
@@ -219,18 +221,39 @@ async def submit_chunks(
     failures: list[ChunkFailure] = []
     stopped = False
 
-    def take() -> Chunk | None:
-        # Synchronous from start to end: tasks switch only at awaits, so workers never race here.
-        if not ready:
-            batch = list(islice(source, group))
-            if batch and before_send is not None:
-                before_send(batch)
-            ready.extend(batch)
-        return ready.popleft() if ready else None
+    exhausted = refilling = False
+    refilled = anyio.Event()
 
-    async def worker() -> None:
+    async def refill() -> None:
+        # The next group, made ready only once before_send has returned (its intents durable).
+        nonlocal exhausted, refilling, refilled
+        batch = list(islice(source, group))
+        if batch and before_send is not None:
+            await before_send(batch)
+        ready.extend(batch)
+        exhausted = len(batch) < group
+        refilling = False
+        refilled.set()
+        refilled = anyio.Event()
+
+    async def take(tg: anyio.abc.TaskGroup) -> Chunk | None:
+        nonlocal refilling
+        while not stopped:
+            # Refill ahead, in its own task, while half a group is still ready: no worker
+            # waits for the next group's intents to be written.
+            if not (refilling or exhausted or stopped) and len(ready) <= group // 2:
+                refilling = True
+                tg.start_soon(refill)
+            if ready:
+                return ready.popleft()
+            if exhausted and not refilling:
+                return None
+            await refilled.wait()
+        return None
+
+    async def worker(tg: anyio.abc.TaskGroup) -> None:
         nonlocal stopped
-        while not stopped and (chunk := take()) is not None:
+        while not stopped and (chunk := await take(tg)) is not None:
 
             async def send(chunk: Chunk = chunk) -> Handles:
                 response = await client.create_batch(path, chunk.body, idempotency_key=chunk.key)
@@ -265,7 +288,7 @@ async def submit_chunks(
 
     async with anyio.create_task_group() as tg:
         for _ in range(max_concurrency):
-            tg.start_soon(worker)
+            tg.start_soon(worker, tg)
     # Chunks taken ahead (their intents written) that no worker sent before the job stopped.
     while ready and on_unsent is not None:
         on_unsent(ready.popleft())
