@@ -33,7 +33,6 @@ import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -96,6 +95,10 @@ _SEGMENT_SCHEMA: Final = pa.schema(
 )
 
 
+def _columns() -> dict[str, list[Any]]:
+    return {name: [] for name in _SEGMENT_SCHEMA.names}
+
+
 def row_digests(items: Sequence[bytes]) -> np.ndarray[Any, np.dtype[np.int64]]:
     """A 64-bit digest (xxh3) of each row's item bytes: how a resume knows a row did not change."""
     digests = np.fromiter(map(xxhash.xxh3_64_intdigest, items), np.uint64, len(items))
@@ -113,87 +116,62 @@ class Intent:
     digests: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Done:
-    """A chunk's answer, column by column (the handles in the intent's row order)."""
-
-    at: float
-    batch_id: str
-    item_ids: Sequence[str]
-    run_ids: Sequence[str]
-    sequence_indexes: Sequence[int | None]
-    statuses: Sequence[str | None]
-
-    @classmethod
-    def of(cls, handles: Handles, at: float) -> Done:
-        h = handles
-        return cls(at, h.batch_id, h.item_ids, h.run_ids, h.sequence_indexes, h.statuses)
-
-
 @dataclass(slots=True)
 class State:
     """Everything a checkpoint records.
 
-    Submitted rows are columnar (``segments``: one row each, whether read from segment files,
-    from journals, or answered in this run); only chunks not in it yet are Python objects, keyed
-    by chunk number, which also deduplicates records written twice.
+    Submitted rows are columnar: ``segments`` (one row each, from segment files or absorbed),
+    and ``answered``, rows answered since, accumulated column by column as their chunks are
+    answered (a chunk's Python objects would otherwise live until the end of the run, and
+    their number alone made the garbage collector scan the whole heap). Only chunks without
+    an answer are Python objects (``intents``), keyed by chunk number, which also
+    deduplicates records written twice.
     """
 
     segments: pa.Table = field(default_factory=lambda: _SEGMENT_SCHEMA.empty_table())
     written: int = 0  # leading rows of ``segments`` that are already in segment files
-    intents: dict[int, Intent] = field(default_factory=dict)
-    done: dict[int, Done] = field(default_factory=dict)
+    intents: dict[int, Intent] = field(default_factory=dict)  # chunks without an answer
+    answered: dict[str, list[Any]] = field(default_factory=lambda: _columns())
+    answered_chunks: set[int] = field(default_factory=set)  # the chunks in ``answered``
     rejected: set[int] = field(default_factory=set)  # refused chunks: numbers not to reuse
 
     def pending(self) -> list[Intent]:
         """Intents without handles: maybe sent, response unknown. Oldest first."""
-        return [i for c, i in sorted(self.intents.items()) if c not in self.done]
+        return [self.intents[c] for c in sorted(self.intents)]
 
     def next_chunk(self) -> int:
         seg = pc.max(self.segments["chunk"]).as_py() if self.segments.num_rows else None
-        return max([-1 if seg is None else seg, *self.intents, *self.rejected]) + 1
+        taken = [*self.intents, *self.answered_chunks, *self.rejected]
+        return max([-1 if seg is None else seg, *taken]) + 1
+
+    def answer(self, chunk: int, handles: Handles, at: float) -> None:
+        """A chunk's handles (in its intent's row order) came back: its rows are submitted."""
+        intent = self.intents.pop(chunk, None)
+        if intent is None or len(handles.item_ids) != len(intent.refs):
+            raise CheckpointError(f"checkpoint: chunk {chunk} has handles but no intent")
+        n = len(intent.refs)
+        a = self.answered
+        a["client_ref"] += intent.refs
+        a["batch_id"] += [handles.batch_id] * n
+        a["item_id"] += handles.item_ids
+        a["run_id"] += handles.run_ids
+        a["sequence_index"] += handles.sequence_indexes
+        a["status"] += handles.statuses
+        a["chunk"] += [chunk] * n
+        a["digest"] += intent.digests
+        a["intent_at"] += [intent.at] * n
+        a["submitted_at"] += [at] * n
+        self.answered_chunks.add(chunk)
 
     def absorb(self) -> None:
-        """Move answered chunks into ``segments`` (in memory; :meth:`Checkpoint._compact`
+        """Move answered rows into ``segments`` (in memory; :meth:`Checkpoint._compact`
         writes them out)."""
-        if not self.done:
+        if not self.answered_chunks:
             return
-        chunks = sorted(self.done)
-        intents = [self.intents.pop(c) for c in chunks]
-        dones = [self.done.pop(c) for c in chunks]
-        sizes = np.array([len(i.refs) for i in intents])
-        rows = int(sizes.sum())
-
-        def per_chunk(values: Sequence[Any]) -> np.ndarray[Any, Any]:
-            return np.repeat(np.array(values), sizes)
-
-        def strings(per_row: Iterable[Sequence[Any]]) -> pa.Array:
-            return pa.array(chain.from_iterable(per_row), type=pa.string(), size=rows)
-
-        batch_ids = pa.DictionaryArray.from_arrays(
-            pa.array(per_chunk(range(len(chunks))), type=pa.int32()),
-            pa.array([d.batch_id for d in dones], type=pa.string()),
-        )
-        table = pa.table(
-            {
-                "client_ref": strings(i.refs for i in intents),
-                "batch_id": batch_ids.cast(pa.string()),
-                "item_id": strings(d.item_ids for d in dones),
-                "run_id": strings(d.run_ids for d in dones),
-                "sequence_index": pa.array(
-                    chain.from_iterable(d.sequence_indexes for d in dones), pa.int64(), size=rows
-                ),
-                "status": strings(d.statuses for d in dones),
-                "chunk": per_chunk(chunks),
-                "digest": np.fromiter(
-                    chain.from_iterable(i.digests for i in intents), np.int64, rows
-                ),
-                "intent_at": per_chunk([i.at for i in intents]),
-                "submitted_at": per_chunk([d.at for d in dones]),
-            },
-            schema=_SEGMENT_SCHEMA,
-        )
+        table = pa.table(self.answered, schema=_SEGMENT_SCHEMA)
         self.segments = pa.concat_tables([self.segments, table])
+        self.answered = _columns()
+        self.answered_chunks = set()
 
     def submitted(self) -> pa.Table:
         """Every submitted row's handle (``HANDLE_SCHEMA`` columns first)."""
@@ -321,8 +299,8 @@ def load_state(directory: Path) -> State:
     for _, path in _numbered(directory, _JOURNAL_RE):
         for record in _read_journal(path):
             chunk = record["c"]
-            if chunk in in_segments:
-                continue  # compacted already; the journal was not yet deleted
+            if chunk in in_segments or chunk in state.answered_chunks:
+                continue  # compacted or answered already: a record written twice
             if record["t"] == "x":
                 state.intents.pop(chunk, None)
                 state.rejected.add(chunk)
@@ -331,15 +309,14 @@ def load_state(directory: Path) -> State:
                     chunk, record["k"], record["at"], tuple(record["r"]), tuple(record["d"])
                 )
                 state.intents.setdefault(chunk, intent)
-            elif chunk not in state.done:
-                state.done[chunk] = Done(
-                    record["at"], record["b"], record["i"], record["r"], record["q"], record["s"]
-                )
-    for chunk, done in state.done.items():
-        if chunk not in state.intents or len(done.item_ids) != len(state.intents[chunk].refs):
-            raise CheckpointError(
-                f"checkpoint {directory}: chunk {chunk} has handles but no intent"
-            )
+            elif record["t"] == "d":
+                handles = Handles(record["b"], record["i"], record["r"], record["q"], record["s"])
+                try:
+                    state.answer(chunk, handles, record["at"])
+                except CheckpointError:
+                    raise CheckpointError(
+                        f"checkpoint {directory}: chunk {chunk} has handles but no intent"
+                    ) from None
     refs, _ = state.recorded()
     if pc.count_distinct(refs).as_py() != len(refs):
         counts = pc.value_counts(refs)
@@ -543,19 +520,19 @@ class Checkpoint:
     def record(self, chunk: int, handles: Handles) -> None:
         """Record a chunk's handles. Written now, made durable with the next sync: until then
         a crash only means the intent is re-sent and the server replays its batch."""
-        done = Done.of(handles, time.time())
-        self.state.done[chunk] = done
-        # Column by column, like Done: a few lists per record parse much faster than a list per
-        # row when a big journal is read back.
+        at = time.time()
+        self.state.answer(chunk, handles, at)
+        # Column by column: a few lists per record parse much faster than a list per row when
+        # a big journal is read back.
         record = {
             "t": "d",
             "c": chunk,
-            "at": done.at,
-            "b": done.batch_id,
-            "i": done.item_ids,
-            "r": done.run_ids,
-            "q": done.sequence_indexes,
-            "s": done.statuses,
+            "at": at,
+            "b": handles.batch_id,
+            "i": handles.item_ids,
+            "r": handles.run_ids,
+            "q": handles.sequence_indexes,
+            "s": handles.statuses,
         }
         self._write([record], sync=False)
 
