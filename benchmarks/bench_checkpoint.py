@@ -9,7 +9,7 @@
 3. Resume start-up after SIGKILL: the same 1,000,000-row job run in a subprocess and killed once
    the server has 900,000 of its rows, so the journal was never compacted.
 
-    python benchmarks/bench_checkpoint.py [--rows 100000] [--runs 7] [--resume-rows 1000000]
+    python benchmarks/bench_checkpoint.py [--rows 100000] [--runs 11] [--resume-rows 1000000]
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def resume_after_kill(url: str, rows: int, tmp: Path, copies: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--runs", type=int, default=7, help="runs each way")
+    parser.add_argument("--runs", type=int, default=11, help="runs each way")
     parser.add_argument("--resume-rows", type=int, default=1_000_000)
     parser.add_argument("--copies", type=int, default=3, help="resumes timed per scenario")
     args = parser.parse_args()
