@@ -96,7 +96,10 @@ _SEGMENT_SCHEMA: Final = pa.schema(
 
 
 def _columns() -> dict[str, list[Any]]:
-    return {name: [] for name in _SEGMENT_SCHEMA.names}
+    """The per-row columns of answered rows (the per-chunk ones are kept per chunk)."""
+    return {
+        n: [] for n in ("client_ref", "item_id", "run_id", "sequence_index", "status", "digest")
+    }
 
 
 def row_digests(items: Sequence[bytes]) -> np.ndarray[Any, np.dtype[np.int64]]:
@@ -132,7 +135,8 @@ class State:
     written: int = 0  # leading rows of ``segments`` that are already in segment files
     intents: dict[int, Intent] = field(default_factory=dict)  # chunks without an answer
     answered: dict[str, list[Any]] = field(default_factory=lambda: _columns())
-    answered_chunks: set[int] = field(default_factory=set)  # the chunks in ``answered``
+    # The chunks in ``answered``, in order: rows, batch id, intent and answer times.
+    answered_chunks: dict[int, tuple[int, str, float, float]] = field(default_factory=dict)
     rejected: set[int] = field(default_factory=set)  # refused chunks: numbers not to reuse
 
     def pending(self) -> list[Intent]:
@@ -149,29 +153,40 @@ class State:
         intent = self.intents.pop(chunk, None)
         if intent is None or len(handles.item_ids) != len(intent.refs):
             raise CheckpointError(f"checkpoint: chunk {chunk} has handles but no intent")
-        n = len(intent.refs)
         a = self.answered
         a["client_ref"] += intent.refs
-        a["batch_id"] += [handles.batch_id] * n
         a["item_id"] += handles.item_ids
         a["run_id"] += handles.run_ids
         a["sequence_index"] += handles.sequence_indexes
         a["status"] += handles.statuses
-        a["chunk"] += [chunk] * n
         a["digest"] += intent.digests
-        a["intent_at"] += [intent.at] * n
-        a["submitted_at"] += [at] * n
-        self.answered_chunks.add(chunk)
+        # One value per chunk, repeated per row only when absorbed (numpy does it at C speed).
+        self.answered_chunks[chunk] = (len(intent.refs), handles.batch_id, intent.at, at)
 
     def absorb(self) -> None:
         """Move answered rows into ``segments`` (in memory; :meth:`Checkpoint._compact`
         writes them out)."""
         if not self.answered_chunks:
             return
-        table = pa.table(self.answered, schema=_SEGMENT_SCHEMA)
+        chunks = list(self.answered_chunks)
+        sizes, batch_ids, intent_ats, submitted_ats = zip(
+            *self.answered_chunks.values(), strict=True
+        )
+        columns: dict[str, Any] = dict(self.answered)
+        columns["batch_id"] = pa.DictionaryArray.from_arrays(
+            np.repeat(np.arange(len(chunks), dtype=np.int32), sizes), pa.array(batch_ids)
+        ).cast(pa.string())
+        for name, values in (
+            ("chunk", chunks),
+            ("intent_at", intent_ats),
+            ("submitted_at", submitted_ats),
+        ):
+            columns[name] = np.repeat(np.array(values), sizes)
+        columns["digest"] = np.array(self.answered["digest"], dtype=np.int64)
+        table = pa.table(columns, schema=_SEGMENT_SCHEMA)
         self.segments = pa.concat_tables([self.segments, table])
         self.answered = _columns()
-        self.answered_chunks = set()
+        self.answered_chunks = {}
 
     def submitted(self) -> pa.Table:
         """Every submitted row's handle (``HANDLE_SCHEMA`` columns first)."""

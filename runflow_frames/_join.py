@@ -158,7 +158,7 @@ def join_handles(
     """
     ref_array = pa.array(refs, type=pa.string())
     where = pc.index_in(ref_array, value_set=handles["client_ref"])
-    joined = handles.take(where)  # a null index gives a null row
+    joined = handles.select(HANDLE_SCHEMA.names).take(where)  # a null index: a null row
     out = df.copy(deep=False)
     out[CLIENT_REF_COLUMN] = pd.arrays.ArrowStringArray(ref_array)
     for name, field in zip(HANDLE_COLUMNS[1:-1], HANDLE_SCHEMA.names[1:], strict=True):

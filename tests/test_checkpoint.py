@@ -393,7 +393,7 @@ def test_a_finished_run_leaves_an_empty_journal_and_segments(
     assert {r["t"] for r in _read_journal(only)} <= {"x"}
     state = load_state(tmp_path)
     assert state.pending() == []
-    assert state.answered_chunks == set()
+    assert state.answered_chunks == {}
     assert state.segments.num_rows == 500
     assert len(set(state.segments["chunk"].to_pylist())) == 5
     assert len(list(tmp_path.glob("segment-*.parquet"))) >= 1
