@@ -92,13 +92,16 @@ class Throttle:
     Concurrency: at most ``limit`` requests in flight; a 429 or 503 episode halves ``limit``,
     each success adds ``1 / limit`` (AIMD, as TCP does), never above ``max_concurrency``.
 
-    Rate: a 429 says we send too fast, whatever our concurrency. The first 429 of an episode
-    sets ``rate`` (admissions per second) to ``RATE_CUT`` times the smaller of the current rate
-    and the success rate measured over the last ``RATE_WINDOW`` seconds; each success then adds
-    ``RATE_GROWTH`` (a slow probe upward: 2% per second at any rate), so against a server limit
-    the rate settles just under it and a 429 comes once per probe, not once per request.
-    Admissions are spaced ``1 / rate`` apart, without bursts. A 503 (overload) cuts only
-    concurrency: a measured rate says nothing about an overloaded server.
+    Rate: a 429 may say we send too fast, whatever our concurrency. When, over the last
+    ``RATE_WINDOW`` seconds, more than ``1 - RATE_CUT`` of at least ``RATE_SAMPLE`` tries got a
+    429, the
+    first 429 of an episode sets ``rate`` (admissions per second) to ``RATE_CUT`` times the
+    rate that got through; each success then adds ``RATE_GROWTH`` (a slow probe upward: 2% per
+    second at any rate), so against a server limit the rate settles around it, with a 429 now
+    and then rather than one per request. A stray 429 from a server that lets most tries through
+    changes no rate (cutting on those would ratchet the rate down for nothing). Admissions are
+    spaced ``1 / rate`` apart, without bursts. A 503 (overload) cuts only concurrency: a
+    measured rate says nothing about an overloaded server.
 
     Both pause every sender for the wait the server called for (``paused_until``).
     """
@@ -106,6 +109,7 @@ class Throttle:
     RATE_WINDOW: Final = 2.0
     RATE_CUT: Final = 0.9
     RATE_GROWTH: Final = 0.02
+    RATE_SAMPLE: Final = 20  # tries in the window needed to judge a 429 (and successes >= 2)
 
     def __init__(
         self,
@@ -121,7 +125,7 @@ class Throttle:
         self.paused_until = -math.inf
         self.strikes = 0  # slow-down episodes since the last success
         self._next_at = -math.inf  # the earliest next admission under ``rate``
-        self._successes: deque[float] = deque()  # times of the successes in the window
+        self._tries: deque[tuple[float, Outcome]] = deque()  # (when, outcome) in the window
         self._clock = clock
         self._sleep = sleep
         self._changed = anyio.Event()
@@ -149,12 +153,12 @@ class Throttle:
         """``release`` by kind of outcome (what a throttle in another process is sent)."""
         self.in_flight -= 1
         now = self._clock()
+        self._tries.append((now, outcome))
+        while self._tries[0][0] < now - self.RATE_WINDOW:
+            self._tries.popleft()
         if outcome == "ok":
             self.limit = min(float(self.max), self.limit + 1 / self.limit)
             self.strikes = 0
-            self._successes.append(now)
-            while self._successes[0] < now - self.RATE_WINDOW:
-                self._successes.popleft()
             if self.rate is not None:
                 self.rate += self.RATE_GROWTH
         elif outcome in ("rate_limited", "overloaded"):
@@ -162,19 +166,23 @@ class Throttle:
                 self.limit = max(1.0, self.limit / 2)
                 self.strikes += 1
                 if outcome == "rate_limited":
-                    self._cut_rate(now)
+                    self._cut_rate()
             if wait is not None:
                 self.paused_until = max(self.paused_until, now + wait)
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
 
-    def _cut_rate(self, now: float) -> None:
-        times = [t for t in self._successes if t >= now - self.RATE_WINDOW]
-        rates = [] if self.rate is None else [self.rate]
-        if len(times) >= 2 and times[-1] > times[0]:
-            rates.append((len(times) - 1) / (times[-1] - times[0]))
-        if rates:  # else too few successes to measure: the pause alone must do
-            self.rate = max(min(rates) * self.RATE_CUT, 1 / self.RATE_WINDOW)
+    def _cut_rate(self) -> None:
+        succeeded = [when for when, outcome in self._tries if outcome == "ok"]
+        if len(self._tries) < self.RATE_SAMPLE or len(succeeded) < 2:
+            return  # too few tries to judge: the pause and the concurrency cut must do
+        if succeeded[-1] <= succeeded[0]:
+            return
+        limited = sum(outcome == "rate_limited" for _, outcome in self._tries)
+        if limited <= (1 - self.RATE_CUT) * len(self._tries):
+            return  # few tries were refused: a stray 429, not a limit we are over
+        through = (len(succeeded) - 1) / (succeeded[-1] - succeeded[0])
+        self.rate = max(through * self.RATE_CUT, 1 / self.RATE_WINDOW)
 
 
 # The gate every request made in this context passes instead of a job's own Throttle: set to a
