@@ -8,6 +8,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Hashable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
@@ -191,14 +192,26 @@ async def arun_batches(
                 errors=errors,
                 policy=retry,
             )
-    finally:
+    except BaseException:
         reporter.close()
         if ckpt is not None:
             ckpt.close()
+        raise
+    reporter.close()
 
-    # After close() every handle of a checkpointed job, old or new, is in its segments.
-    handles = new_handles.to_arrow() if ckpt is None else ckpt.state.submitted()
-    result = join_handles(frame, refs, handles, _error_messages(failures))
+    if ckpt is None:
+        handles = new_handles.to_arrow()
+        result = join_handles(frame, refs, handles, _error_messages(failures))
+    else:
+        # Every handle of a checkpointed job, old or new, is in its segments. Closing writes
+        # them to Parquet and fsyncs, which release the GIL: in a thread, while they are joined.
+        handles = ckpt.state.submitted()
+        with ThreadPoolExecutor(1, thread_name_prefix="runflow-checkpoint") as pool:
+            closing = pool.submit(ckpt.close)
+            try:
+                result = join_handles(frame, refs, handles, _error_messages(failures))
+            finally:
+                closing.result()
     if failures and (errors == "raise" or any(ends_the_job(f.error) for f in failures)):
         error = _submission_error(
             failures, result, len(refs), handles.num_rows, checkpoint, started
