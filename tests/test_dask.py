@@ -95,8 +95,8 @@ def test_a_429_slows_every_worker_and_the_rate_settles_under_the_limit(
     assert seen.runs_by_client_ref == dict.fromkeys(out.index, 1)
     # 120 creates against 40/s (the bucket starts full): the throttle learns the rate once
     # for the whole cluster instead of each partition hitting the limit on its own.
-    # (Measured: 9 to 11 with the cluster-wide throttle, 31 to 44 with one per partition.)
-    assert seen.faults.get("limited", 0) <= 20
+    # (Measured: 14 to 16 with the cluster-wide throttle, 34 to 38 with one per partition.)
+    assert seen.faults.get("limited", 0) <= 24
 
 
 def test_a_worker_killed_mid_job_costs_no_duplicate_run(
