@@ -119,6 +119,7 @@ async def arun_batches(
                     "metadata": None if metadata is None else suffix.decode(),
                     "callback_url": callback_url,
                 },
+                client.key_fingerprint,
             )
             digests = row_digests(items)
             pending, unsent = plan_resume(ckpt.state, refs, digests)

@@ -31,7 +31,7 @@ import re
 import struct
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
@@ -431,10 +431,14 @@ class Checkpoint:
 
     @classmethod
     def open(
-        cls, directory: str | os.PathLike[str], fingerprint: Mapping[str, Any] | None
+        cls,
+        directory: str | os.PathLike[str],
+        fingerprint: Mapping[str, Any] | None,
+        key_fingerprint: Callable[[str], str] | None = None,
     ) -> Checkpoint:
         """Open (or create) the checkpoint at ``directory`` for a job with ``fingerprint``;
-        ``None`` opens an existing checkpoint whatever its job (to collect from it).
+        ``None`` opens an existing checkpoint whatever its job (to collect from it). A new
+        checkpoint records ``key_fingerprint(job_id)`` at once (see :meth:`check_api_key`).
 
         Raises CheckpointError when the checkpoint was made by a different job.
         """
@@ -452,7 +456,7 @@ class Checkpoint:
                 f"checkpoint {path} is in use by another running job; wait for it to finish"
             ) from None
         try:
-            checkpoint = cls._open_locked(path, fingerprint)
+            checkpoint = cls._open_locked(path, fingerprint, key_fingerprint)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -460,17 +464,25 @@ class Checkpoint:
         return checkpoint
 
     @classmethod
-    def _open_locked(cls, path: Path, fingerprint: Mapping[str, Any] | None) -> Checkpoint:
+    def _open_locked(
+        cls,
+        path: Path,
+        fingerprint: Mapping[str, Any] | None,
+        key_fingerprint: Callable[[str], str] | None,
+    ) -> Checkpoint:
         manifest = read_manifest(path)
         if manifest is None:
             if fingerprint is None:
                 raise CheckpointError(f"{path} is not a checkpoint (no {MANIFEST})")
+            job_id = os.urandom(8).hex()
             manifest = {
                 "format": FORMAT,
-                "job_id": os.urandom(8).hex(),
+                "job_id": job_id,
                 "created_at": time.time(),
                 **{k: fingerprint[k] for k in FINGERPRINT},
             }
+            if key_fingerprint is not None:  # written once, not again by check_api_key
+                manifest["api_key_fingerprint"] = key_fingerprint(job_id)
             _atomic_write(path / MANIFEST, lambda tmp: tmp.write_bytes(orjson.dumps(manifest)))
         elif fingerprint is not None:
             changes = fingerprint_changes(manifest, fingerprint)
@@ -528,9 +540,7 @@ class Checkpoint:
 
     def sync(self) -> None:
         """Make everything written so far durable (fsync the journal); safe in a thread."""
-        if self._fd is None:
-            raise RuntimeError("Checkpoint.start() first")
-        os.fsync(self._fd)
+        self._write([], sync=True)
 
     def record(self, chunk: int, handles: Handles) -> None:
         """Record a chunk's handles. Written now, made durable with the next sync: until then
