@@ -121,20 +121,13 @@ def bare_round_trip(quick: bool) -> float:
     only echoes handles: the client's own share of every round trip."""
     import multiprocessing
 
-    requests = 50 if quick else 300
-    df = frame(requests * 100)
     port = multiprocessing.Value("i", 0)
     server = multiprocessing.Process(target=_bare_server, args=(port,), daemon=True)
     server.start()
     try:
         while not port.value:
             time.sleep(0.01)
-        url = f"http://127.0.0.1:{port.value}"
-        started = time.perf_counter()
-        run_batches(
-            df, "acme", "echo", base_url=url, api_key=KEY, max_concurrency=1, progress=False
-        )
-        return (time.perf_counter() - started) / requests
+        return _seconds_per_create(f"http://127.0.0.1:{port.value}", quick)
     finally:
         server.kill()
 
@@ -160,14 +153,17 @@ def emulator_processing(quick: bool) -> float:
 def round_trip(quick: bool) -> float:
     """Seconds per create with no service latency, one at a time: what the client's and the
     emulator's HTTP stacks and the emulator's own processing add to every request."""
+    with emulator_process() as url:
+        return _seconds_per_create(url, quick)
+
+
+def _seconds_per_create(url: str, quick: bool) -> float:
+    """A job of 100-row creates sent one at a time to ``url``: seconds per create."""
     requests = 50 if quick else 300
     df = frame(requests * 100)
-    with emulator_process() as url:
-        started = time.perf_counter()
-        run_batches(
-            df, "acme", "echo", base_url=url, api_key=KEY, max_concurrency=1, progress=False
-        )
-        return (time.perf_counter() - started) / requests
+    started = time.perf_counter()
+    run_batches(df, "acme", "echo", base_url=url, api_key=KEY, max_concurrency=1, progress=False)
+    return (time.perf_counter() - started) / requests
 
 
 Ratios = dict[float, dict[int, list[float]]]

@@ -122,7 +122,7 @@ def run_batches(
         "org_id": org_id,
         "timeout": timeout,
     }
-    meta = join_handles(ddf._meta, [], HANDLE_SCHEMA.empty_table())
+    meta = _submit_meta(ddf._meta)
     return ddf.map_partitions(
         _submit_partition,
         owner,
@@ -194,7 +194,7 @@ def _submit_partition(
     partition_info: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
     if partition_info is None:  # Dask's meta inference on a fake frame: nothing to send
-        return join_handles(pdf.iloc[:0], [], HANDLE_SCHEMA.empty_table())
+        return _submit_meta(pdf)
     checkpoint = partition_checkpoint(root, partition_info["number"])
     options = {**options, "api_key": _reveal(options["api_key"])}
     with _cluster_gate(job, options["max_concurrency"]):
@@ -212,6 +212,11 @@ def _collect_partition(
     checkpoint = partition_checkpoint(root, partition_info["number"])
     options = {**options, "api_key": _reveal(options["api_key"])}
     return _collect(pdf, checkpoint=checkpoint, progress=False, **options)
+
+
+def _submit_meta(frame: pd.DataFrame) -> pd.DataFrame:
+    """The columns and dtypes run_batches gives ``frame``, from none of its rows."""
+    return join_handles(frame.iloc[:0], [], HANDLE_SCHEMA.empty_table())
 
 
 def _collect_meta(frame: pd.DataFrame) -> pd.DataFrame:
