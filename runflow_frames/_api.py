@@ -151,7 +151,7 @@ async def arun_batches(
                 return
             now = time.time()
             ckpt.intend(
-                Intent(c.number, c.key, now, c.refs, tuple(digests.take(c.rows).tolist()))
+                Intent(c.number, c.key, now, c.refs, digests.take(c.rows))
                 for c in group
                 if c.number not in ckpt.state.intents
             )

@@ -13,8 +13,8 @@ Layout of a checkpoint directory::
     journal-000007.log      append-only records of one run: intents, then done records
     segment-000003.parquet  done rows, compacted from journals
 
-Journal records are framed as ``<u32 length><u32 crc32><orjson payload>``. A frame that runs past
-the end of the file, or fails its CRC with nothing valid after it, is a torn tail from a crash and
+Journal records are framed as ``<u32 length><u64 xxh3><orjson payload>``. A frame that runs past
+the end of the file, or fails its checksum with nothing valid after it, is a torn tail from a crash and
 is ignored; a bad frame followed by valid ones is corruption and an error. Manifest and segments
 are written to a temporary file, fsync'd, renamed into place and the directory fsync'd, so they
 are whole or absent. Each run appends to a fresh journal; at start it carries forward the intents
@@ -29,8 +29,8 @@ import fcntl
 import os
 import re
 import struct
+import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +47,10 @@ import xxhash
 from ._errors import CheckpointError
 from ._join import HANDLE_SCHEMA, Handles
 
-FORMAT: Final = 2  # 2: xxh3 row digests (1 had blake2b)
+FORMAT: Final = 3  # 3: xxh3 frame checksums (2 had crc32); 2: xxh3 row digests (1: blake2b)
 MANIFEST: Final = "manifest.json"
 LOCK: Final = ".lock"
-_FRAME: Final = struct.Struct("<II")
+_FRAME: Final = struct.Struct("<IQ")
 _JOURNAL_RE: Final = re.compile(r"journal-(\d{6})\.log")
 _SEGMENT_RE: Final = re.compile(r"segment-(\d{6})\.parquet")
 _RESULTS_RE: Final = re.compile(r"results-(\d{6})\.parquet")
@@ -108,7 +108,7 @@ def row_digests(items: Sequence[bytes]) -> np.ndarray[Any, np.dtype[np.int64]]:
     return digests.view(np.int64)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Intent:
     """A chunk about to be (or maybe already) sent."""
 
@@ -116,7 +116,7 @@ class Intent:
     key: str
     at: float
     refs: tuple[str, ...]
-    digests: tuple[int, ...]
+    digests: np.ndarray[Any, np.dtype[np.int64]]  # row_digests of its rows, in order
 
 
 @dataclass(slots=True)
@@ -159,7 +159,7 @@ class State:
         a["run_id"] += handles.run_ids
         a["sequence_index"] += handles.sequence_indexes
         a["status"] += handles.statuses
-        a["digest"] += intent.digests
+        a["digest"].append(intent.digests)
         # One value per chunk, repeated per row only when absorbed (numpy does it at C speed).
         self.answered_chunks[chunk] = (len(intent.refs), handles.batch_id, intent.at, at)
 
@@ -182,7 +182,7 @@ class State:
             ("submitted_at", submitted_ats),
         ):
             columns[name] = np.repeat(np.array(values), sizes)
-        columns["digest"] = np.array(self.answered["digest"], dtype=np.int64)
+        columns["digest"] = np.concatenate(self.answered["digest"])
         table = pa.table(columns, schema=_SEGMENT_SCHEMA)
         self.segments = pa.concat_tables([self.segments, table])
         self.answered = _columns()
@@ -203,12 +203,7 @@ class State:
                 pa.array([r for i in pending for r in i.refs], type=pa.string()),
             ]
         )
-        digests = np.concatenate(
-            [
-                submitted["digest"].to_numpy(),
-                np.array([d for i in pending for d in i.digests], dtype=np.int64),
-            ]
-        )
+        digests = np.concatenate([submitted["digest"].to_numpy(), *(i.digests for i in pending)])
         return refs, digests
 
 
@@ -237,8 +232,8 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def _frame(record: Mapping[str, Any]) -> bytes:
-    payload = orjson.dumps(record)
-    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+    payload = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+    return _FRAME.pack(len(payload), xxhash.xxh3_64_intdigest(payload)) + payload
 
 
 def _read_journal(path: Path) -> list[dict[str, Any]]:
@@ -264,12 +259,12 @@ def _parse_frame(data: bytes, pos: int) -> tuple[dict[str, Any] | str, int]:
     """The record framed at ``pos`` and where the next frame starts, or why there is none."""
     if pos + _FRAME.size > len(data):
         return "truncated frame header", pos
-    size, crc = _FRAME.unpack_from(data, pos)
+    size, checksum = _FRAME.unpack_from(data, pos)
     end = pos + _FRAME.size + size
     if end > len(data):
         return "truncated record", pos
     payload = data[pos + _FRAME.size : end]
-    if zlib.crc32(payload) != crc:
+    if xxhash.xxh3_64_intdigest(payload) != checksum:
         return "checksum mismatch", pos
     try:
         record = orjson.loads(payload)
@@ -320,9 +315,8 @@ def load_state(directory: Path) -> State:
                 state.intents.pop(chunk, None)
                 state.rejected.add(chunk)
             elif record["t"] == "i" and chunk not in state.rejected:
-                intent = Intent(
-                    chunk, record["k"], record["at"], tuple(record["r"]), tuple(record["d"])
-                )
+                digests = np.array(record["d"], dtype=np.int64)
+                intent = Intent(chunk, record["k"], record["at"], tuple(record["r"]), digests)
                 state.intents.setdefault(chunk, intent)
             elif record["t"] == "d":
                 handles = Handles(record["b"], record["i"], record["r"], record["q"], record["s"])
@@ -373,7 +367,7 @@ def fingerprint_changes(recorded: Mapping[str, Any], current: Mapping[str, Any])
 
 def plan_resume(
     state: State, refs: Sequence[str], digests: np.ndarray[Any, np.dtype[np.int64]]
-) -> tuple[list[tuple[Intent, list[int]]], list[int]]:
+) -> tuple[list[tuple[Intent, list[int]]], Sequence[int]]:
     """What a run must still do: the pending intents to re-send (with their rows' positions),
     and the positions of the rows never recorded, in frame order.
 
@@ -381,8 +375,10 @@ def plan_resume(
     encode to different bytes: their chunks could not be re-sent byte for byte, and the
     returned handles would not be for these values.
     """
-    current = pa.array(refs, type=pa.string())
     recorded, was = state.recorded()
+    if not len(recorded):
+        return [], range(len(refs))  # a new job
+    current = pa.array(refs, type=pa.string())
     where = pc.index_in(recorded, value_set=current)
     if where.null_count:
         missing = recorded.filter(pc.is_null(where)).to_pylist()
@@ -428,6 +424,11 @@ class Checkpoint:
         self._segment_no = max((n for n, _ in _numbered(directory, _SEGMENT_RE)), default=0) + 1
         self._fd: int | None = None
         self._lock_fd: int | None = None
+        # Framed records wait here for sync(), which writes them in the thread that fsyncs: a
+        # write from the event loop's thread would stall on a page the fsync is writing back.
+        self._unwritten: list[bytes] = []
+        self._unwritten_lock = threading.Lock()
+        self._io_lock = threading.Lock()  # one write-and-fsync at a time, in record order
 
     @classmethod
     def open(
@@ -509,25 +510,29 @@ class Checkpoint:
         self._rotate()
 
     def _rotate(self) -> None:
-        """Start a fresh journal holding only the pending intents; delete the older journals.
+        """Start a fresh journal holding only the pending intents and refused chunk numbers;
+        delete the older journals. Call it once the state is compacted: unwritten records are
+        dropped, since the state now says all they said.
 
-        The new journal is durable before the old ones go, so a crash in between leaves the
-        same records twice (deduplicated on load), never none.
+        The new journal is durable before the old ones go; a crash before their deletion is
+        durable leaves the same records twice (deduplicated on load), never none.
         """
         old = _numbered(self.directory, _JOURNAL_RE)
-        if self._fd is not None:
-            os.close(self._fd)
         path = self.directory / f"journal-{self._journal_no:06d}.log"
         self._journal_no += 1
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         carried: list[dict[str, Any]] = [_intent_record(i) for i in self.state.pending()]
         carried += [{"t": "x", "c": c} for c in sorted(self.state.rejected)]
-        self._write(carried, sync=True)
+        with self._io_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            with self._unwritten_lock:
+                self._unwritten = [_frame(r) for r in carried]
+            if self._flush():
+                os.fsync(self._fd)
         _fsync_dir(self.directory)
         for _, journal in old:
             journal.unlink()
-        if old:
-            _fsync_dir(self.directory)
 
     def intend(self, intents: Iterable[Intent]) -> None:
         """Record intents; they are durable once :meth:`sync` returns (then their POSTs may
@@ -536,15 +541,18 @@ class Checkpoint:
         for intent in intents:
             self.state.intents[intent.chunk] = intent
             records.append(_intent_record(intent))
-        self._write(records, sync=False)
+        self._append(records)
 
     def sync(self) -> None:
-        """Make everything written so far durable (fsync the journal); safe in a thread."""
-        self._write([], sync=True)
+        """Write what was recorded since the last sync and make it durable; made to run in a
+        thread while the event loop goes on."""
+        with self._io_lock:
+            self._flush()
+            os.fsync(self._journal())
 
     def record(self, chunk: int, handles: Handles) -> None:
-        """Record a chunk's handles. Written now, made durable with the next sync: until then
-        a crash only means the intent is re-sent and the server replays its batch."""
+        """Record a chunk's handles, written and made durable by the next sync (or close):
+        until then a crash only means the intent is re-sent and the server replays its batch."""
         at = time.time()
         self.state.answer(chunk, handles, at)
         # Column by column: a few lists per record parse much faster than a list per row when
@@ -559,7 +567,7 @@ class Checkpoint:
             "q": handles.sequence_indexes,
             "s": handles.statuses,
         }
-        self._write([record], sync=False)
+        self._append([record])
 
     def check_api_key(self, fingerprint: str, *, pending: bool) -> None:
         """Refuse to re-send pending chunks under another API key than the one that sent them:
@@ -605,31 +613,50 @@ class Checkpoint:
         and its intent is dropped. Its number is never reused."""
         self.state.intents.pop(chunk, None)
         self.state.rejected.add(chunk)
-        self._write([{"t": "x", "c": chunk}], sync=False)
+        self._append([{"t": "x", "c": chunk}])
 
     def close(self) -> None:
-        """Make everything durable, fold the journal into a segment, release the lock."""
+        """Fold this run's answers into a segment, keep what is pending, release the lock."""
         try:
             if self._fd is not None:
-                os.fsync(self._fd)
+                with self._io_lock:
+                    self._flush()  # refused chunk numbers, in case the segment write fails
                 self._compact()
-                # The journal's done records now live in the segment: keep only what is pending,
-                # so the next run does not parse them again.
-                self._rotate()
-                os.close(self._fd)
+                if self.state.intents or self.state.rejected:
+                    self._rotate()
+                    os.close(self._fd)
+                else:
+                    # Every record is in a segment now. No fsync: a journal that a crash
+                    # brings back only repeats what the segments hold.
+                    os.close(self._fd)
+                    for _, journal in _numbered(self.directory, _JOURNAL_RE):
+                        journal.unlink()
                 self._fd = None
         finally:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # closing releases the flock
                 self._lock_fd = None
 
-    def _write(self, records: Sequence[Mapping[str, Any]], *, sync: bool) -> None:
+    def _journal(self) -> int:
         if self._fd is None:
             raise RuntimeError("Checkpoint.start() first")
-        if records:
-            os.write(self._fd, b"".join(_frame(r) for r in records))
-        if sync:
-            os.fsync(self._fd)
+        return self._fd
+
+    def _append(self, records: Sequence[Mapping[str, Any]]) -> None:
+        self._journal()
+        frames = [_frame(r) for r in records]
+        with self._unwritten_lock:
+            self._unwritten += frames
+
+    def _flush(self) -> int:
+        """Write the unwritten records (the caller holds ``_io_lock``); how many bytes."""
+        with self._unwritten_lock:
+            data = b"".join(self._unwritten)
+            self._unwritten = []
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._journal(), view) :]
+        return len(data)
 
     def _compact(self) -> None:
         """Write the submitted rows not yet in a segment file to a new one."""
@@ -640,7 +667,10 @@ class Checkpoint:
         path = self.directory / f"segment-{self._segment_no:06d}.parquet"
         # Dictionary pages only where values repeat: for unique ids they cost time and bytes.
         dictionary = ["batch_id", "status"]
-        _atomic_write(path, lambda tmp: pq.write_table(table, tmp, use_dictionary=dictionary))
+        _atomic_write(
+            path,
+            lambda tmp: pq.write_table(table, tmp, use_dictionary=dictionary, compression="zstd"),
+        )
         self._segment_no += 1
         self.state.written = self.state.segments.num_rows
 
@@ -652,7 +682,7 @@ def _intent_record(intent: Intent) -> dict[str, Any]:
         "k": intent.key,
         "at": intent.at,
         "r": list(intent.refs),
-        "d": list(intent.digests),
+        "d": intent.digests,
     }
 
 
