@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--segment-rows", type=int, default=1000, help="mid-run segment size")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = soak(
@@ -37,6 +38,7 @@ def main() -> None:
             latency=args.latency,
             concurrency=args.concurrency,
             max_delay=0.25,
+            segment_rows=args.segment_rows,
             max_attempts=args.kills * 3,
         )
     assert result.result is not None
@@ -46,7 +48,8 @@ def main() -> None:
         "python " + " ".join(sys.argv),
         [
             f"{args.rows:,} rows, emulator latency {args.latency * 1000:g} ms per POST, "
-            f"max_concurrency {args.concurrency}",
+            f"max_concurrency {args.concurrency}, a segment written every "
+            f"{args.segment_rows:,} answered rows",
             f"kill points tried: {len(delays)} (delay after start-up: median "
             f"{statistics.median(delays) * 1000:.0f} ms, min {min(delays) * 1000:.0f}, "
             f"max {max(delays) * 1000:.0f}); runs of the job: {result.attempts}",

@@ -158,6 +158,7 @@ async def arun_batches(
             # Durable before any of them is sent; the fsync waits in a thread, so answers to
             # the requests in flight are handled meanwhile.
             await anyio.to_thread.run_sync(ckpt.sync)
+            ckpt.compact_in_background()
 
         def on_failed(failure: ChunkFailure) -> None:
             # A refused chunk created nothing: its rows go back to unsent, so a resume sends

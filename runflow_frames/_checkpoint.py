@@ -32,6 +32,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
@@ -50,6 +51,9 @@ from ._join import HANDLE_SCHEMA, Handles
 FORMAT: Final = 3  # 3: xxh3 frame checksums (2 had crc32); 2: xxh3 row digests (1: blake2b)
 MANIFEST: Final = "manifest.json"
 LOCK: Final = ".lock"
+# Answered rows that, once this many wait, go to a segment during the run, in a thread: a
+# run's close then writes only the last few.
+SEGMENT_ROWS: Final = 25_000
 _FRAME: Final = struct.Struct("<IQ")
 _JOURNAL_RE: Final = re.compile(r"journal-(\d{6})\.log")
 _SEGMENT_RE: Final = re.compile(r"segment-(\d{6})\.parquet")
@@ -93,6 +97,14 @@ _SEGMENT_SCHEMA: Final = pa.schema(
         ("submitted_at", pa.float64()),
     ]
 )
+
+# Dictionary pages only where values repeat (per chunk, or a few statuses): for unique ids they
+# cost time and bytes. zstd halves the ids' hex text; statistics would never be read.
+_SEGMENT_OPTIONS: Final[dict[str, Any]] = {
+    "use_dictionary": ["batch_id", "status", "chunk", "intent_at", "submitted_at"],
+    "compression": "zstd",
+    "write_statistics": False,
+}
 
 
 def _columns() -> dict[str, list[Any]]:
@@ -429,6 +441,10 @@ class Checkpoint:
         self._unwritten: list[bytes] = []
         self._unwritten_lock = threading.Lock()
         self._io_lock = threading.Lock()  # one write-and-fsync at a time, in record order
+        # Answers go to segments during the run, in a thread, so that closing writes only the
+        # last few: the pool and the segment being written, if any.
+        self._writer: ThreadPoolExecutor | None = None
+        self._writing: Future[None] | None = None
 
     @classmethod
     def open(
@@ -615,24 +631,48 @@ class Checkpoint:
         self.state.rejected.add(chunk)
         self._append([{"t": "x", "c": chunk}])
 
+    def compact_in_background(self) -> None:
+        """Once ``SEGMENT_ROWS`` answered rows wait, start writing them to a segment in a
+        thread, one segment at a time. After a failed write it writes no more: the journal
+        still holds those answers, and :meth:`close` reports the failure."""
+        if self._writing is not None and not (
+            self._writing.done() and self._writing.exception() is None
+        ):
+            return
+        if len(self.state.answered["client_ref"]) < SEGMENT_ROWS:
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="runflow-checkpoint")
+        self._writing = self._writer.submit(self._write_segment, *self._unwritten_segment())
+
     def close(self) -> None:
         """Fold this run's answers into a segment, keep what is pending, release the lock."""
         try:
             if self._fd is not None:
                 with self._io_lock:
-                    self._flush()  # refused chunk numbers, in case the segment write fails
+                    self._flush()  # the journal holds everything, should a segment write fail
+                if self._writer is not None:
+                    self._writer.shutdown()
+                    failed = self._writing.exception() if self._writing is not None else None
+                    if failed is not None:
+                        os.fsync(self._fd)
+                        raise CheckpointError(
+                            f"checkpoint {self.directory}: writing a segment failed ({failed}); "
+                            "its journal still holds every answer. Fix the cause and re-run "
+                            "the same call: it resumes without sending anything twice"
+                        ) from failed
                 self._compact()
                 if self.state.intents or self.state.rejected:
                     self._rotate()
-                    os.close(self._fd)
                 else:
                     # Every record is in a segment now. No fsync: a journal that a crash
                     # brings back only repeats what the segments hold.
-                    os.close(self._fd)
                     for _, journal in _numbered(self.directory, _JOURNAL_RE):
                         journal.unlink()
-                self._fd = None
         finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # closing releases the flock
                 self._lock_fd = None
@@ -660,19 +700,24 @@ class Checkpoint:
 
     def _compact(self) -> None:
         """Write the submitted rows not yet in a segment file to a new one."""
+        number, table = self._unwritten_segment()
+        if table.num_rows:
+            self._write_segment(number, table)
+
+    def _unwritten_segment(self) -> tuple[int, pa.Table]:
+        """The submitted rows not yet given to a segment, and the number of their segment.
+        They count as written from now on: if the write fails, the journal still has them."""
         self.state.absorb()
         table = self.state.segments.slice(self.state.written)
-        if not table.num_rows:
-            return
-        path = self.directory / f"segment-{self._segment_no:06d}.parquet"
-        # Dictionary pages only where values repeat: for unique ids they cost time and bytes.
-        dictionary = ["batch_id", "status"]
-        _atomic_write(
-            path,
-            lambda tmp: pq.write_table(table, tmp, use_dictionary=dictionary, compression="zstd"),
-        )
-        self._segment_no += 1
-        self.state.written = self.state.segments.num_rows
+        number = self._segment_no
+        if table.num_rows:
+            self.state.written = self.state.segments.num_rows
+            self._segment_no += 1
+        return number, table
+
+    def _write_segment(self, number: int, table: pa.Table) -> None:
+        path = self.directory / f"segment-{number:06d}.parquet"
+        _atomic_write(path, lambda tmp: pq.write_table(table, tmp, **_SEGMENT_OPTIONS))
 
 
 def _intent_record(intent: Intent) -> dict[str, Any]:

@@ -88,6 +88,7 @@ def soak(
     latency: float,
     concurrency: int,
     max_delay: float,
+    segment_rows: int = 25_000,
     max_attempts: int = 200,
 ) -> Soak:
     """Run the crash job against an emulator process, SIGKILLing it ``kills`` times after a
@@ -106,6 +107,7 @@ def soak(
             str(rows),
             str(out),
             str(concurrency),
+            str(segment_rows),
         ]
         while result.attempts < max_attempts:
             result.attempts += 1

@@ -1,10 +1,11 @@
 """A checkpointed job run as its own process, for the crash tests (and the crash soak benchmark).
 
-    python tests/crash_job.py BASE_URL CHECKPOINT ROWS OUT_PARQUET [MAX_CONCURRENCY]
+    python tests/crash_job.py BASE_URL CHECKPOINT ROWS OUT_PARQUET [MAX_CONCURRENCY [SEGMENT_ROWS]]
 
 Prints READY once imports are done and the frame is built (so a test can time its kill to land
 in the job, not in interpreter start-up), then DONE after writing the joined frame to OUT.
-The API key comes from RUNFLOW_API_KEY.
+The API key comes from RUNFLOW_API_KEY. SEGMENT_ROWS lowers how many answered rows the job lets
+wait before writing them to a segment mid-run, so that kills land in those writes too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import pandas as pd
 
-from runflow_frames import run_batches
+from runflow_frames import _checkpoint, run_batches
 
 
 def job_frame(rows: int) -> pd.DataFrame:
@@ -26,6 +27,8 @@ def job_frame(rows: int) -> pd.DataFrame:
 def main(argv: list[str]) -> None:
     base_url, checkpoint, rows, out = argv[:4]
     concurrency = int(argv[4]) if len(argv) > 4 else 4
+    if len(argv) > 5:
+        _checkpoint.SEGMENT_ROWS = int(argv[5])
     df = job_frame(int(rows))
     print("READY", flush=True)
     result = run_batches(

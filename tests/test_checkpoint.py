@@ -19,6 +19,7 @@ from runflow_frames import (
     RetryPolicy,
     StaleIntentWarning,
     SubmissionError,
+    _checkpoint,
     arun_batches,
     read_checkpoint,
     run_batches,
@@ -480,3 +481,42 @@ def test_results_dtypes_are_the_same_with_and_without_checkpoint(
         transport=httpx.ASGITransport(app=create_app(emulator)),
     )
     assert with_ckpt.dtypes.to_dict() == without.dtypes.to_dict()
+
+
+# -- segments written mid-run ------------------------------------------------------------------
+
+
+def test_answers_go_to_segments_during_the_run(
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_checkpoint, "SEGMENT_ROWS", 300)
+    df = frame(3000)
+    out = run(df, tmp_path, emulator, max_concurrency=2)
+    segments = sorted(tmp_path.glob("segment-*.parquet"))
+    assert len(segments) >= 3  # some written mid-run, the rest at close
+    assert list(tmp_path.glob("journal-*.log")) == []
+    assert sorted(read_checkpoint(tmp_path).index) == sorted(df.index)
+    assert_matches_server(out, emulator)
+
+
+def test_a_failed_mid_run_segment_write_loses_nothing(
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_checkpoint, "SEGMENT_ROWS", 300)
+    write_table = _checkpoint.pq.write_table
+
+    def disk_full(table: Any, where: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_checkpoint.pq, "write_table", disk_full)
+    df = frame(3000)
+    with pytest.raises(CheckpointError, match=r"writing a segment failed .* No space left"):
+        run(df, tmp_path, emulator, max_concurrency=2)
+    assert emulator.accounting().batches_created == 30  # the job went on to the end
+
+    monkeypatch.setattr(_checkpoint.pq, "write_table", write_table)
+    out = run(df, tmp_path, emulator, max_concurrency=2)
+    # The journal kept every answer: nothing was sent again, not even a replay.
+    assert emulator.accounting().batches_created == 30
+    assert sum(emulator.accounting().requests_by_idempotency_key.values()) == 30
+    assert_matches_server(out, emulator)

@@ -11,7 +11,14 @@ from .crash_harness import soak
 def test_sigkill_at_random_moments_never_duplicates_or_loses_a_row(tmp_path: Path) -> None:
     rows = 6000
     result = soak(
-        tmp_path, rows=rows, kills=22, seed=20261129, latency=0.1, concurrency=4, max_delay=0.12
+        tmp_path,
+        rows=rows,
+        kills=22,
+        seed=20261129,
+        latency=0.1,
+        concurrency=4,
+        max_delay=0.12,
+        segment_rows=300,  # segments written mid-run, so that kills land in those writes too
     )
     # Enough kills landed inside the job (the rest of the delays fell after it ended).
     assert len(result.kill_delays) >= 20
