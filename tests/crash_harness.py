@@ -88,6 +88,7 @@ def soak(
     latency: float,
     concurrency: int,
     max_delay: float,
+    chunk_size: int = 100,
     segment_rows: int = 25_000,
     max_attempts: int = 200,
 ) -> Soak:
@@ -106,8 +107,9 @@ def soak(
             str(workdir / "ckpt"),
             str(rows),
             str(out),
-            str(concurrency),
-            str(segment_rows),
+            f"--concurrency={concurrency}",
+            f"--chunk-size={chunk_size}",
+            f"--segment-rows={segment_rows}",
         ]
         while result.attempts < max_attempts:
             result.attempts += 1

@@ -1,15 +1,18 @@
 """A checkpointed job run as its own process, for the crash tests (and the crash soak benchmark).
 
-    python tests/crash_job.py BASE_URL CHECKPOINT ROWS OUT_PARQUET [MAX_CONCURRENCY [SEGMENT_ROWS]]
+    python tests/crash_job.py BASE_URL CHECKPOINT ROWS OUT_PARQUET
+        [--concurrency N] [--chunk-size N] [--segment-rows N]
 
 Prints READY once imports are done and the frame is built (so a test can time its kill to land
 in the job, not in interpreter start-up), then DONE after writing the joined frame to OUT.
-The API key comes from RUNFLOW_API_KEY. SEGMENT_ROWS lowers how many answered rows the job lets
-wait before writing them to a segment mid-run, so that kills land in those writes too.
+The API key comes from RUNFLOW_API_KEY. Small chunks and a low --segment-rows (how many
+answered rows wait before a segment is written mid-run) make one run go through several
+intent groups and segment writes, so that kills land in those too.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import pandas as pd
@@ -25,16 +28,28 @@ def job_frame(rows: int) -> pd.DataFrame:
 
 
 def main(argv: list[str]) -> None:
-    base_url, checkpoint, rows, out = argv[:4]
-    concurrency = int(argv[4]) if len(argv) > 4 else 4
-    if len(argv) > 5:
-        _checkpoint.SEGMENT_ROWS = int(argv[5])
-    df = job_frame(int(rows))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("base_url")
+    parser.add_argument("checkpoint")
+    parser.add_argument("rows", type=int)
+    parser.add_argument("out")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--chunk-size", type=int, default=100)
+    parser.add_argument("--segment-rows", type=int, default=_checkpoint.SEGMENT_ROWS)
+    args = parser.parse_args(argv)
+    _checkpoint.SEGMENT_ROWS = args.segment_rows
+    df = job_frame(args.rows)
     print("READY", flush=True)
     result = run_batches(
-        df, "acme", "echo", checkpoint=checkpoint, base_url=base_url, max_concurrency=concurrency
+        df,
+        "acme",
+        "echo",
+        checkpoint=args.checkpoint,
+        base_url=args.base_url,
+        max_concurrency=args.concurrency,
+        chunk_size=args.chunk_size,
     )
-    result.to_parquet(out)
+    result.to_parquet(args.out)
     print("DONE", flush=True)
 
 

@@ -489,11 +489,11 @@ def test_results_dtypes_are_the_same_with_and_without_checkpoint(
 def test_answers_go_to_segments_during_the_run(
     tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_checkpoint, "SEGMENT_ROWS", 300)
-    df = frame(3000)
-    out = run(df, tmp_path, emulator, max_concurrency=2)
+    monkeypatch.setattr(_checkpoint, "SEGMENT_ROWS", 1000)
+    df = frame(20_000)
+    out = run(df, tmp_path, emulator, max_concurrency=4)
     segments = sorted(tmp_path.glob("segment-*.parquet"))
-    assert len(segments) >= 3  # some written mid-run, the rest at close
+    assert len(segments) >= 2  # one or more written mid-run, the rest at close
     assert list(tmp_path.glob("journal-*.log")) == []
     assert sorted(read_checkpoint(tmp_path).index) == sorted(df.index)
     assert_matches_server(out, emulator)
@@ -502,21 +502,21 @@ def test_answers_go_to_segments_during_the_run(
 def test_a_failed_mid_run_segment_write_loses_nothing(
     tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_checkpoint, "SEGMENT_ROWS", 300)
+    monkeypatch.setattr(_checkpoint, "SEGMENT_ROWS", 1000)
     write_table = _checkpoint.pq.write_table
 
     def disk_full(table: Any, where: Any, **kwargs: Any) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(_checkpoint.pq, "write_table", disk_full)
-    df = frame(3000)
+    df = frame(20_000)
     with pytest.raises(CheckpointError, match=r"writing a segment failed .* No space left"):
-        run(df, tmp_path, emulator, max_concurrency=2)
-    assert emulator.accounting().batches_created == 30  # the job went on to the end
+        run(df, tmp_path, emulator, max_concurrency=4)
+    assert emulator.accounting().batches_created == 200  # the job went on to the end
 
     monkeypatch.setattr(_checkpoint.pq, "write_table", write_table)
-    out = run(df, tmp_path, emulator, max_concurrency=2)
+    out = run(df, tmp_path, emulator, max_concurrency=4)
     # The journal kept every answer: nothing was sent again, not even a replay.
-    assert emulator.accounting().batches_created == 30
-    assert sum(emulator.accounting().requests_by_idempotency_key.values()) == 30
+    assert emulator.accounting().batches_created == 200
+    assert sum(emulator.accounting().requests_by_idempotency_key.values()) == 200
     assert_matches_server(out, emulator)

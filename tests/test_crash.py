@@ -15,10 +15,13 @@ def test_sigkill_at_random_moments_never_duplicates_or_loses_a_row(tmp_path: Pat
         rows=rows,
         kills=22,
         seed=20261129,
-        latency=0.1,
-        concurrency=4,
-        max_delay=0.12,
-        segment_rows=300,  # segments written mid-run, so that kills land in those writes too
+        latency=0.01,
+        concurrency=8,
+        max_delay=0.15,
+        # Chunks of 2 rows and a segment every 40 answered rows: a run that lives 0.1 s goes
+        # through several intent groups and segment writes, so kills land in those too.
+        chunk_size=2,
+        segment_rows=40,
     )
     # Enough kills landed inside the job (the rest of the delays fell after it ended).
     assert len(result.kill_delays) >= 20
