@@ -2,24 +2,27 @@
 
 A row goes *unsent* -> *intended* -> *submitted*. Before a chunk's first POST, an **intent**
 record (its chunk number, Idempotency-Key, client_refs and a digest of each row's item bytes)
-is fsync'd; after the 201, a **done** record holds its handles. A chunk the server refused (a 4xx:
-nothing created) gets a **rejected** record: its rows are unsent again. Every POST of a chunk
-sends the same bytes with the same key, so re-sending an intent whose response was lost makes the server
-replay the first batch rather than create a second one.
+is fsync'd; after the 201, a **done** record holds its handles, written and fsync'd with the
+next group of intents (or at close). A chunk the server refused (a 4xx: nothing created) gets a
+**rejected** record: its rows are unsent again. Every POST of a chunk sends the same bytes with
+the same key, so re-sending an intent whose response was lost (or whose done record was lost in
+a crash) makes the server replay the first batch rather than create a second one.
 
 Layout of a checkpoint directory::
 
     manifest.json           the job's fingerprint (model, server, key, columns, options), once
     journal-000007.log      append-only records of one run: intents, then done records
-    segment-000003.parquet  done rows, compacted from journals
+    segment-000003.parquet  done rows: written every SEGMENT_ROWS during a run, the rest at
+                            close, and those of older journals at start
 
 Journal records are framed as ``<u32 length><u64 xxh3><orjson payload>``. A frame that runs past
-the end of the file, or fails its checksum with nothing valid after it, is a torn tail from a crash and
-is ignored; a bad frame followed by valid ones is corruption and an error. Manifest and segments
-are written to a temporary file, fsync'd, renamed into place and the directory fsync'd, so they
-are whole or absent. Each run appends to a fresh journal; at start it carries forward the intents
-that are still pending, folds the done records of older journals into a segment and deletes
-those journals. The same record may exist twice across files after a crash mid-compaction;
+the end of the file, or fails its checksum with nothing valid after it, is a torn tail from a
+crash and is ignored; a bad frame followed by valid ones is corruption and an error. Manifest
+and segments are written to a temporary file, fsync'd, renamed into place and the directory
+fsync'd, so they are whole or absent. Each run appends to a fresh journal; at start it carries
+forward the intents that are still pending, folds the done records of older journals into a
+segment and deletes those journals; a run that ends with nothing pending leaves no journal.
+The same record may exist in a journal and a segment, or twice across journals, after a crash;
 records are keyed by chunk number and loading deduplicates them.
 """
 
