@@ -21,7 +21,7 @@ from ._collect import acollect
 from ._errors import APIStatusError, InputError, StaleIntentWarning, SubmissionError
 from ._frames import to_pandas
 from ._join import Handles, HandleTable, check_no_collision, join_handles
-from ._pipeline import ChunkFailure, Errors, ends_the_job, submit_chunks
+from ._pipeline import ChunkFailure, Errors, ends_the_job, one_error, submit_chunks
 from ._progress import ProgressOption, Reporter
 from ._results import is_result_column
 from ._retry import RetryPolicy
@@ -50,6 +50,8 @@ DEFAULT_MAX_CONCURRENCY: Final = 8
 # Chunks whose intents are written (and fsync'd) together, ahead of their POSTs: one fsync per
 # 16 chunks cost 1.8 us of CPU per row against a local server, one per 64 about 1 us.
 INTENT_GROUP: Final = 64
+# Longest time an answer waits in memory before its done record is written and fsync'd.
+SYNC_INTERVAL: Final = 1.0
 # Idempotency-Key retention is undocumented; a day is the common convention (Stripe's, e.g.).
 DEFAULT_MAX_INTENT_AGE: Final = 24 * 3600.0
 
@@ -183,24 +185,31 @@ async def arun_batches(
             reporter.advance(len(chunk.refs))
 
         started = time.monotonic()
-        async with client:
-            failures = await submit_chunks(
-                client,
-                path,
-                chunks(),
-                max_concurrency=max_concurrency,
-                on_submitted=on_submitted,
-                on_failed=on_failed,
-                on_unsent=on_unsent,
-                before_send=before_send,
-                group=max(INTENT_GROUP, 2 * max_concurrency),
-                errors=errors,
-                policy=retry,
-            )
-    except BaseException:
+        with one_error():
+            async with client, anyio.create_task_group() as syncing:
+                if ckpt is not None:
+                    syncing.start_soon(_sync_answers, ckpt)
+                failures = await submit_chunks(
+                    client,
+                    path,
+                    chunks(),
+                    max_concurrency=max_concurrency,
+                    on_submitted=on_submitted,
+                    on_failed=on_failed,
+                    on_unsent=on_unsent,
+                    before_send=before_send,
+                    group=max(INTENT_GROUP, 2 * max_concurrency),
+                    errors=errors,
+                    policy=retry,
+                )
+                syncing.cancel_scope.cancel()
+    except BaseException as exc:
         reporter.close()
         if ckpt is not None:
-            ckpt.close()
+            try:
+                ckpt.close()
+            except Exception as also:  # noqa: BLE001 - the first error is the one to see
+                exc.add_note(f"closing the checkpoint failed too: {also!r}")
         raise
     reporter.close()
 
@@ -242,6 +251,14 @@ async def arun_batches(
             transport=transport,
         )
     return cast(Frame, back(result))
+
+
+async def _sync_answers(ckpt: Checkpoint) -> None:
+    """Answers are written with the next group's intents; when none comes for a while (after
+    the last group, or from a slow server), at least every ``SYNC_INTERVAL`` seconds."""
+    while True:
+        await anyio.sleep(SYNC_INTERVAL)
+        await anyio.to_thread.run_sync(ckpt.sync)
 
 
 def _error_messages(failures: Sequence[ChunkFailure]) -> dict[str, str]:

@@ -552,6 +552,8 @@ class Checkpoint:
         _fsync_dir(self.directory)
         for _, journal in old:
             journal.unlink()
+        if old:
+            _fsync_dir(self.directory)  # an old journal never comes back, with a torn tail
 
     def intend(self, intents: Iterable[Intent]) -> None:
         """Record intents; they are durable once :meth:`sync` returns (then their POSTs may
@@ -565,9 +567,16 @@ class Checkpoint:
     def sync(self) -> None:
         """Write what was recorded since the last sync and make it durable; made to run in a
         thread while the event loop goes on."""
-        with self._io_lock:
-            self._flush()
-            os.fsync(self._journal())
+        try:
+            with self._io_lock:
+                self._flush()
+                os.fsync(self._journal())
+        except OSError as exc:
+            raise CheckpointError(
+                f"checkpoint {self.directory}: writing its journal failed ({exc}), so the job "
+                "stopped. Fix the cause and re-run the same call: it resumes without sending "
+                "anything twice"
+            ) from exc
 
     def record(self, chunk: int, handles: Handles) -> None:
         """Record a chunk's handles, written and made durable by the next sync (or close):
@@ -667,12 +676,15 @@ class Checkpoint:
                 self._compact()
                 if self.state.intents or self.state.rejected:
                     self._rotate()
-                else:
-                    # Every record is in a segment now. No fsync: a journal that a crash
-                    # brings back only repeats what the segments hold.
+                else:  # every record is in a segment now
                     for _, journal in _numbered(self.directory, _JOURNAL_RE):
                         journal.unlink()
+                    _fsync_dir(self.directory)
         finally:
+            if self._writer is not None:
+                # However close ends, no segment is being written once the lock is released:
+                # the next run would take the same segment number.
+                self._writer.shutdown()
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -692,13 +704,24 @@ class Checkpoint:
             self._unwritten += frames
 
     def _flush(self) -> int:
-        """Write the unwritten records (the caller holds ``_io_lock``); how many bytes."""
+        """Write the unwritten records (the caller holds ``_io_lock``); how many bytes.
+
+        A failed write (a full disk) is cut off the journal and its records kept for the next
+        try, so that valid frames never follow a torn one."""
+        fd = self._journal()
         with self._unwritten_lock:
-            data = b"".join(self._unwritten)
-            self._unwritten = []
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._journal(), view) :]
+            frames, self._unwritten = self._unwritten, []
+        data = b"".join(frames)
+        end = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.ftruncate(fd, end)
+            with self._unwritten_lock:
+                self._unwritten = frames + self._unwritten
+            raise
         return len(data)
 
     def _compact(self) -> None:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from itertools import islice
@@ -190,6 +191,18 @@ class Throttle:
 SHARED_GATE: ContextVar[Gate | None] = ContextVar("runflow_frames_shared_gate", default=None)
 
 
+@contextmanager
+def one_error() -> Iterator[None]:
+    """A task group that failed because of one exception (a checkpoint write, Ctrl-C) raises
+    that exception itself, not an ExceptionGroup around it."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
 def job_gate(max_concurrency: int) -> Gate:
     """The context's shared gate, else a Throttle of the job's own."""
     shared = SHARED_GATE.get()
@@ -294,9 +307,10 @@ async def submit_chunks(
                 continue
             on_submitted(chunk, handles)
 
-    async with anyio.create_task_group() as tg:
-        for _ in range(max_concurrency):
-            tg.start_soon(worker, tg)
+    with one_error():
+        async with anyio.create_task_group() as tg:
+            for _ in range(max_concurrency):
+                tg.start_soon(worker, tg)
     # Chunks taken ahead (their intents written) that no worker sent before the job stopped.
     while ready and on_unsent is not None:
         on_unsent(ready.popleft())

@@ -55,6 +55,7 @@ class Soak:
     kill_delays: list[float] = field(default_factory=list)
     attempts: int = 0
     runs_by_ref: dict[str, int] = field(default_factory=dict)
+    replays: int = 0  # creates the server answered by replaying an earlier batch
     result: pd.DataFrame | None = None
     received: dict[str, dict[str, Any]] = field(default_factory=dict)
     wall: float = 0.0
@@ -129,7 +130,9 @@ def soak(
             if proc.returncode != 0 or not stdout.endswith(b"DONE\n"):
                 raise RuntimeError(f"the job failed:\n{stderr.decode()}")
             break
-        result.runs_by_ref = httpx.get(url + "/_emulator/accounting").json()["runs_by_client_ref"]
+        accounting = httpx.get(url + "/_emulator/accounting").json()
+        result.runs_by_ref = accounting["runs_by_client_ref"]
+        result.replays = accounting["idempotent_replays"]
         received = httpx.get(url + "/_emulator/received").json()["runs"]
     result.received = {r["client_ref"]: r for r in received}
     result.result = pd.read_parquet(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -519,4 +520,71 @@ def test_a_failed_mid_run_segment_write_loses_nothing(
     # The journal kept every answer: nothing was sent again, not even a replay.
     assert emulator.accounting().batches_created == 200
     assert sum(emulator.accounting().requests_by_idempotency_key.values()) == 200
+    assert_matches_server(out, emulator)
+
+
+def journal_fd(fd: int) -> bool:
+    return "journal-" in str(Path(f"/proc/self/fd/{fd}").readlink())
+
+
+def test_a_failed_journal_write_stops_the_job_and_leaves_no_torn_record(
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = os.write
+    calls = 0
+
+    def disk_fills_up(fd: int, data: Any) -> int:
+        nonlocal calls
+        if journal_fd(fd):
+            calls += 1
+            if calls >= 3:  # the third write to the journal: half of it, then ENOSPC
+                write(fd, bytes(data)[: len(data) // 2])
+                raise OSError(28, "No space left on device")
+        return write(fd, data)
+
+    monkeypatch.setattr(_checkpoint.os, "write", disk_fills_up)
+    monkeypatch.setattr(_checkpoint, "SEGMENT_ROWS", 1000)  # a segment writer thread runs too
+    df = frame(20_000)
+    with pytest.raises(CheckpointError, match=r"writing its journal failed .* No space left"):
+        run(df, tmp_path, emulator, max_concurrency=4)
+    sent = emulator.accounting().batches_created
+    assert 0 < sent < 200
+    # Closing failed too (the disk is still full), but it stopped its segment writer before it
+    # released the lock: a resume must not find a segment still being written.
+    assert [t.name for t in threading.enumerate() if t.name.startswith("runflow-")] == []
+
+    monkeypatch.setattr(_checkpoint.os, "write", write)
+    out = run(df, tmp_path, emulator, max_concurrency=4)  # no "corrupted" error
+    assert emulator.accounting().batches_created == 200
+    assert_matches_server(out, emulator)
+
+
+class SlowLastAnswer(httpx.AsyncBaseTransport):
+    """The emulator in-process; the answer to the last create waits 1.5 s, and while it waits
+    the transport reads how many done records the checkpoint's journal holds."""
+
+    def __init__(self, emulator: Emulator, checkpoint: Path, last: int) -> None:
+        self.inner = httpx.ASGITransport(app=create_app(emulator))
+        self.checkpoint, self.last = checkpoint, last
+        self.creates = 0
+        self.done_on_disk: int | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.method == "POST":
+            self.creates += 1
+            if self.creates == self.last:
+                await anyio.sleep(1.5)
+                (path,) = self.checkpoint.glob("journal-*.log")
+                self.done_on_disk = sum(r["t"] == "d" for r in _read_journal(path))
+        return response
+
+
+def test_answers_reach_the_journal_within_a_second_when_no_group_follows(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    # 20 chunks: one group of intents, so no later group's fsync carries the done records.
+    transport = SlowLastAnswer(emulator, tmp_path, last=20)
+    out = run(frame(2000), tmp_path, emulator, max_concurrency=1, transport=transport)
+    assert transport.done_on_disk == 19  # all but the one still waiting
     assert_matches_server(out, emulator)

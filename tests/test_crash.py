@@ -28,6 +28,9 @@ def test_sigkill_at_random_moments_never_duplicates_or_loses_a_row(tmp_path: Pat
     assert result.result is not None
     assert len(result.result) == rows
     assert result.result["runflow_run_id"].notna().all()
+    # Kills left chunks whose answer was not recorded, and resumes re-sent them: the server
+    # replayed those instead of creating them again.
+    assert result.replays > 0
     # From the server's own accounting: every row created exactly once, none extra.
     assert result.duplicates == {}
     assert set(result.runs_by_ref) == set(result.result["runflow_client_ref"])
