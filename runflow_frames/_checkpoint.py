@@ -444,6 +444,7 @@ class Checkpoint:
         self._unwritten: list[bytes] = []
         self._unwritten_lock = threading.Lock()
         self._io_lock = threading.Lock()  # one write-and-fsync at a time, in record order
+        self._dir_synced = True  # whether the current journal's directory entry is durable
         # Answers go to segments during the run, in a thread, so that closing writes only the
         # last few: the pool and the segment being written, if any.
         self._writer: ThreadPoolExecutor | None = None
@@ -529,28 +530,39 @@ class Checkpoint:
         self._rotate()
 
     def _rotate(self) -> None:
-        """Start a fresh journal holding only the pending intents and refused chunk numbers;
-        delete the older journals. Call it once the state is compacted: unwritten records are
-        dropped, since the state now says all they said.
+        """Start a fresh journal holding only the pending intents and refused chunk numbers,
+        and delete the older journals. Call it once the state is compacted (everything else
+        the old journals say is in segments)."""
+        old = self._switch_journal()
+        self._retire(old)
 
-        The new journal is durable before the old ones go; a crash before their deletion is
-        durable leaves the same records twice (deduplicated on load), never none.
-        """
-        old = _numbered(self.directory, _JOURNAL_RE)
-        path = self.directory / f"journal-{self._journal_no:06d}.log"
-        self._journal_no += 1
+    def _switch_journal(self) -> list[Path]:
+        """Send every record from now on to a fresh journal that begins with the pending
+        intents and refused chunk numbers; what was recorded so far goes to the old one.
+        Returns the journals that the new one and the segments now make redundant."""
+        old = [path for _, path in _numbered(self.directory, _JOURNAL_RE)]
         carried: list[dict[str, Any]] = [_intent_record(i) for i in self.state.pending()]
         carried += [{"t": "x", "c": c} for c in sorted(self.state.rejected)]
+        frames = [_frame(r) for r in carried]
+        path = self.directory / f"journal-{self._journal_no:06d}.log"
+        self._journal_no += 1
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         with self._io_lock:
             if self._fd is not None:
+                self._flush()
                 os.close(self._fd)
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._fd = fd
+            self._dir_synced = False
             with self._unwritten_lock:
-                self._unwritten = [_frame(r) for r in carried]
-            if self._flush():
-                os.fsync(self._fd)
-        _fsync_dir(self.directory)
-        for _, journal in old:
+                self._unwritten = frames + self._unwritten
+        return old
+
+    def _retire(self, old: Sequence[Path]) -> None:
+        """Make the current journal durable, then delete ``old``: a crash in between leaves
+        the same records twice (deduplicated on load), never none."""
+        with self._io_lock:
+            self._sync_locked()
+        for journal in old:
             journal.unlink()
         if old:
             _fsync_dir(self.directory)  # an old journal never comes back, with a torn tail
@@ -569,8 +581,7 @@ class Checkpoint:
         thread while the event loop goes on."""
         try:
             with self._io_lock:
-                self._flush()
-                os.fsync(self._journal())
+                self._sync_locked()
         except OSError as exc:
             raise CheckpointError(
                 f"checkpoint {self.directory}: writing its journal failed ({exc}), so the job "
@@ -655,7 +666,11 @@ class Checkpoint:
             return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="runflow-checkpoint")
-        self._writing = self._writer.submit(self._write_segment, *self._unwritten_segment())
+        number, table = self._unwritten_segment()
+        # The journal starts afresh too: once the segment is written, the old one says
+        # nothing it does not, and a resume after a crash has little journal to read.
+        old = self._switch_journal()
+        self._writing = self._writer.submit(self._write_segment, number, table, retire=old)
 
     def close(self) -> None:
         """Fold this run's answers into a segment, keep what is pending, release the lock."""
@@ -691,6 +706,15 @@ class Checkpoint:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # closing releases the flock
                 self._lock_fd = None
+
+    def _sync_locked(self) -> None:
+        """Write, fsync the journal and, the first time, the directory entry of a new journal
+        (without it, a power loss could take the whole file). The caller holds ``_io_lock``."""
+        self._flush()
+        os.fsync(self._journal())
+        if not self._dir_synced:
+            _fsync_dir(self.directory)
+            self._dir_synced = True
 
     def _journal(self) -> int:
         if self._fd is None:
@@ -741,9 +765,11 @@ class Checkpoint:
             self._segment_no += 1
         return number, table
 
-    def _write_segment(self, number: int, table: pa.Table) -> None:
+    def _write_segment(self, number: int, table: pa.Table, retire: Sequence[Path] = ()) -> None:
         path = self.directory / f"segment-{number:06d}.parquet"
         _atomic_write(path, lambda tmp: pq.write_table(table, tmp, **_SEGMENT_OPTIONS))
+        if retire:
+            self._retire(retire)
 
 
 def _intent_record(intent: Intent) -> dict[str, Any]:

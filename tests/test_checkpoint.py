@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import orjson
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from runflow_frames import (
@@ -559,32 +560,60 @@ def test_a_failed_journal_write_stops_the_job_and_leaves_no_torn_record(
     assert_matches_server(out, emulator)
 
 
-class SlowLastAnswer(httpx.AsyncBaseTransport):
-    """The emulator in-process; the answer to the last create waits 1.5 s, and while it waits
-    the transport reads how many done records the checkpoint's journal holds."""
+class LastAnswerWaits(httpx.AsyncBaseTransport):
+    """The emulator in-process; the answer to the last create waits ``wait`` seconds, then
+    ``probe()`` looks at the checkpoint directory (its result is kept in ``seen``)."""
 
-    def __init__(self, emulator: Emulator, checkpoint: Path, last: int) -> None:
+    def __init__(self, emulator: Emulator, last: int, wait: float, probe: Any) -> None:
         self.inner = httpx.ASGITransport(app=create_app(emulator))
-        self.checkpoint, self.last = checkpoint, last
+        self.last, self.wait, self.probe = last, wait, probe
         self.creates = 0
-        self.done_on_disk: int | None = None
+        self.seen: Any = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self.inner.handle_async_request(request)
         if request.method == "POST":
             self.creates += 1
             if self.creates == self.last:
-                await anyio.sleep(1.5)
-                (path,) = self.checkpoint.glob("journal-*.log")
-                self.done_on_disk = sum(r["t"] == "d" for r in _read_journal(path))
+                await anyio.sleep(self.wait)
+                self.seen = self.probe()
         return response
+
+
+def journal_records(checkpoint: Path) -> list[dict[str, Any]]:
+    return [r for path in sorted(checkpoint.glob("journal-*.log")) for r in _read_journal(path)]
 
 
 def test_answers_reach_the_journal_within_a_second_when_no_group_follows(
     tmp_path: Path, emulator: Emulator
 ) -> None:
     # 20 chunks: one group of intents, so no later group's fsync carries the done records.
-    transport = SlowLastAnswer(emulator, tmp_path, last=20)
+    def done_on_disk() -> int:
+        return sum(r["t"] == "d" for r in journal_records(tmp_path))
+
+    transport = LastAnswerWaits(emulator, last=20, wait=1.5, probe=done_on_disk)
     out = run(frame(2000), tmp_path, emulator, max_concurrency=1, transport=transport)
-    assert transport.done_on_disk == 19  # all but the one still waiting
+    assert transport.seen == 19  # all but the one still waiting
+    assert_matches_server(out, emulator)
+
+
+def test_a_mid_run_segment_retires_the_journal_that_held_its_answers(
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_checkpoint, "SEGMENT_ROWS", 1000)
+
+    def on_disk() -> tuple[int, set[int], set[int]]:
+        segments = pq.read_table(sorted(tmp_path.glob("segment-*.parquet")), columns=["chunk"])
+        done = {r["c"] for r in journal_records(tmp_path) if r["t"] == "d"}
+        return len(list(tmp_path.glob("journal-*.log"))), set(segments["chunk"].to_pylist()), done
+
+    # At the last create (0.5 s after it arrived, so the segment writer is idle): one journal,
+    # and no chunk is in both a segment and the journal.
+    transport = LastAnswerWaits(emulator, last=200, wait=0.5, probe=on_disk)
+    out = run(frame(20_000), tmp_path, emulator, max_concurrency=4, transport=transport)
+    journals, in_segments, in_journal = transport.seen
+    assert journals == 1
+    assert in_segments  # written mid-run (how many depends on how fast the writer thread is)
+    assert in_journal
+    assert in_segments.isdisjoint(in_journal)
     assert_matches_server(out, emulator)
