@@ -1,6 +1,6 @@
 """What checkpoints cost, and how fast a big job resumes.
 
-1. Overhead: ROWS rows (default 100,000) through an emulator in its own process (a fresh one
+1. Overhead: ROWS rows (default 200,000) through an emulator in its own process (a fresh one
    per run), with and without checkpoint=, in counterbalanced order, several runs each: median
    rows/s, and the median of the with/without ratios of runs side by side (target: at most 10%
    slower); the client CPU the checkpoint adds per row.
@@ -8,9 +8,10 @@
    earlier run that ended normally (handles compacted to Parquet): seconds from the call to its
    first new request (target: within 5 s).
 3. Resume start-up after SIGKILL: the same 1,000,000-row job run in a subprocess and killed once
-   the server has 900,000 of its rows, so the journal was never compacted.
+   the server has 900,000 of its rows: no close, so the answers since the last mid-run segment
+   and the pending intents are only in the journal.
 
-    python benchmarks/bench_checkpoint.py [--rows 100000] [--runs 15] [--resume-rows 1000000]
+    python benchmarks/bench_checkpoint.py [--rows 200000] [--runs 15] [--resume-rows 1000000]
 """
 
 from __future__ import annotations
@@ -177,8 +178,8 @@ def resume_after_kill(url: str, rows: int, tmp: Path, copies: int) -> list[str]:
     # are the checkpoint's), so the server replays them: each row must still have one run.
     duplicates = sum(1 for r, n in seen["runs_by_client_ref"].items() if r in refs and n != 1)
     return [
-        f"resume after SIGKILL, {rows:,} rows, killed with {killed_at * 100:,} rows created and an "
-        f"uncompacted journal of {journal / 1e6:.0f} MB: first new request after "
+        f"resume after SIGKILL, {rows:,} rows, killed with {killed_at * 100:,} rows created, "
+        f"leaving a journal of {journal / 1e6:.1f} MB: first new request after "
         f"{statistics.median(firsts):.2f} s median (min {min(firsts):.2f}, max {max(firsts):.2f}, "
         f"n={len(firsts)}; target <= 5 s), whole resume {statistics.median(totals):.2f} s; "
         f"rows with other than one run on the server after all resumes: {duplicates} (must be 0)",
@@ -187,7 +188,7 @@ def resume_after_kill(url: str, rows: int, tmp: Path, copies: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=15, help="runs each way")
     parser.add_argument("--resume-rows", type=int, default=1_000_000)
     parser.add_argument("--copies", type=int, default=3, help="resumes timed per scenario")
