@@ -545,11 +545,12 @@ class Checkpoint:
         carried += [{"t": "x", "c": c} for c in sorted(self.state.rejected)]
         frames = [_frame(r) for r in carried]
         path = self.directory / f"journal-{self._journal_no:06d}.log"
-        self._journal_no += 1
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         with self._io_lock:
             if self._fd is not None:
                 self._flush()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._journal_no += 1
+            if self._fd is not None:
                 os.close(self._fd)
             self._fd = fd
             self._dir_synced = False
@@ -583,11 +584,14 @@ class Checkpoint:
             with self._io_lock:
                 self._sync_locked()
         except OSError as exc:
-            raise CheckpointError(
-                f"checkpoint {self.directory}: writing its journal failed ({exc}), so the job "
-                "stopped. Fix the cause and re-run the same call: it resumes without sending "
-                "anything twice"
-            ) from exc
+            raise self._journal_failed(exc) from exc
+
+    def _journal_failed(self, exc: OSError) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint {self.directory}: writing its journal failed ({exc}), so the job "
+            "stopped. Fix the cause and re-run the same call: it resumes without sending "
+            "anything twice"
+        )
 
     def record(self, chunk: int, handles: Handles) -> None:
         """Record a chunk's handles, written and made durable by the next sync (or close):
@@ -669,7 +673,10 @@ class Checkpoint:
         number, table = self._unwritten_segment()
         # The journal starts afresh too: once the segment is written, the old one says
         # nothing it does not, and a resume after a crash has little journal to read.
-        old = self._switch_journal()
+        try:
+            old = self._switch_journal()
+        except OSError as exc:
+            raise self._journal_failed(exc) from exc
         self._writing = self._writer.submit(self._write_segment, number, table, retire=old)
 
     def close(self) -> None:
