@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from ._errors import CheckpointError
-from ._join import HANDLE_SCHEMA, Handles
+from ._join import HANDLE_SCHEMA, Handles, HandleTable
 
 FORMAT: Final = 3  # 3: xxh3 frame checksums (2 had crc32); 2: xxh3 row digests (1: blake2b)
 MANIFEST: Final = "manifest.json"
@@ -110,13 +110,6 @@ _SEGMENT_OPTIONS: Final[dict[str, Any]] = {
 }
 
 
-def _columns() -> dict[str, list[Any]]:
-    """The per-row columns of answered rows (the per-chunk ones are kept per chunk)."""
-    return {
-        n: [] for n in ("client_ref", "item_id", "run_id", "sequence_index", "status", "digest")
-    }
-
-
 def row_digests(items: Sequence[bytes]) -> np.ndarray[Any, np.dtype[np.int64]]:
     """A 64-bit digest (xxh3) of each row's item bytes: how a resume knows a row did not change."""
     digests = np.fromiter(map(xxhash.xxh3_64_intdigest, items), np.uint64, len(items))
@@ -139,19 +132,20 @@ class State:
     """Everything a checkpoint records.
 
     Submitted rows are columnar: ``segments`` (one row each, from segment files or absorbed),
-    and ``answered``, rows answered since, accumulated column by column as their chunks are
-    answered (a chunk's Python objects would otherwise live until the end of the run, and
-    their number alone made the garbage collector scan the whole heap). Only chunks without
-    an answer are Python objects (``intents``), keyed by chunk number, which also
-    deduplicates records written twice.
+    and ``answered``, the handles of rows answered since, accumulated column by column as
+    their chunks are answered (a chunk's Python objects would otherwise live until the end of
+    the run, and their number alone made the garbage collector scan the whole heap), with
+    their digests beside them. Only chunks without an answer are Python objects
+    (``intents``), keyed by chunk number, which also deduplicates records written twice.
     """
 
     segments: pa.Table = field(default_factory=lambda: _SEGMENT_SCHEMA.empty_table())
     written: int = 0  # leading rows of ``segments`` that are already in segment files
     intents: dict[int, Intent] = field(default_factory=dict)  # chunks without an answer
-    answered: dict[str, list[Any]] = field(default_factory=lambda: _columns())
-    # The chunks in ``answered``, in order: rows, batch id, intent and answer times.
-    answered_chunks: dict[int, tuple[int, str, float, float]] = field(default_factory=dict)
+    answered: HandleTable = field(default_factory=HandleTable)
+    answered_digests: list[np.ndarray[Any, np.dtype[np.int64]]] = field(default_factory=list)
+    # The chunks in ``answered``, in order: rows, intent and answer times.
+    answered_chunks: dict[int, tuple[int, float, float]] = field(default_factory=dict)
     rejected: set[int] = field(default_factory=set)  # refused chunks: numbers not to reuse
 
     def pending(self) -> list[Intent]:
@@ -168,39 +162,29 @@ class State:
         intent = self.intents.pop(chunk, None)
         if intent is None or len(handles.item_ids) != len(intent.refs):
             raise CheckpointError(f"checkpoint: chunk {chunk} has handles but no intent")
-        a = self.answered
-        a["client_ref"] += intent.refs
-        a["item_id"] += handles.item_ids
-        a["run_id"] += handles.run_ids
-        a["sequence_index"] += handles.sequence_indexes
-        a["status"] += handles.statuses
-        a["digest"].append(intent.digests)
+        self.answered.add(intent.refs, handles)
+        self.answered_digests.append(intent.digests)
         # One value per chunk, repeated per row only when absorbed (numpy does it at C speed).
-        self.answered_chunks[chunk] = (len(intent.refs), handles.batch_id, intent.at, at)
+        self.answered_chunks[chunk] = (len(intent.refs), intent.at, at)
 
     def absorb(self) -> None:
         """Move answered rows into ``segments`` (in memory; :meth:`Checkpoint._compact`
         writes them out)."""
         if not self.answered_chunks:
             return
-        chunks = list(self.answered_chunks)
-        sizes, batch_ids, intent_ats, submitted_ats = zip(
-            *self.answered_chunks.values(), strict=True
-        )
-        columns: dict[str, Any] = dict(self.answered)
-        columns["batch_id"] = pa.DictionaryArray.from_arrays(
-            np.repeat(np.arange(len(chunks), dtype=np.int32), sizes), pa.array(batch_ids)
-        ).cast(pa.string())
+        sizes, intent_ats, submitted_ats = zip(*self.answered_chunks.values(), strict=True)
+        columns: dict[str, Any] = dict(self.answered.columns)
         for name, values in (
-            ("chunk", chunks),
+            ("chunk", list(self.answered_chunks)),
             ("intent_at", intent_ats),
             ("submitted_at", submitted_ats),
         ):
             columns[name] = np.repeat(np.array(values), sizes)
-        columns["digest"] = np.concatenate(self.answered["digest"])
+        columns["digest"] = np.concatenate(self.answered_digests)
         table = pa.table(columns, schema=_SEGMENT_SCHEMA)
         self.segments = pa.concat_tables([self.segments, table])
-        self.answered = _columns()
+        self.answered = HandleTable()
+        self.answered_digests = []
         self.answered_chunks = {}
 
     def submitted(self) -> pa.Table:
@@ -666,7 +650,7 @@ class Checkpoint:
             self._writing.done() and self._writing.exception() is None
         ):
             return
-        if len(self.state.answered["client_ref"]) < SEGMENT_ROWS:
+        if len(self.state.answered) < SEGMENT_ROWS:
             return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="runflow-checkpoint")
