@@ -547,9 +547,12 @@ class Checkpoint:
         the same records twice (deduplicated on load), never none."""
         with self._io_lock:
             self._sync_locked()
-        for journal in old:
+        self._delete(old)
+
+    def _delete(self, journals: Sequence[Path]) -> None:
+        for journal in journals:
             journal.unlink()
-        if old:
+        if journals:
             _fsync_dir(self.directory)  # an old journal never comes back, with a torn tail
 
     def intend(self, intents: Iterable[Intent]) -> None:
@@ -683,9 +686,7 @@ class Checkpoint:
                 if self.state.intents or self.state.rejected:
                     self._rotate()
                 else:  # every record is in a segment now
-                    for _, journal in _numbered(self.directory, _JOURNAL_RE):
-                        journal.unlink()
-                    _fsync_dir(self.directory)
+                    self._delete([path for _, path in _numbered(self.directory, _JOURNAL_RE)])
         finally:
             if self._writer is not None:
                 # However close ends, no segment is being written once the lock is released:
@@ -718,8 +719,8 @@ class Checkpoint:
         with self._unwritten_lock:
             self._unwritten += frames
 
-    def _flush(self) -> int:
-        """Write the unwritten records (the caller holds ``_io_lock``); how many bytes.
+    def _flush(self) -> None:
+        """Write the unwritten records (the caller holds ``_io_lock``).
 
         A failed write (a full disk) is cut off the journal and its records kept for the next
         try, so that valid frames never follow a torn one."""
@@ -737,7 +738,6 @@ class Checkpoint:
             with self._unwritten_lock:
                 self._unwritten = frames + self._unwritten
             raise
-        return len(data)
 
     def _compact(self) -> None:
         """Write the submitted rows not yet in a segment file to a new one."""

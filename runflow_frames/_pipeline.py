@@ -95,9 +95,8 @@ class Throttle:
 
     Rate: a 429 may say we send too fast, whatever our concurrency. When, over the last
     ``RATE_WINDOW`` seconds, more than ``1 - RATE_CUT`` of at least ``RATE_SAMPLE`` tries got a
-    429, the
-    first 429 of an episode sets ``rate`` (admissions per second) to ``RATE_CUT`` times the
-    rate that got through; each success then adds ``RATE_GROWTH`` (a slow probe upward: 2% per
+    429, the first 429 of an episode sets ``rate`` (admissions per second) to ``RATE_CUT``
+    times the rate that got through; each success then adds ``RATE_GROWTH`` (a slow probe upward: 2% per
     second at any rate), so against a server limit the rate settles around it, with a 429 now
     and then rather than one per request. A stray 429 from a server that lets most tries through
     changes no rate (cutting on those would ratchet the rate down for nothing). Admissions are
