@@ -11,6 +11,17 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted(Path(__file__).parents[1].joinpath("notebooks").glob("*.ipynb"))
 
 
+@pytest.fixture(autouse=True)
+def _jupyter_dirs_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Jupyter, IPython and matplotlib keep their files under $HOME by default: point them at a
+    # temporary directory, so the notebooks run where the home directory is not writable (a CI
+    # image, a locked-down account) and never read the developer's own configuration.
+    for name in ("JUPYTER_RUNTIME_DIR", "JUPYTER_DATA_DIR", "JUPYTER_CONFIG_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "jupyter" / name.lower()))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "matplotlib"))
+
+
 def test_there_are_notebooks() -> None:
     assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "big_files.ipynb"}
 

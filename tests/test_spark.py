@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +14,38 @@ from typing import Any
 import pandas as pd
 import pytest
 
+
+def java_missing() -> str | None:
+    """Why a Spark session cannot start here, or None: decided by running `java -version`.
+
+    Spark needs a Java runtime (17 or newer), which pip cannot install: where there is none, the
+    test skips and says so instead of failing with JAVA_GATEWAY_EXITED.
+    """
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home, "bin", "java")) if home else shutil.which("java")
+    if java is None:
+        return "no `java` on PATH and JAVA_HOME unset"
+    try:
+        done = subprocess.run(
+            [java, "-version"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`{java} -version` failed: {exc}"
+    if done.returncode != 0:
+        return f"`{java} -version` exited {done.returncode}"
+    found = re.search(r'version "(1\.)?(\d+)', done.stderr + done.stdout)
+    if found is None or int(found.group(2)) < 17:
+        return f"`{java} -version` does not show Java 17 or newer"
+    return None
+
+
+MISSING = java_missing()
+if MISSING is not None:
+    pytest.skip(
+        f"the Spark recipe needs a Java runtime 17+ ({MISSING}); install one (e.g. "
+        "`apt install openjdk-17-jre-headless`) or set JAVA_HOME to run it",
+        allow_module_level=True,
+    )
 pyspark = pytest.importorskip("pyspark")
 
 from pyspark import TaskContext  # noqa: E402
