@@ -17,7 +17,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ._faults import FaultMiddleware
-from ._state import CREATE_ROUTE, Answer, Emulator, _error
+from ._records import Answer, error_answer
+from ._state import CREATE_ROUTE, Emulator
 
 Handler = Callable[[Request, str], Awaitable[Answer]]
 
@@ -77,7 +78,7 @@ def create_app(emulator: Emulator) -> Starlette:
         model = [unquote(s) for s in segments[3:-1]]
         # A decoded "/" inside a segment would silently name another model: no such model.
         if segments[-1] != "batches" or len(model) < 2 or any("/" in m for m in model):
-            return _error(404, "NOT_FOUND", f"no route {request.url.path}")
+            return error_answer(404, "NOT_FOUND", f"no route {request.url.path}")
         emulator.create_started()
         # The service time runs from arrival to the answer, our own processing included, so
         # that C requests in flight make at most C / L answers a second (Little's law).
@@ -88,7 +89,7 @@ def create_app(emulator: Emulator) -> Starlette:
             except ClientDisconnect:
                 # The client went away mid-body (killed, say): nothing was created; 499 is
                 # what the access log shows, the client never sees it.
-                return _error(499, "CLIENT_CLOSED_REQUEST", "client disconnected")
+                return error_answer(499, "CLIENT_CLOSED_REQUEST", "client disconnected")
             answer = emulator.create_batch(
                 token, "/".join(model), body, request.headers.get("idempotency-key")
             )

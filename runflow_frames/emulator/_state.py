@@ -22,124 +22,27 @@ Choices where the contract is silent (Part B of the contract), made once here:
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import random
 import threading
 import time
-import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, Final
 
 import orjson
 
-from .._callbacks import sign
+from ._accounting import Accounting, Ledger
+from ._deliveries import Deliveries, Due
 from ._faults import Faults
 from ._models import ModelSpec, builtin_models
+from ._records import Answer, Batch, Run, Timing, error_answer
+from ._requests import MAX_PAGE, page_body, read_page, validate_create
+from ._views import Snapshot
 
-MAX_ITEMS: Final = 100
-MAX_CLIENT_REF: Final = 255
-MAX_CALLBACK_URL: Final = 2048
-MAX_PAGE: Final = 500
-DEFAULT_PAGE: Final = 100
+__all__ = ["CREATE_ROUTE", "Accounting", "Emulator", "Timing"]
 
 CREATE_ROUTE: Final = "POST /v1/models/{model}/batches"
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Seconds a run spends in each state, and the service latency of a create request:
-    ``create_latency`` times a lognormal factor of shape ``latency_sigma`` (0: fixed)."""
-
-    queued: float = 0.05
-    dispatching: float = 0.05
-    running: float = 0.2
-    create_latency: float = 0.0
-    latency_sigma: float = 0.0
-
-    def service_time(self, rng: random.Random) -> float:
-        """One create request's service time (median ``create_latency``)."""
-        if self.latency_sigma <= 0:
-            return self.create_latency
-        return self.create_latency * rng.lognormvariate(0.0, self.latency_sigma)
-
-
-@dataclass
-class Answer:
-    """What an operation answers: status, JSON body (or exact bytes to replay), headers."""
-
-    status: int
-    body: Any = None
-    raw: bytes | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def content(self) -> bytes:
-        return self.raw if self.raw is not None else orjson.dumps(self.body)
-
-
-@dataclass
-class _Run:
-    id: str
-    batch_id: str
-    item_id: str
-    sequence_index: int
-    client_ref: str | None
-    input: dict[str, Any]
-    model: ModelSpec
-    created: float
-    failure: str | None  # why the input fails the model's declarations
-    metadata: dict[str, Any] | None
-    callback_url: str | None
-
-
-@dataclass
-class _Batch:
-    id: str
-    owner: str
-    model: ModelSpec
-    created: float
-    runs: list[_Run]
-    input: list[dict[str, Any]]
-    metadata: dict[str, Any] | None
-    callback_url: str | None
-
-
-@dataclass(frozen=True)
-class Accounting:
-    """What the emulator has seen; tests assert on this, not on what the client believes."""
-
-    batches_created: int
-    runs_by_client_ref: dict[str, int]
-    requests_by_idempotency_key: dict[str, int]
-    requests_by_route: dict[str, int]
-    responses_by_status: dict[int, int]
-    idempotent_replays: int
-    max_creates_in_flight: int
-    faults: dict[str, int]
-
-    def duplicate_refs(self) -> dict[str, int]:
-        """client_refs that got more than one run."""
-        return {r: n for r, n in self.runs_by_client_ref.items() if n > 1}
-
-    def to_json(self) -> dict[str, Any]:
-        data = dict(self.__dict__)
-        data["responses_by_status"] = {str(k): v for k, v in self.responses_by_status.items()}
-        return data
-
-
-def _error(status: int, code: str, message: str, errors: list[Any] | None = None) -> Answer:
-    return Answer(status, {"code": code, "message": message, "errors": errors})
-
-
-def _iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Emulator:
@@ -190,7 +93,6 @@ class Emulator:
         self.page_cap = page_cap
         self.signing_secrets = list(signing_secrets)
         self.callback_attempts = callback_attempts
-        self._deliveries: dict[str, dict[str, Any]] = {}
         self.timing = timing or Timing()
         self.faults = faults
         self.credit = credit
@@ -201,18 +103,11 @@ class Emulator:
         self._models: dict[str, ModelSpec] = {}
         for spec in builtin_models() if models is None else models:
             self.register(spec)
-        self._batches: dict[str, _Batch] = {}
-        self._runs: dict[str, _Run] = {}
+        self._batches: dict[str, Batch] = {}
+        self._runs: dict[str, Run] = {}
         self._idempotency: dict[tuple[str, str], tuple[bytes, Answer]] = {}
-        self._batches_created = 0
-        self._runs_by_ref: Counter[str] = Counter()
-        self._requests_by_key: Counter[str] = Counter()
-        self._requests_by_route: Counter[str] = Counter()
-        self._responses_by_status: Counter[int] = Counter()
-        self._replays = 0
-        self._creates_in_flight = 0
-        self._max_creates_in_flight = 0
-        self._faults_struck: Counter[str] = Counter()
+        self._ledger = Ledger()
+        self._deliveries = Deliveries()
 
     def __repr__(self) -> str:
         return f"Emulator(models={sorted(self._models)}, batches={len(self._batches)})"
@@ -233,52 +128,32 @@ class Emulator:
     def accounting(self) -> Accounting:
         """A snapshot of what the emulator has seen."""
         with self._lock:
-            return Accounting(
-                batches_created=self._batches_created,
-                runs_by_client_ref=dict(self._runs_by_ref),
-                requests_by_idempotency_key=dict(self._requests_by_key),
-                requests_by_route=dict(self._requests_by_route),
-                responses_by_status=dict(self._responses_by_status),
-                idempotent_replays=self._replays,
-                max_creates_in_flight=self._max_creates_in_flight,
-                faults=dict(self._faults_struck),
-            )
+            return self._ledger.snapshot()
 
     def received(self) -> list[dict[str, Any]]:
         """Every run created, in creation order: what the models received."""
         with self._lock:
-            return [
-                {
-                    "run_id": r.id,
-                    "batch_id": r.batch_id,
-                    "item_id": r.item_id,
-                    "sequence_index": r.sequence_index,
-                    "client_ref": r.client_ref,
-                    "input": r.input,
-                }
-                for r in self._runs.values()
-            ]
+            return [_received(r) for r in self._runs.values()]
 
     def count(self, route: str, status: int) -> None:
         """Record a request to ``route`` (a template such as ``GET /v1/batches/{id}``)."""
         with self._lock:
-            self._requests_by_route[route] += 1
-            self._responses_by_status[status] += 1
+            self._ledger.requests_by_route[route] += 1
+            self._ledger.responses_by_status[status] += 1
 
     def record_fault(self, name: str) -> None:
         """A fault struck (``limited`` for a server-side limit)."""
         with self._lock:
-            self._faults_struck[name] += 1
+            self._ledger.faults_struck[name] += 1
 
     def create_started(self) -> None:
         """A create request arrived (its body may still be on its way)."""
         with self._lock:
-            self._creates_in_flight += 1
-            self._max_creates_in_flight = max(self._max_creates_in_flight, self._creates_in_flight)
+            self._ledger.create_started()
 
     def create_finished(self) -> None:
         with self._lock:
-            self._creates_in_flight -= 1
+            self._ledger.creates_in_flight -= 1
 
     # -- operations ------------------------------------------------------------------------
 
@@ -287,9 +162,9 @@ class Emulator:
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            return _error(401, "UNAUTHORIZED", "missing bearer token")
+            return error_answer(401, "UNAUTHORIZED", "missing bearer token")
         if self.api_keys is not None and token not in self.api_keys:
-            return _error(401, "UNAUTHORIZED", "invalid API key")
+            return error_answer(401, "UNAUTHORIZED", "invalid API key")
         return token
 
     def create_batch(
@@ -297,82 +172,56 @@ class Emulator:
     ) -> Answer:
         """``POST /v1/models/{model_path}/batches``."""
         with self._lock:
-            if idempotency_key is not None:
-                self._requests_by_key[idempotency_key] += 1
-                fingerprint = hashlib.sha256(model_path.encode() + b"\0" + body).digest()
-                seen = self._idempotency.get((token, idempotency_key))
-                if seen is not None:
-                    if seen[0] != fingerprint:
-                        return _error(
-                            409,
-                            "CONFLICT",
-                            "Idempotency-Key was already used with a different request body",
-                        )
-                    self._replays += 1
-                    return seen[1]
+            if idempotency_key is None:
+                return self._create(token, model_path, body)
+            self._ledger.requests_by_key[idempotency_key] += 1
+            fingerprint = hashlib.sha256(model_path.encode() + b"\0" + body).digest()
+            seen = self._idempotency.get((token, idempotency_key))
+            if seen is not None:
+                return self._replay(seen, fingerprint)
             answer = self._create(token, model_path, body)
-            if idempotency_key is not None and answer.status == 201:
+            if answer.status == 201:
                 self._idempotency[(token, idempotency_key)] = (fingerprint, answer)
             return answer
 
-    def _create(self, token: str, model_path: str, body: bytes) -> Answer:
-        model = self._models.get(model_path)
-        if model is None:
-            return _error(404, "MODEL_NOT_FOUND", f"model {model_path!r} not found")
-        if not model.batch_capable:
-            return _error(
-                422, "MODEL_NOT_BATCH_CAPABLE", f"model {model_path!r} does not support batches"
+    def _replay(self, seen: tuple[bytes, Answer], fingerprint: bytes) -> Answer:
+        """The first answer to an Idempotency-Key again, or 409 for a different body."""
+        if seen[0] != fingerprint:
+            return error_answer(
+                409, "CONFLICT", "Idempotency-Key was already used with a different request body"
             )
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return _error(400, "BAD_REQUEST", "request body is not valid JSON")
-        errors = _validate_create(data)
-        if errors:
-            return _error(422, "VALIDATION_ERROR", "request validation failed", errors)
+        self._ledger.replays += 1
+        return seen[1]
+
+    def _create(self, token: str, model_path: str, body: bytes) -> Answer:
+        request = _create_request(self._models.get(model_path), model_path, body)
+        if isinstance(request, Answer):
+            return request
+        model, data = request
         if self.credit is not None:
             if self.credit < len(data["input"]):
-                return _error(402, "INSUFFICIENT_CREDIT", "not enough credit for this batch")
+                return error_answer(402, "INSUFFICIENT_CREDIT", "not enough credit for this batch")
             self.credit -= len(data["input"])
-
-        now = self.clock()
-        batch_id = self._uuid7(now)
-        metadata = data.get("metadata")
-        callback_url = data.get("callback_url")
-        runs: list[_Run] = []
-        for index, raw in enumerate(data["input"]):
-            item = dict(raw)
-            ref = item.pop("client_ref", None)
-            run = _Run(
-                id=self._uuid7(now),
-                batch_id=batch_id,
-                item_id=self._uuid7(now),
-                sequence_index=index,
-                client_ref=ref,
-                input=item,
-                model=model,
-                created=now,
-                failure=model.validate(item),
-                metadata=metadata,
-                callback_url=callback_url,
-            )
-            runs.append(run)
-            self._runs[run.id] = run
-            if ref is not None:
-                self._runs_by_ref[ref] += 1
-        batch = _Batch(batch_id, token, model, now, runs, data["input"], metadata, callback_url)
-        self._batches[batch_id] = batch
-        self._batches_created += 1
-        body_out = self._batch_view(batch, now, detail=False)
+        batch = _new_batch(self._rng, token, model, data, self.clock())
+        self._store(batch)
+        body_out = Snapshot(self.timing, batch.created).batch(batch, detail=False)
         # Frozen bytes: an idempotent replay answers exactly what the first request got.
         return Answer(201, raw=orjson.dumps(body_out))
+
+    def _store(self, batch: Batch) -> None:
+        self._batches[batch.id] = batch
+        for run in batch.runs:
+            self._runs[run.id] = run
+            if run.client_ref is not None:
+                self._ledger.runs_by_ref[run.client_ref] += 1
+        self._ledger.batches_created += 1
 
     def get_batch(self, token: str, batch_id: str) -> Answer:
         with self._lock:
             batch = self._batch(token, batch_id)
             if batch is None:
-                return _error(404, "BATCH_NOT_FOUND", f"batch {batch_id!r} not found")
-            return Answer(200, self._batch_view(batch, self.clock(), detail=True))
+                return error_answer(404, "BATCH_NOT_FOUND", f"batch {batch_id!r} not found")
+            return Answer(200, self._snapshot().batch(batch, detail=True))
 
     def list_items(
         self, token: str, batch_id: str, limit: str | None, cursor: str | None
@@ -380,42 +229,16 @@ class Emulator:
         with self._lock:
             batch = self._batch(token, batch_id)
             if batch is None:
-                return _error(404, "BATCH_NOT_FOUND", f"batch {batch_id!r} not found")
-            try:
-                size = DEFAULT_PAGE if limit is None else int(limit)
-            except ValueError:
-                size = 0
-            if not 1 <= size <= MAX_PAGE:
-                return _error(
-                    422,
-                    "VALIDATION_ERROR",
-                    f"limit must be an integer from 1 to {MAX_PAGE}",
-                    [{"loc": ["query", "limit"], "msg": "out of range", "type": "value_error"}],
-                )
-            start = 0 if cursor is None else _decode_cursor(cursor)
-            if start is None or start > len(batch.runs):
-                return _error(
-                    422,
-                    "VALIDATION_ERROR",
-                    "invalid pagination cursor",
-                    [{"loc": ["query", "pq"], "msg": "invalid cursor", "type": "value_error"}],
-                )
-            now = self.clock()
+                return error_answer(404, "BATCH_NOT_FOUND", f"batch {batch_id!r} not found")
+            total = len(batch.runs)
+            page = read_page(limit, cursor, total)
+            if isinstance(page, Answer):
+                return page
+            start, size = page
+            snapshot = self._snapshot()
             size = min(size, self.page_cap)
-            page = batch.runs[start : start + size]
-            nxt = _encode_cursor(start + size) if start + size < len(batch.runs) else None
-            prev = _encode_cursor(max(0, start - size)) if start > 0 else None
-            return Answer(
-                200,
-                {
-                    "items": [self._item_detail(r, now) for r in page],
-                    "first": _encode_cursor(0),
-                    "next": nxt,
-                    "previous": prev,
-                    "next_pq": nxt,
-                    "prev_pq": prev,
-                },
-            )
+            items = [snapshot.item(r) for r in batch.runs[start : start + size]]
+            return Answer(200, page_body(items, start, size, total))
 
     def get_item(self, token: str, batch_id: str, item_id: str) -> Answer:
         with self._lock:
@@ -426,351 +249,116 @@ class Emulator:
                 else next((r for r in batch.runs if r.item_id == item_id), None)
             )
             if run is None:
-                return _error(404, "BATCH_ITEM_NOT_FOUND", f"item {item_id!r} not found")
-            return Answer(200, self._item_detail(run, self.clock()))
+                return error_answer(404, "BATCH_ITEM_NOT_FOUND", f"item {item_id!r} not found")
+            return Answer(200, self._snapshot().item(run))
 
-    def due_callbacks(self) -> list[tuple[str, str, bytes, dict[str, str]]]:
+    def due_callbacks(self) -> list[Due]:
         """Callbacks to (re)deliver now: (delivery id, url, body, headers). The body is frozen
         at the first attempt, as Runflow's ``payload_bytes`` are."""
         now = self.clock()
-        due = []
         with self._lock:
-            for batch in self._batches.values():
-                if not batch.callback_url:
-                    continue
-                delivery = self._deliveries.get(batch.id)
-                if delivery is None:
-                    view = self._batch_view(batch, now, detail=False)
-                    if view["completed_at"] is None:
-                        continue
-                    delivery = self._new_delivery(batch, view)
-                if delivery["status_code"] == "pending" and delivery["next_attempt_at"] <= now:
-                    delivery["status_code"] = "delivering"
-                    due.append(
-                        (
-                            batch.id,
-                            batch.callback_url,
-                            delivery["payload_bytes"],
-                            delivery["headers"],
-                        )
-                    )
-        return due
-
-    def _new_delivery(self, batch: _Batch, view: dict[str, Any]) -> dict[str, Any]:
-        status = view["status_code"]
-        envelope = {
-            "event": f"batch.{status}",
-            "batch_id": batch.id,
-            "status": status,
-            "output": {
-                "items": view["items"],
-                "succeeded": view["items_succeeded"],
-                "failed": view["items_failed"],
-                "cancelled": view["items_cancelled"],
-                "total": view["items_total"],
-            },
-            "duration_ms": None,
-            # Callback bodies use +00:00, not Z (the docs: bytes as Python's isoformat()).
-            "created_at": view["created_at"].replace("Z", "+00:00"),
-            "completed_at": view["completed_at"].replace("Z", "+00:00"),
-            "metadata": batch.metadata,
-        }
-        body = orjson.dumps(envelope)
-        headers = {"Content-Type": "application/json", "Runflow-Request-Id": str(uuid.uuid4())}
-        if self.signing_secrets:
-            headers["Runflow-Signature"] = sign(body, self.signing_secrets[-1])
-        delivery: dict[str, Any] = {
-            "id": str(uuid.uuid4()),
-            "batch_id": batch.id,
-            "callback_url": batch.callback_url,
-            "payload_bytes": body,
-            "headers": headers,
-            "status_code": "pending",
-            "attempt_count": 0,
-            "max_attempts": self.callback_attempts,
-            "next_attempt_at": self.clock(),
-            "attempts": [],
-        }
-        self._deliveries[batch.id] = delivery
-        return delivery
+            return self._deliveries.due(
+                self._batches.values(),
+                Snapshot(self.timing, now),
+                self.clock,
+                self.signing_secrets,
+                self.callback_attempts,
+            )
 
     def delivered(self, batch_id: str, status: int | None, error: str | None = None) -> None:
         """How a delivery attempt went (HTTP status, or None and an error)."""
         with self._lock:
-            delivery = self._deliveries[batch_id]
-            delivery["attempt_count"] += 1
-            delivery["attempts"].append({"status_code": status, "error_message": error})
-            if status is not None and 200 <= status < 300:
-                delivery["status_code"] = "succeeded"
-            elif delivery["attempt_count"] >= delivery["max_attempts"]:
-                delivery["status_code"] = "failed"
-            else:
-                delivery["status_code"] = "pending"
-                delivery["next_attempt_at"] = self.clock() + 0.1 * 2 ** delivery["attempt_count"]
+            self._deliveries.record(batch_id, status, error, self.clock)
 
     def callback_history(self, token: str, batch_id: str) -> Answer:
         """``GET /v1/batches/{id}/callback``: the batch's deliveries."""
         with self._lock:
             if self._batch(token, batch_id) is None:
-                return _error(404, "BATCH_NOT_FOUND", f"batch {batch_id!r} not found")
-            delivery = self._deliveries.get(batch_id)
-            if delivery is None:
-                return Answer(200, [])
-            shown = {k: v for k, v in delivery.items() if k not in ("headers", "next_attempt_at")}
-            shown["payload_bytes"] = delivery["payload_bytes"].decode()
-            shown["payload"] = orjson.loads(delivery["payload_bytes"])
-            return Answer(200, [shown])
+                return error_answer(404, "BATCH_NOT_FOUND", f"batch {batch_id!r} not found")
+            return Answer(200, self._deliveries.history(batch_id))
 
     def get_run(self, token: str, run_id: str) -> Answer:
         with self._lock:
             run = self._runs.get(run_id)
             if run is None or self._batches[run.batch_id].owner != token:
-                return _error(404, "RUN_NOT_FOUND", f"run {run_id!r} not found")
-            return Answer(200, self._run_view(run, self.clock()))
+                return error_answer(404, "RUN_NOT_FOUND", f"run {run_id!r} not found")
+            return Answer(200, self._snapshot().run(run))
 
-    # -- views -----------------------------------------------------------------------------
+    # -- helpers ---------------------------------------------------------------------------
 
-    def _batch(self, token: str, batch_id: str) -> _Batch | None:
+    def _batch(self, token: str, batch_id: str) -> Batch | None:
         batch = self._batches.get(batch_id)
         return batch if batch is not None and batch.owner == token else None
 
-    def _phase(self, run: _Run, now: float) -> tuple[str, float | None, float | None]:
-        """(status, started_at, completed_at) of ``run`` at ``now``."""
-        t = self.timing
-        dispatched = run.created + t.queued
-        started = dispatched + t.dispatching
-        if run.failure is not None:
-            if now < dispatched:
-                return "queued", None, None
-            if now < started:
-                return "dispatching", None, None
-            return "failed", None, started
-        ended = started + t.running
-        if now < dispatched:
-            return "queued", None, None
-        if now < started:
-            return "dispatching", None, None
-        if now < ended:
-            return "running", started, None
-        return "succeeded", started, ended
+    def _snapshot(self) -> Snapshot:
+        """Views as of the clock's now."""
+        return Snapshot(self.timing, self.clock())
 
-    def _run_view(self, run: _Run, now: float) -> dict[str, Any]:
-        status, started, completed = self._phase(run, now)
-        failed = status == "failed"
-        succeeded = status == "succeeded"
-        return {
-            "id": run.id,
-            "model_id": run.model.path,
-            "target_type": "model",
-            "status_code": status,
-            "source_code": "api",
-            "input": run.input,
-            "output": run.model.output(run.input) if succeeded else None,
-            "duration_ms": None if completed is None else round((completed - run.created) * 1000),
-            "cost": str(run.model.price) if succeeded else ("0" if failed else None),
-            "batch_id": run.batch_id,
-            "client_ref": run.client_ref,
-            "created_at": _iso(run.created),
-            "started_at": _iso(started),
-            "completed_at": _iso(completed),
-            "callback_url": run.callback_url,
-            "metadata": run.metadata,
-            "failure_code": "INPUT_VALIDATION_FAILED" if failed else None,
-            "failure_message": run.failure if failed else None,
-            "failure_stage_code": "preprocess" if failed else None,
-            "links": {"self": f"/v1/runs/{run.id}"},
-        }
 
-    def _handle(self, run: _Run, now: float) -> dict[str, Any]:
-        return {
-            "id": run.item_id,
-            "sequence_index": run.sequence_index,
-            "run_id": run.id,
-            "status_code": self._phase(run, now)[0],
-            "client_ref": run.client_ref,
-        }
-
-    def _item_detail(self, run: _Run, now: float) -> dict[str, Any]:
-        view = self._run_view(run, now)
-        failed = view["status_code"] == "failed"
-        return {
-            "id": run.item_id,
-            "batch_id": run.batch_id,
-            "run_id": run.id,
-            "sequence_index": run.sequence_index,
-            "created_at": view["created_at"],
-            "started_at": view["started_at"],
-            "completed_at": view["completed_at"],
-            "client_ref": run.client_ref,
-            "status_code": view["status_code"],
-            "input": run.input,
-            "cost": view["cost"],
-            "output": view["output"],
-            "error": (
-                {"code": view["failure_code"], "message": view["failure_message"]}
-                if failed
-                else None
-            ),
-            "run": view,
-        }
-
-    def _batch_view(self, batch: _Batch, now: float, *, detail: bool) -> dict[str, Any]:
-        phases = [self._phase(r, now) for r in batch.runs]
-        statuses = Counter(p[0] for p in phases)
-        total = len(batch.runs)
-        done = statuses["succeeded"] + statuses["failed"]
-        if done == total:
-            status = (
-                "succeeded"
-                if statuses["succeeded"] == total
-                else "failed"
-                if statuses["failed"] == total
-                else "partial_succeeded"
-            )
-        elif statuses["running"] or done:
-            status = "running"  # from the moment its first item starts running
-        else:
-            status = "queued"
-        started = [p[1] for p in phases if p[1] is not None]
-        completed_at = max(p[2] for p in phases if p[2] is not None) if done == total else None
-        cost = sum(
-            (r.model.price for r, p in zip(batch.runs, phases, strict=True) if p[0] == "succeeded"),
-            Decimal(0),
+def _create_request(
+    model: ModelSpec | None, model_path: str, body: bytes
+) -> tuple[ModelSpec, dict[str, Any]] | Answer:
+    """The model and the parsed, validated body of a create request, or why it is refused."""
+    if model is None:
+        return error_answer(404, "MODEL_NOT_FOUND", f"model {model_path!r} not found")
+    if not model.batch_capable:
+        return error_answer(
+            422, "MODEL_NOT_BATCH_CAPABLE", f"model {model_path!r} does not support batches"
         )
-        view: dict[str, Any] = {
-            "id": batch.id,
-            "target_type": "model",
-            "target_id": str(uuid.uuid5(uuid.NAMESPACE_URL, batch.model.path)),
-            "status_code": status,
-            "items_total": total,
-            "items_succeeded": statuses["succeeded"],
-            "items_failed": statuses["failed"],
-            "items_cancelled": 0,
-            "items": [self._handle(r, now) for r in batch.runs],
-            "created_at": _iso(batch.created),
-            "started_at": _iso(min(started)) if started else None,
-            "completed_at": _iso(completed_at),
-            "output": {
-                "succeeded": statuses["succeeded"],
-                "failed": statuses["failed"],
-                "cancelled": 0,
-                "total": total,
-            },
-            "cost": str(cost),
-            "metadata": batch.metadata,
-            "callback_url": batch.callback_url,
-        }
-        if detail:
-            view.update(
-                target_type_code="model",
-                source_code="api",
-                input=batch.input,
-                duration_ms=(
-                    None if completed_at is None else round((completed_at - batch.created) * 1000)
-                ),
-                failure_code=None,
-                failure_message=None,
-                failure_stage_code=None,
-                links={"self": f"/v1/batches/{batch.id}", "items": f"/v1/batches/{batch.id}/items"},
-            )
-        return view
-
-    def _uuid7(self, now: float) -> str:
-        """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, version 7, 12 random bits, the
-        variant, 62 random bits. Formatted by hand: uuid.UUID cost half of a create."""
-        ms = f"{int(now * 1000) & ((1 << 48) - 1):012x}"
-        r = f"{self._rng.getrandbits(76):019x}"
-        variant = "89ab"[int(r[3], 16) & 3]
-        return f"{ms[:8]}-{ms[8:]}-7{r[:3]}-{variant}{r[4:7]}-{r[7:]}"
-
-
-def _validate_create(data: Any) -> list[dict[str, Any]]:
-    """The 422 ``errors[]`` of a create body (FastAPI style ``{loc, msg, type}``), or []."""
-    if not isinstance(data, dict):
-        return [{"loc": ["body"], "msg": "body must be a JSON object", "type": "type_error"}]
-    errors: list[dict[str, Any]] = []
-    items = data.get("input")
-    if not isinstance(items, list):
-        errors.append(
-            {
-                "loc": ["body", "input"],
-                "msg": "input must be an array",
-                "type": "missing" if items is None else "type_error",
-            }
-        )
-    elif not 1 <= len(items) <= MAX_ITEMS:
-        errors.append(
-            {
-                "loc": ["body", "input"],
-                "msg": f"input must hold 1 to {MAX_ITEMS} items",
-                "type": "value_error",
-            }
-        )
-    else:
-        for i, item in enumerate(items):
-            if not isinstance(item, dict):
-                errors.append(
-                    {
-                        "loc": ["body", "input", i],
-                        "msg": "item must be an object",
-                        "type": "type_error",
-                    }
-                )
-                continue
-            if "client_ref" in item:
-                ref = item["client_ref"]
-                if not isinstance(ref, str):
-                    errors.append(
-                        {
-                            "loc": ["body", "input", i, "client_ref"],
-                            "msg": "client_ref must be a string",
-                            "type": "type_error",
-                        }
-                    )
-                elif len(ref) > MAX_CLIENT_REF:
-                    errors.append(
-                        {
-                            "loc": ["body", "input", i, "client_ref"],
-                            "msg": f"client_ref must be at most {MAX_CLIENT_REF} characters",
-                            "type": "value_error",
-                        }
-                    )
-    if (
-        "metadata" in data
-        and data["metadata"] is not None
-        and not isinstance(data["metadata"], dict)
-    ):
-        errors.append(
-            {"loc": ["body", "metadata"], "msg": "metadata must be an object", "type": "type_error"}
-        )
-    url = data.get("callback_url")
-    if url is not None and not isinstance(url, str):
-        errors.append(
-            {
-                "loc": ["body", "callback_url"],
-                "msg": "callback_url must be a string",
-                "type": "type_error",
-            }
-        )
-    elif isinstance(url, str) and len(url) > MAX_CALLBACK_URL:
-        errors.append(
-            {
-                "loc": ["body", "callback_url"],
-                "msg": f"callback_url must be at most {MAX_CALLBACK_URL} characters",
-                "type": "value_error",
-            }
-        )
-    return errors
-
-
-def _encode_cursor(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int | None:
     try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        return None
-    prefix, _, number = text.partition(":")
-    return int(number) if prefix == "o" and number.isdigit() else None
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return error_answer(400, "BAD_REQUEST", "request body is not valid JSON")
+    errors = validate_create(data)
+    if errors:
+        return error_answer(422, "VALIDATION_ERROR", "request validation failed", errors)
+    return model, data
+
+
+def _new_batch(
+    rng: random.Random, token: str, model: ModelSpec, data: dict[str, Any], now: float
+) -> Batch:
+    """A batch of validated ``data`` and its runs, created at ``now`` with ids from ``rng``."""
+    batch_id = _uuid7(rng, now)
+    metadata = data.get("metadata")
+    callback_url = data.get("callback_url")
+    runs: list[Run] = []
+    for index, raw in enumerate(data["input"]):
+        item = dict(raw)
+        ref = item.pop("client_ref", None)
+        run = Run(
+            id=_uuid7(rng, now),
+            batch_id=batch_id,
+            item_id=_uuid7(rng, now),
+            sequence_index=index,
+            client_ref=ref,
+            input=item,
+            model=model,
+            created=now,
+            failure=model.validate(item),
+            metadata=metadata,
+            callback_url=callback_url,
+        )
+        runs.append(run)
+    return Batch(batch_id, token, model, now, runs, data["input"], metadata, callback_url)
+
+
+def _received(run: Run) -> dict[str, Any]:
+    """What ``received()`` shows of a run: what its model was sent."""
+    return {
+        "run_id": run.id,
+        "batch_id": run.batch_id,
+        "item_id": run.item_id,
+        "sequence_index": run.sequence_index,
+        "client_ref": run.client_ref,
+        "input": run.input,
+    }
+
+
+def _uuid7(rng: random.Random, now: float) -> str:
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, version 7, 12 random bits, the
+    variant, 62 random bits. Formatted by hand: uuid.UUID cost half of a create."""
+    ms = f"{int(now * 1000) & ((1 << 48) - 1):012x}"
+    r = f"{rng.getrandbits(76):019x}"
+    variant = "89ab"[int(r[3], 16) & 3]
+    return f"{ms[:8]}-{ms[8:]}-7{r[:3]}-{variant}{r[4:7]}-{r[7:]}"
