@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, NamedTuple
 from urllib.parse import unquote
 
 import anyio
@@ -20,7 +20,7 @@ from ._faults import FaultMiddleware
 from ._records import Answer, error_answer
 from ._state import CREATE_ROUTE, Emulator
 
-Handler = Callable[[Request, str], Awaitable[Answer]]
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def _respond(answer: Answer) -> Response:
@@ -46,43 +46,35 @@ async def _sleep_until(deadline: float) -> None:
         await anyio.sleep(wait)
 
 
-def create_app(emulator: Emulator) -> Starlette:
-    """An ASGI app serving ``emulator`` (mount it in-process with ``httpx.ASGITransport``)."""
+def _model_path(request: Request) -> list[str] | None:
+    """The model path's segments in a create request's URL, or None when it names no model."""
+    # Segments come from the raw path so that a %2F inside a segment stays in its segment.
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    segments = raw.split(b"?", 1)[0].decode("ascii", "replace").split("/")
+    # ["", "v1", "models", *model, "batches"]
+    model = [unquote(s) for s in segments[3:-1]]
+    # A decoded "/" inside a segment would silently name another model: no such model.
+    if segments[-1] != "batches" or len(model) < 2 or any("/" in m for m in model):
+        return None
+    return model
 
-    latency_rng = random.Random(0)  # noqa: S311 - simulated latency, reproducible
 
-    def route(
-        template: str, handler: Handler, *, auth: bool = True, internal: bool = False
-    ) -> Callable[[Request], Awaitable[Response]]:
-        # internal: the emulator's own endpoints, neither authenticated nor counted.
-        async def endpoint(request: Request) -> Response:
-            if auth and not internal:
-                token = emulator.authenticate(request.headers.get("authorization"))
-                if isinstance(token, Answer):
-                    emulator.count(template, token.status)
-                    return _respond(token)
-            else:
-                token = ""
-            answer = await handler(request, token)
-            if not internal:
-                emulator.count(template, answer.status)
-            return _respond(answer)
+class _Handlers:
+    """Each endpoint's work: a request (and the caller's token) in, an ``Answer`` out."""
 
-        return endpoint
+    def __init__(self, emulator: Emulator) -> None:
+        self.emulator = emulator
+        self.latency_rng = random.Random(0)  # noqa: S311 - simulated latency, reproducible
 
-    async def create_batch(request: Request, token: str) -> Answer:
-        # Segments come from the raw path so that a %2F inside a segment stays in its segment.
-        raw = request.scope.get("raw_path") or request.url.path.encode()
-        segments = raw.split(b"?", 1)[0].decode("ascii", "replace").split("/")
-        # ["", "v1", "models", *model, "batches"]
-        model = [unquote(s) for s in segments[3:-1]]
-        # A decoded "/" inside a segment would silently name another model: no such model.
-        if segments[-1] != "batches" or len(model) < 2 or any("/" in m for m in model):
+    async def create_batch(self, request: Request, token: str) -> Answer:
+        model = _model_path(request)
+        if model is None:
             return error_answer(404, "NOT_FOUND", f"no route {request.url.path}")
+        emulator = self.emulator
         emulator.create_started()
         # The service time runs from arrival to the answer, our own processing included, so
         # that C requests in flight make at most C / L answers a second (Little's law).
-        answer_at = anyio.current_time() + emulator.timing.service_time(latency_rng)
+        answer_at = anyio.current_time() + emulator.timing.service_time(self.latency_rng)
         try:
             try:
                 body = await request.body()
@@ -98,89 +90,118 @@ def create_app(emulator: Emulator) -> Starlette:
         finally:
             emulator.create_finished()
 
-    async def get_batch(request: Request, token: str) -> Answer:
-        return emulator.get_batch(token, request.path_params["batch_id"])
+    async def get_batch(self, request: Request, token: str) -> Answer:
+        return self.emulator.get_batch(token, request.path_params["batch_id"])
 
-    async def list_items(request: Request, token: str) -> Answer:
+    async def list_items(self, request: Request, token: str) -> Answer:
         q = request.query_params
-        return emulator.list_items(
+        return self.emulator.list_items(
             token, request.path_params["batch_id"], q.get("limit"), q.get("pq")
         )
 
-    async def get_item(request: Request, token: str) -> Answer:
+    async def get_item(self, request: Request, token: str) -> Answer:
         p = request.path_params
-        return emulator.get_item(token, p["batch_id"], p["item_id"])
+        return self.emulator.get_item(token, p["batch_id"], p["item_id"])
 
-    async def callback_history(request: Request, token: str) -> Answer:
-        return emulator.callback_history(token, request.path_params["batch_id"])
+    async def callback_history(self, request: Request, token: str) -> Answer:
+        return self.emulator.callback_history(token, request.path_params["batch_id"])
 
-    async def get_run(request: Request, token: str) -> Answer:
-        return emulator.get_run(token, request.path_params["run_id"])
+    async def get_run(self, request: Request, token: str) -> Answer:
+        return self.emulator.get_run(token, request.path_params["run_id"])
 
-    async def health(_request: Request, _token: str) -> Answer:
+    async def health(self, _request: Request, _token: str) -> Answer:
         return Answer(200, {"status": "ok"})
 
-    async def accounting(_request: Request, _token: str) -> Answer:
-        return Answer(200, emulator.accounting().to_json())
+    async def accounting(self, _request: Request, _token: str) -> Answer:
+        return Answer(200, self.emulator.accounting().to_json())
 
-    async def received(_request: Request, _token: str) -> Answer:
-        return Answer(200, {"runs": emulator.received()})
+    async def received(self, _request: Request, _token: str) -> Answer:
+        return Answer(200, {"runs": self.emulator.received()})
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, HTTPException) else 404
-        code = "METHOD_NOT_ALLOWED" if status == 405 else "NOT_FOUND"
-        return Response(
-            orjson.dumps(
-                {
-                    "code": code,
-                    "message": f"no route {request.method} {request.url.path}",
-                    "errors": None,
-                }
-            ),
-            status_code=status,
-            media_type="application/json",
-        )
 
-    routes = [
-        Route("/v1/health", route("GET /v1/health", health, auth=False), methods=["GET"]),
-        Route(
-            "/v1/models/{model_path:path}",
-            route(CREATE_ROUTE, create_batch),
-            methods=["POST"],
+Handler = Callable[[_Handlers, Request, str], Awaitable[Answer]]
+
+
+class _Route(NamedTuple):
+    method: str
+    path: str
+    handler: Handler
+    counted_as: str | None  # the route template requests are counted under; None: uncounted
+    auth: bool = True
+
+
+_ROUTES: Final = (
+    _Route("GET", "/v1/health", _Handlers.health, "GET /v1/health", auth=False),
+    _Route("POST", "/v1/models/{model_path:path}", _Handlers.create_batch, CREATE_ROUTE),
+    _Route("GET", "/v1/batches/{batch_id}", _Handlers.get_batch, "GET /v1/batches/{id}"),
+    _Route(
+        "GET", "/v1/batches/{batch_id}/items", _Handlers.list_items, "GET /v1/batches/{id}/items"
+    ),
+    _Route(
+        "GET",
+        "/v1/batches/{batch_id}/items/{item_id}",
+        _Handlers.get_item,
+        "GET /v1/batches/{id}/items/{item_id}",
+    ),
+    _Route(
+        "GET",
+        "/v1/batches/{batch_id}/callback",
+        _Handlers.callback_history,
+        "GET /v1/batches/{id}/callback",
+    ),
+    _Route("GET", "/v1/runs/{run_id}", _Handlers.get_run, "GET /v1/runs/{id}"),
+    # Not part of Runflow's API: what tests read to assert what the server saw. The emulator's
+    # own endpoints are neither authenticated nor counted.
+    _Route("GET", "/_emulator/accounting", _Handlers.accounting, None, auth=False),
+    _Route("GET", "/_emulator/received", _Handlers.received, None, auth=False),
+)
+
+
+def _endpoint(handlers: _Handlers, route: _Route) -> Endpoint:
+    """The Starlette endpoint for ``route``: authenticates, answers, and counts the request."""
+    emulator = handlers.emulator
+
+    def counted(answer: Answer) -> Response:
+        if route.counted_as is not None:
+            emulator.count(route.counted_as, answer.status)
+        return _respond(answer)
+
+    async def endpoint(request: Request) -> Response:
+        token = ""
+        if route.auth:
+            checked = emulator.authenticate(request.headers.get("authorization"))
+            if isinstance(checked, Answer):
+                return counted(checked)
+            token = checked
+        return counted(await route.handler(handlers, request, token))
+
+    return endpoint
+
+
+async def _no_route(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 404
+    code = "METHOD_NOT_ALLOWED" if status == 405 else "NOT_FOUND"
+    return Response(
+        orjson.dumps(
+            {
+                "code": code,
+                "message": f"no route {request.method} {request.url.path}",
+                "errors": None,
+            }
         ),
-        Route("/v1/batches/{batch_id}", route("GET /v1/batches/{id}", get_batch), methods=["GET"]),
-        Route(
-            "/v1/batches/{batch_id}/items",
-            route("GET /v1/batches/{id}/items", list_items),
-            methods=["GET"],
-        ),
-        Route(
-            "/v1/batches/{batch_id}/items/{item_id}",
-            route("GET /v1/batches/{id}/items/{item_id}", get_item),
-            methods=["GET"],
-        ),
-        Route(
-            "/v1/batches/{batch_id}/callback",
-            route("GET /v1/batches/{id}/callback", callback_history),
-            methods=["GET"],
-        ),
-        Route("/v1/runs/{run_id}", route("GET /v1/runs/{id}", get_run), methods=["GET"]),
-        # Not part of Runflow's API: what tests read to assert what the server saw.
-        Route(
-            "/_emulator/accounting",
-            route("GET /_emulator/accounting", accounting, internal=True),
-            methods=["GET"],
-        ),
-        Route(
-            "/_emulator/received",
-            route("GET /_emulator/received", received, internal=True),
-            methods=["GET"],
-        ),
-    ]
+        status_code=status,
+        media_type="application/json",
+    )
+
+
+def create_app(emulator: Emulator) -> Starlette:
+    """An ASGI app serving ``emulator`` (mount it in-process with ``httpx.ASGITransport``)."""
+    handlers = _Handlers(emulator)
+    routes = [Route(r.path, _endpoint(handlers, r), methods=[r.method]) for r in _ROUTES]
     # Always installed: it reads emulator.faults per request, so faults can be set live.
     middleware = [
         Middleware(FaultMiddleware, faults=lambda: emulator.faults, on_fault=emulator.record_fault)
     ]
     return Starlette(
-        routes=routes, middleware=middleware, exception_handlers={HTTPException: not_found}
+        routes=routes, middleware=middleware, exception_handlers={HTTPException: _no_route}
     )
