@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from .crash_harness import soak
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_duplicates_or_loses_a_row(tmp_path: Path) -> None:
     rows = 6000
     result = soak(

@@ -20,6 +20,8 @@ from runflow_frames.emulator import Emulator, Faults, Timing, serve  # noqa: E40
 
 from .conftest import API_KEY  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[distributed.Client]:

@@ -109,6 +109,7 @@ def test_a_changed_source_is_refused(tmp_path: Path, emulator: Emulator, base_ur
         run_batches_file(source, "acme", "echo", key="id", **options)
 
 
+@pytest.mark.slow
 def test_a_killed_file_job_resumes_to_the_same_results(
     tmp_path: Path, base_url: str, emulator: Emulator
 ) -> None:

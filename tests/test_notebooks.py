@@ -26,6 +26,7 @@ def test_there_are_notebooks() -> None:
     assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "big_files.ipynb"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_and_is_committed_without_outputs(path: Path, tmp_path: Path) -> None:
     book = nbformat.read(path, as_version=4)

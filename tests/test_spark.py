@@ -56,12 +56,15 @@ from runflow_frames.emulator import Emulator, serve  # noqa: E402
 
 from .conftest import API_KEY  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
-    # PySpark 4.3 warns that it does not fully support pandas 3 yet.
-    "ignore:PySpark does not yet fully support pandas:FutureWarning",
-    "ignore::DeprecationWarning",
-    "ignore::ResourceWarning",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings(
+        # PySpark 4.3 warns that it does not fully support pandas 3 yet.
+        "ignore:PySpark does not yet fully support pandas:FutureWarning",
+        "ignore::DeprecationWarning",
+        "ignore::ResourceWarning",
+    ),
+]
 
 SCHEMA = (
     "key string, prompt string, runflow_client_ref string, runflow_batch_id string, "
