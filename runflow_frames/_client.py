@@ -48,6 +48,23 @@ _log = logging.getLogger("runflow_frames")
 _KEY_CHARS: Final = re.compile(r"[A-Za-z0-9_]+")
 _REQUEST_ID_HEADERS: Final = ("x-request-id", "runflow-request-id", "request-id")
 
+REDACTED: Final = "[redacted]"
+# Most characters of server-supplied text an error keeps (a proxy's error page can be long).
+MAX_SERVER_TEXT: Final = 500
+# Server text read at all: redaction runs before the cut, and never on megabytes.
+_READ_SERVER_TEXT: Final = 64 * 1024
+# Nesting of server-supplied errors[] kept; deeper is cut (and never recursed into).
+_MAX_DEPTH: Final = 16
+# What can carry a credential in text a server, or a proxy echoing our request, sends back: an
+# Authorization header or field (its whole value), a Bearer token (8+ token characters, so that
+# "missing bearer token" stays readable), anything shaped like a Runflow key.
+_SECRETS: Final = re.compile(
+    r"(?P<auth>authorization\\?[\"']?\s*[:=]\s*)(?:\"[^\"\r\n]*\"?|'[^'\r\n]*'?|[^\r\n]*)"
+    r"|(?P<bearer>\bbearer\s+)[\w.~+/=-]{8,}"
+    r"|(?<![A-Za-z0-9])rf_(?:live|svc|test)_\w+",
+    re.IGNORECASE,
+)
+
 
 class ConnectionPerRequest(httpx.AsyncBaseTransport):
     """A keep-alive connection for each request in flight, each in a pool of its own.
@@ -185,7 +202,12 @@ class AsyncRunflowClient:
         return hmac.new(salt.encode(), self.__key.encode(), hashlib.sha256).hexdigest()[:16]
 
     def _redact(self, exc: Exception) -> str:
-        return f"{type(exc).__name__}: {exc}".replace(self.__key, "[redacted]")
+        return redact(f"{type(exc).__name__}: {exc}", key=self.__key)
+
+    def redact(self, value: Any) -> Any:
+        """Server-supplied ``value`` (text, or lists and dicts of it) as :func:`redact_value`
+        leaves it, this client's API key included."""
+        return redact_value(value, key=self.__key)
 
     def __repr__(self) -> str:
         return f"AsyncRunflowClient(base_url={self.base_url!r}, org_id={self.org_id!r})"
@@ -293,16 +315,62 @@ class AsyncRunflowClient:
             if not isinstance(data, dict):
                 raise ProtocolError(f"{what}: expected a JSON object, got {type(data).__name__}")
             return data
-        raise _status_error(what, response)
+        raise _status_error(what, response, key=self.__key)
 
 
-def _status_error(what: str, response: httpx.Response) -> APIStatusError:
+def redact(text: str, *, key: str | None = None, limit: int = MAX_SERVER_TEXT) -> str:
+    """Server-supplied ``text`` made safe to show: ``key`` (the client's API key) verbatim, every
+    Authorization value, Bearer token and Runflow-shaped key (``rf_live_...``, ``rf_svc_...``,
+    ``rf_test_...``) become ``[redacted]``; then it is cut to ``limit`` characters.
+
+    Every piece of text the API sends back passes here before it reaches a message, a column or
+    a log line: a proxy in front of the API may echo our request, Authorization header included.
+    """
+    text = text[:_READ_SERVER_TEXT]
+    if key:
+        text = text.replace(key, REDACTED)
+    text = _SECRETS.sub(_mask, text)
+    return text if len(text) <= limit else text[:limit] + " [...]"
+
+
+def _mask(match: re.Match[str]) -> str:
+    return (match.group("auth") or match.group("bearer") or "") + REDACTED
+
+
+def redact_value(value: Any, *, key: str | None = None, _depth: int = 0) -> Any:
+    """``value`` with :func:`redact` applied to every string in it (dict keys too); the value of
+    a key naming an Authorization header is dropped whole. Other scalars are kept."""
+    if isinstance(value, str):
+        return redact(value, key=key)
+    if not isinstance(value, list | dict):
+        return value
+    if _depth >= _MAX_DEPTH:
+        return "[...]"
+    if isinstance(value, list):
+        return [redact_value(v, key=key, _depth=_depth + 1) for v in value]
+    return {
+        redact(str(k), key=key): (
+            REDACTED
+            if "authorization" in str(k).lower()
+            else redact_value(v, key=key, _depth=_depth + 1)
+        )
+        for k, v in value.items()
+    }
+
+
+def _status_error(what: str, response: httpx.Response, *, key: str | None = None) -> APIStatusError:
+    """The exception for an error status. What the server said (code, message, errors[], request
+    id) is redacted here, once, before it goes anywhere."""
     status = response.status_code
     body = _json_or_none(response.content)
     code, message, errors = _parse_error_body(body, response.content)
+    code = None if code is None else redact(code, key=key)
+    message = None if message is None else redact(message, key=key)
+    errors = None if errors is None else redact_value(errors, key=key)
     request_id = next(
         (response.headers[h] for h in _REQUEST_ID_HEADERS if h in response.headers), None
     )
+    request_id = None if request_id is None else redact(request_id, key=key, limit=200)
     text = (
         f"{what} -> {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
     )
@@ -342,9 +410,9 @@ def _json_or_none(content: bytes) -> Any:
 
 def _parse_error_body(data: Any, content: bytes) -> tuple[str | None, str | None, list[Any] | None]:
     """Reads ``{code, message, errors}``, ``{"error": {...}}``, ``{"error": "..."}`` and
-    FastAPI's ``{"detail": ...}``; falls back to the start of the raw text."""
+    FastAPI's ``{"detail": ...}``; falls back to the raw text. Unredacted: see ``redact``."""
     if data is None:
-        text = content[:200].decode("utf-8", "replace").strip()
+        text = content[:_READ_SERVER_TEXT].decode("utf-8", "replace").strip()
         return None, text or None, None
     if isinstance(data, dict):
         inner = data.get("error")
@@ -362,4 +430,4 @@ def _parse_error_body(data: Any, content: bytes) -> tuple[str | None, str | None
             else orjson.dumps(message).decode(),
             errors if isinstance(errors, list) else None,
         )
-    return None, orjson.dumps(data)[:200].decode(), None
+    return None, orjson.dumps(data).decode(), None
