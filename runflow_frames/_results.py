@@ -8,11 +8,14 @@ finished batch's items are paged through once and joined onto the rows by item i
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -21,10 +24,10 @@ import anyio
 import orjson
 import pandas as pd
 
-from ._client import AsyncRunflowClient
+from ._client import AsyncRunflowClient, redact
 from ._errors import APIError, ProtocolError, RunflowError
 from ._pipeline import job_gate
-from ._retry import RetryPolicy, retrying
+from ._retry import Gate, RetryPolicy, retrying
 
 # Statuses that end a batch or an item. Both spellings of cancelled occur (Part B5 of the
 # contract); "errored" is seen in Runflow's own client code.
@@ -34,6 +37,13 @@ TERMINAL: Final = frozenset(
 PAGE_SIZE: Final = 500
 DEFAULT_POLL_INITIAL: Final = 1.0
 DEFAULT_POLL_MAX: Final = 15.0
+# The timestamps of an item answer, and of the run it carries.
+TIMESTAMP_FIELDS: Final = ("created_at", "started_at", "completed_at")
+# Where a checked item keeps what was malformed in its answer: our key, never a server field.
+_NOTES: Final = "runflow_frames.notes"
+# Years inside what pandas' datetime64[ns] holds (1677-09-21 to 2262-04-11).
+_YEARS: Final = range(1678, 2262)
+_log = logging.getLogger("runflow_frames")
 
 # Result columns, in order, added by collect().
 RESULT_COLUMNS: Final = (
@@ -91,30 +101,154 @@ def next_cursor(page: Mapping[str, Any]) -> str | None:
 
 
 def _decimal(value: Any) -> Decimal | None:
+    """A cost as a finite Decimal; None for None, ``""`` and anything else (see ``check_item``)."""
+    try:
+        return _parse_decimal(value)
+    except (InvalidOperation, ValueError, TypeError):
+        return None
+
+
+def _parse_decimal(value: Any) -> Decimal | None:
     if value is None or value == "":
         return None
-    try:
-        return Decimal(str(value))
-    except InvalidOperation:
+    if isinstance(value, bool):
+        raise TypeError("a boolean")
+    number = Decimal(str(value))
+    if not number.is_finite():
+        raise ValueError("not finite")
+    return number
+
+
+def canonical_timestamp(value: Any) -> str | None:
+    """An ISO 8601 / RFC 3339 timestamp as canonical UTC text (``2024-05-01T12:00:00.123000Z``);
+    None for None or ``""``. Anything else raises ValueError (TypeError, OverflowError): what is
+    not a timestamp, and years pandas cannot hold. A time without an offset is taken as UTC, as
+    pandas takes it."""
+    if value is None or value == "":
         return None
+    if not isinstance(value, str):
+        raise TypeError(f"not text but {type(value).__name__}")
+    return _canonical_text(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_text(value: str) -> str:
+    # Cached: an item and its run repeat each timestamp, and a batch's items share some.
+    when = datetime.fromisoformat(value)
+    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    if when.year not in _YEARS:
+        raise ValueError("a year pandas cannot hold")
+    return when.isoformat(timespec="microseconds")[:-6] + "Z"  # strftime: 3x slower
+
+
+def _shown(value: Any) -> str:
+    """A malformed server value, short and redacted, for a note."""
+    return redact(repr(value[:100] if isinstance(value, str) else value), limit=80)
+
+
+def _text(value: Any, scrub: Callable[[str], str] = redact) -> str | None:
+    """Server text (a failure code or message) redacted; other JSON as its text."""
+    if value is None:
+        return None
+    return scrub(value if isinstance(value, str) else orjson.dumps(value).decode())
+
+
+def _checked(
+    answer: Mapping[str, Any],
+    where: str,
+    notes: list[str],
+    texts: Sequence[str],
+    scrub: Callable[[str], str],
+) -> dict[str, Any]:
+    """A copy of ``answer`` (an item, its run or its error) with canonical timestamps, a cost
+    that is a number and redacted ``texts``; a malformed value becomes None and a note."""
+    out = dict(answer)
+    for name in TIMESTAMP_FIELDS:
+        if name in out:
+            try:
+                out[name] = canonical_timestamp(out[name])
+            except (ValueError, TypeError, OverflowError):
+                notes.append(f"{where}{name} {_shown(out[name])} is not a timestamp")
+                out[name] = None
+    if "cost" in out:
+        try:
+            _parse_decimal(out["cost"])
+        except (InvalidOperation, ValueError, TypeError):
+            notes.append(f"{where}cost {_shown(out['cost'])} is not a decimal number")
+            out["cost"] = None
+    for name in texts:
+        out[name] = _text(out.get(name), scrub)
+    return out
+
+
+def check_item(item: Mapping[str, Any], *, scrub: Callable[[str], str] = redact) -> dict[str, Any]:
+    """An item answer fit to keep: a copy whose timestamps (its own and its run's) are canonical
+    UTC text, whose cost is a finite number and whose failure texts went through ``scrub``.
+
+    A value that is malformed is dropped (None) and noted: ``outcome`` gives the notes as
+    ``runflow_error``. Outcomes are cached once fetched, so only checked values may reach the
+    cache: one bad value must never fail this collect, nor every later one.
+    """
+    notes: list[str] = []
+    checked = _checked(item, "", notes, (), scrub)
+    checked.pop(_NOTES, None)
+    if isinstance(item.get("run"), dict):
+        checked["run"] = _checked(
+            item["run"], "run.", notes, ("failure_code", "failure_message"), scrub
+        )
+    if isinstance(item.get("error"), dict):
+        checked["error"] = _checked(item["error"], "error.", notes, ("code", "message"), scrub)
+    if notes:
+        checked[_NOTES] = notes
+    return checked
+
+
+def malformed_items(batch_id: str, items: Sequence[Any]) -> str | None:
+    """Why ``items`` cannot be filed by item id, or None: an item that is not an object or has
+    no string id, or an id that repeats (outcomes are filed by batch and item id)."""
+    return _unfiled(batch_id, items) or _repeated(batch_id, items)
+
+
+def _unfiled(batch_id: str, items: Sequence[Any]) -> str | None:
+    for n, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            return f"batch {batch_id}: malformed answer: item {n} has no string id"
+    return None
+
+
+def _repeated(batch_id: str, items: Sequence[Mapping[str, Any]]) -> str | None:
+    ids: set[str] = set()
+    for item in items:
+        if item["id"] in ids:
+            return f"batch {batch_id}: malformed answer: item id {_shown(item['id'])} repeats"
+        ids.add(item["id"])
+    return None
+
+
+def _status(item: Mapping[str, Any]) -> Any:
+    run = item.get("run")
+    return item.get("status_code") or (run.get("status_code") if isinstance(run, dict) else None)
 
 
 def outcome(item: Mapping[str, Any]) -> dict[str, Any]:
-    """One item's outcome as result-column values (every field optional)."""
+    """One item's outcome as result-column values (every field optional), and ``runflow_error``:
+    what ``check_item`` found malformed in the answer, or None. Server text is redacted."""
     run: Mapping[str, Any] = item["run"] if isinstance(item.get("run"), dict) else {}
     error: Mapping[str, Any] = item["error"] if isinstance(item.get("error"), dict) else {}
     output = item.get("output")
     if output is None:
         output = run.get("output")
+    notes = item.get(_NOTES)
     return {
-        "runflow_status": item.get("status_code") or run.get("status_code"),
+        "runflow_status": _status(item),
         "runflow_output": output,
         "runflow_cost": _decimal(item.get("cost", run.get("cost"))),
-        "runflow_failure_code": error.get("code") or run.get("failure_code"),
-        "runflow_failure_message": error.get("message") or run.get("failure_message"),
+        "runflow_failure_code": _text(error.get("code") or run.get("failure_code")),
+        "runflow_failure_message": _text(error.get("message") or run.get("failure_message")),
         "runflow_created_at": item.get("created_at") or run.get("created_at"),
         "runflow_started_at": item.get("started_at") or run.get("started_at"),
         "runflow_completed_at": item.get("completed_at") or run.get("completed_at"),
+        "runflow_error": f"malformed answer: {'; '.join(notes)}" if notes else None,
     }
 
 
@@ -139,6 +273,7 @@ async def collect_items(
     on_batch: Callable[[str, list[dict[str, Any]]], None],
     statuses: dict[str, str] | None = None,
     expected: Mapping[str, set[str]] | None = None,
+    on_malformed: Callable[[str, str], None] | None = None,
 ) -> list[str]:
     """Wait for ``batch_ids`` (in creation order) to end, page through each one's items once
     and hand them to ``on_batch``. Returns the batches still unfinished at the deadline.
@@ -152,93 +287,32 @@ async def collect_items(
 
     ``statuses`` receives the last seen status of each batch. ``expected`` gives the item ids we
     hold for a batch: pages that lack one (a cursor that repeats, a page that goes missing) are
-    a ProtocolError, never a silently short result.
+    a ProtocolError, never a silently short result. An API error whose retries are spent raises.
+
+    ``on_batch`` gets items ``check_item`` has checked: what it keeps holds no malformed value.
+    A batch whose items cannot be filed by id (an item without a string id, an id that repeats)
+    never reaches ``on_batch``: ``on_malformed(batch_id, message)`` hears of it, and it counts
+    as done (not polled again by this call), so the other batches are still collected. Without
+    ``on_malformed`` it is a ProtocolError.
     """
     pending = list(dict.fromkeys(batch_ids))
-    throttle = job_gate(poll.max_concurrency)
-    rng = random.Random()  # noqa: S311 - jitter, not secrets
+    sweeper = _Sweeper(
+        client,
+        poll,
+        retry,
+        on_batch,
+        on_malformed,
+        seen=statuses if statuses is not None else {},
+        expected=expected or {},
+    )
     started = time.monotonic()
     interval = poll.initial
-    seen = statuses if statuses is not None else {}
-
-    async def call(fn: Callable[[], Any]) -> Any:
-        return await retrying(
-            fn, policy=retry, gate=throttle, clock=anyio.current_time, sleep=anyio.sleep, rng=rng
-        )
-
-    async def page_items(batch_id: str) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
-        cursor: str | None = None
-        cursors: set[str] = set()
-        while True:
-
-            async def one_page(c: str | None = cursor) -> dict[str, Any]:
-                return await client.list_batch_items(batch_id, limit=PAGE_SIZE, cursor=c)
-
-            page = await call(one_page)
-            got = page.get("items")
-            if not isinstance(got, list):
-                raise ProtocolError(f"batch {batch_id}: an items page has no items[] list")
-            items += got
-            cursor = next_cursor(page)
-            if cursor is None or not got or cursor in cursors:
-                break  # the end, or a server handing a cursor back: never loop on it
-            cursors.add(cursor)
-        return items
-
-    errors: list[APIError] = []
-
-    async def sweep(batch_id: str, finished: list[str]) -> None:
-        try:
-            items = await page_items(batch_id)
-        except APIError as error:  # surfaces after the window, alone, not in an ExceptionGroup
-            errors.append(error)
-            return
-        states = [outcome(i)["runflow_status"] for i in items]
-        lacking = (expected or {}).get(batch_id, set()) - {i.get("id") for i in items}
-        if lacking:
-            errors.append(
-                ProtocolError(
-                    f"batch {batch_id}: its pages lack {len(lacking)} of our items (e.g. "
-                    f"{sorted(lacking)[:3]}): a cursor repeated or a page went missing",
-                    retryable=False,
-                )
-            )
-            return
-        if items and all(
-            state in TERMINAL or i.get("completed_at")
-            for state, i in zip(states, items, strict=True)
-        ):
-            seen[batch_id] = "over"
-            on_batch(batch_id, items)
-            finished.append(batch_id)
-        else:
-            seen[batch_id] = next((str(x) for x in states if x not in TERMINAL), "unknown")
-
     probe_over = False
     while pending:
         if not probe_over:
-            oldest = pending[0]
-
-            async def probe(b: str = oldest) -> dict[str, Any]:
-                return await client.get_batch(b)
-
-            batch = await call(probe)
-            seen[pending[0]] = str(batch.get("status_code"))
-            probe_over = batch_is_over(batch)
+            probe_over = await sweeper.probe(pending[0])
         if probe_over:
-            finished: list[str] = []
-            for start in range(0, len(pending), poll.max_concurrency):
-                window = pending[start : start + poll.max_concurrency]
-                before = len(finished)
-                async with anyio.create_task_group() as tg:
-                    for batch_id in window:
-                        tg.start_soon(sweep, batch_id, finished)
-                if errors:
-                    raise errors[0]
-                if len(finished) == before:
-                    break  # a whole window still running: the rest is younger, wait
-            done = set(finished)
+            done = set(await sweeper.sweep_all(pending))
             pending = [b for b in pending if b not in done]
             probe_over = False
             if not pending:
@@ -249,6 +323,139 @@ async def collect_items(
         await anyio.sleep(min(interval, left))
         interval = min(poll.max, interval * poll.growth)
     return pending
+
+
+@dataclass
+class _Sweeper:
+    """What one ``collect_items`` call shares: one gate, retry policy and jitter for all its
+    requests, where swept batches go, and the errors of the current sweep window."""
+
+    client: AsyncRunflowClient
+    poll: PollPolicy
+    retry: RetryPolicy
+    on_batch: Callable[[str, list[dict[str, Any]]], None]
+    on_malformed: Callable[[str, str], None] | None
+    seen: dict[str, str]
+    expected: Mapping[str, set[str]]
+    errors: list[APIError] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.gate: Gate = job_gate(self.poll.max_concurrency)
+        self.rng = random.Random()  # noqa: S311 - jitter, not secrets
+
+    async def call(self, fn: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        return await retrying(
+            fn,
+            policy=self.retry,
+            gate=self.gate,
+            clock=anyio.current_time,
+            sleep=anyio.sleep,
+            rng=self.rng,
+        )
+
+    async def probe(self, batch_id: str) -> bool:
+        """Poll one batch (the lean ``GET /v1/batches/{id}``): is it over?"""
+
+        async def get() -> dict[str, Any]:
+            return await self.client.get_batch(batch_id)
+
+        batch = await self.call(get)
+        self.seen[batch_id] = str(batch.get("status_code"))
+        return batch_is_over(batch)
+
+    async def sweep_all(self, pending: list[str]) -> list[str]:
+        """Sweep ``pending`` in order, ``max_concurrency`` at a time, up to the first window in
+        which no batch was done; returns the batches done."""
+        finished: list[str] = []
+        size = self.poll.max_concurrency
+        for start in range(0, len(pending), size):
+            before = len(finished)
+            async with anyio.create_task_group() as tg:
+                for batch_id in pending[start : start + size]:
+                    tg.start_soon(self.sweep, batch_id, finished)
+            if self.errors:
+                raise self.errors[0]
+            if len(finished) == before:
+                break  # a whole window still running: the rest is younger, wait
+        return finished
+
+    async def page_items(self, batch_id: str) -> list[Any]:
+        items: list[Any] = []
+        cursor: str | None = None
+        cursors: set[str] = set()
+        while True:
+
+            async def one_page(c: str | None = cursor) -> dict[str, Any]:
+                return await self.client.list_batch_items(batch_id, limit=PAGE_SIZE, cursor=c)
+
+            page = await self.call(one_page)
+            got = page.get("items")
+            if not isinstance(got, list):
+                raise ProtocolError(f"batch {batch_id}: an items page has no items[] list")
+            items += got
+            cursor = next_cursor(page)
+            if cursor is None or not got or cursor in cursors:
+                break  # the end, or a server handing a cursor back: never loop on it
+            cursors.add(cursor)
+        return items
+
+    async def sweep(self, batch_id: str, finished: list[str]) -> None:
+        try:
+            items = await self.page_items(batch_id)
+        except APIError as error:  # surfaces after the window, alone, not in an ExceptionGroup
+            self.errors.append(error)
+            return
+        # Pages that lack our items (a paging fault) are told apart from a malformed list.
+        malformed = _unfiled(batch_id, items)
+        if malformed is None:
+            lacking = self.expected.get(batch_id, set()) - {i["id"] for i in items}
+            if lacking:
+                self.errors.append(
+                    ProtocolError(
+                        f"batch {batch_id}: its pages lack {len(lacking)} of our items (e.g. "
+                        f"{sorted(lacking)[:3]}): a cursor repeated or a page went missing",
+                        retryable=False,
+                    )
+                )
+                return
+            malformed = _repeated(batch_id, items)
+        if malformed is not None:
+            self.malformed(batch_id, malformed, finished)
+            return
+        states = [_status(i) for i in items]
+        if items and all(
+            state in TERMINAL or i.get("completed_at")
+            for state, i in zip(states, items, strict=True)
+        ):
+            self.seen[batch_id] = "over"
+            self.on_batch(batch_id, self.checked(batch_id, items))
+            finished.append(batch_id)
+        else:
+            self.seen[batch_id] = next((str(x) for x in states if x not in TERMINAL), "unknown")
+
+    def malformed(self, batch_id: str, message: str, finished: list[str]) -> None:
+        """A batch whose items cannot be filed: reported, and done for this call."""
+        if self.on_malformed is None:
+            self.errors.append(ProtocolError(message, retryable=False))
+            return
+        self.seen[batch_id] = "malformed"
+        self.on_malformed(batch_id, message)
+        finished.append(batch_id)
+
+    def checked(self, batch_id: str, items: list[Any]) -> list[dict[str, Any]]:
+        """``items`` through ``check_item`` (redacting this client's key too); malformed
+        values are logged once per batch."""
+        checked = [check_item(i, scrub=self.client.redact) for i in items]
+        noted = [i for i in checked if _NOTES in i]
+        if noted:
+            _log.warning(
+                "batch %s: %d item answer(s) malformed, their bad values dropped; e.g. item %s: %s",
+                batch_id,
+                len(noted),
+                noted[0]["id"],
+                "; ".join(noted[0][_NOTES]),
+            )
+        return checked
 
 
 def item_key(batch_id: str, item_id: str) -> str:
@@ -271,7 +478,8 @@ def finish_columns(df: pd.DataFrame, *, flatten: bool) -> pd.DataFrame:
     """Typed result columns: timestamps as UTC datetimes, cost as Decimal (object), and the
     output dict spread into ``runflow_output.<key>`` columns when ``flatten``."""
     for col in ("runflow_created_at", "runflow_started_at", "runflow_completed_at"):
-        df[col] = pd.to_datetime(df[col], utc=True, format="ISO8601")
+        # Values were checked before they were kept (check_item); coerce is a last defence.
+        df[col] = pd.to_datetime(df[col], utc=True, format="ISO8601", errors="coerce")
     for col in ("runflow_status", "runflow_failure_code", "runflow_failure_message"):
         df[col] = df[col].astype("string")
     if flatten:
