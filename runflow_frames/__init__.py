@@ -2,7 +2,6 @@
 
 from ._api import aretry_failed, arun_batches, retry_failed, run_batches
 from ._callbacks import verify_signature
-from ._checkpoint import read_checkpoint
 from ._client import AsyncRunflowClient
 from ._collect import Summary, acollect, collect, summarize
 from ._errors import (
@@ -12,8 +11,11 @@ from ._errors import (
     APITimeoutError,
     AuthenticationError,
     CheckpointError,
+    CollectError,
+    DeadlineExceeded,
     InputError,
     InsufficientCreditError,
+    JobInterrupted,
     PermissionDeniedError,
     ProtocolError,
     RateLimitError,
@@ -25,7 +27,7 @@ from ._errors import (
 )
 from ._files import arun_batches_file, run_batches_file
 from ._join import HANDLE_COLUMNS
-from ._results import DeadlineExceeded
+from ._journal import read_checkpoint
 from ._retry import RetryPolicy
 from ._version import __version__
 
@@ -38,9 +40,11 @@ __all__ = [
     "AsyncRunflowClient",
     "AuthenticationError",
     "CheckpointError",
+    "CollectError",
     "DeadlineExceeded",
     "InputError",
     "InsufficientCreditError",
+    "JobInterrupted",
     "PermissionDeniedError",
     "ProtocolError",
     "RateLimitError",

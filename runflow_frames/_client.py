@@ -7,22 +7,19 @@ outgoing requests; it is never formatted into a message, a repr or a log line.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import logging
-import os
 import re
 import ssl
 import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Final, Self
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 import orjson
 
+from ._config import DEFAULT_TIMEOUT, Connection
 from ._errors import (
     APIConnectionError,
     APIStatusError,
@@ -39,13 +36,9 @@ from ._errors import (
 from ._retry import parse_retry_after
 from ._version import __version__
 
-DEFAULT_BASE_URL: Final = "https://api.runflow.io"
-DEFAULT_TIMEOUT: Final = 60.0
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 
 _log = logging.getLogger("runflow_frames")
-# What Runflow's own JS SDK accepts as a key (rf_live_..., rf_svc_...).
-_KEY_CHARS: Final = re.compile(r"[A-Za-z0-9_]+")
 _REQUEST_ID_HEADERS: Final = ("x-request-id", "runflow-request-id", "request-id")
 
 REDACTED: Final = "[redacted]"
@@ -123,27 +116,6 @@ def model_path(owner: str, slug: str) -> str:
     return "/".join(quote(s, safe="") for s in segments)
 
 
-def _check_base_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return url.rstrip("/")
-    if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
-        return url.rstrip("/")
-    raise InputError(
-        f"base URL {url!r} must be https:// (plain http:// is allowed only for loopback hosts, "
-        "such as the local emulator)"
-    )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class AsyncRunflowClient:
     """Async client for the Runflow batch API.
 
@@ -174,32 +146,28 @@ class AsyncRunflowClient:
         org_id: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
+        connection: Connection | None = None,
     ) -> None:
-        key = api_key if api_key is not None else os.environ.get("RUNFLOW_API_KEY")
-        if not key:
-            raise InputError("no API key: pass api_key= or set RUNFLOW_API_KEY")
-        if not _KEY_CHARS.fullmatch(key):
-            # Never echo the key: say what is wrong with it instead.
-            raise InputError(
-                "the API key has characters Runflow keys do not have (letters, digits and _ "
-                "only); look for a stray newline, space or quotes around it"
+        if connection is None:
+            connection = Connection.resolve(
+                api_key=api_key,
+                base_url=base_url,
+                org_id=org_id,
+                timeout=timeout,
+                transport=transport,
             )
-        if timeout <= 0:
-            raise InputError(f"timeout must be positive, got {timeout}")
-        self.base_url = _check_base_url(
-            base_url or os.environ.get("RUNFLOW_BASE_URL") or DEFAULT_BASE_URL
-        )
-        self.org_id = org_id if org_id is not None else os.environ.get("RUNFLOW_ORG_ID") or None
-        self.timeout = timeout
-        self.__key = key
-        self._transport = transport
+        self.connection = connection
+        self.base_url = connection.base_url
+        self.org_id = connection.org_id
+        self.timeout = connection.timeout
+        self.__key = connection.api_key.reveal()
+        self._transport = connection.transport
         self._http: httpx.AsyncClient | None = None
         self.requests_made = 0
 
     def key_fingerprint(self, salt: str) -> str:
-        """A salted, truncated HMAC of the API key: tells two keys apart without revealing
-        either (what a checkpoint keeps, never the key)."""
-        return hmac.new(salt.encode(), self.__key.encode(), hashlib.sha256).hexdigest()[:16]
+        """See :meth:`Connection.key_fingerprint`."""
+        return self.connection.key_fingerprint(salt)
 
     def _redact(self, exc: Exception) -> str:
         return redact(f"{type(exc).__name__}: {exc}", key=self.__key)

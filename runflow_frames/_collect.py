@@ -1,4 +1,5 @@
-"""collect / acollect and the job summary: argument checks and wiring of ``_results.py``."""
+"""collect / acollect and the job summary: the public collect functions, thin, over
+``_results.py`` (polling and paging) and a checkpoint's ``ResultsStore``."""
 
 from __future__ import annotations
 
@@ -15,13 +16,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import pyarrow as pa
 
-from ._checkpoint import Checkpoint, read_checkpoint
-from ._client import DEFAULT_TIMEOUT, AsyncRunflowClient
-from ._errors import InputError, ProtocolError
+from ._config import DEFAULT_TIMEOUT, Connection
+from ._errors import APIError, CollectError, DeadlineExceeded, InputError, ProtocolError
+from ._journal import ResultsStore, block_directories, read_checkpoint, read_manifest
 from ._progress import ProgressOption, Reporter
 from ._results import (
     RESULT_COLUMNS,
-    DeadlineExceeded,
     PollPolicy,
     collect_items,
     decode_outputs,
@@ -31,10 +31,12 @@ from ._results import (
     results_frame,
 )
 from ._retry import RetryPolicy
-from ._sync import run_sync
+from ._sync import keep_partial, sync_twin
 
 if TYPE_CHECKING:
     import httpx
+
+    from ._client import AsyncRunflowClient
 
 NEEDED = ("runflow_client_ref", "runflow_batch_id", "runflow_item_id")
 _log = logging.getLogger("runflow_frames")
@@ -121,131 +123,6 @@ async def acollect(
     timeout: float = DEFAULT_TIMEOUT,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> pd.DataFrame:
-    """Async twin of :func:`collect`."""
-    started = time.monotonic()
-    ckpt_path = checkpoint if isinstance(source, pd.DataFrame) else source
-    if isinstance(source, pd.DataFrame):
-        frame, unconfirmed = source, pd.Series(False, index=source.index)
-    else:
-        frame, unconfirmed = _frame_from_checkpoint(source)
-    missing = [c for c in NEEDED if c not in frame.columns]
-    if missing:
-        raise InputError(
-            f"collect needs the frame run_batches returned (or a checkpoint path); it lacks "
-            f"{missing}"
-        )
-    if max_concurrency < 1 or not 0 < poll_interval[0] <= poll_interval[1]:
-        raise InputError("max_concurrency must be >= 1 and poll_interval (initial, max) positive")
-    out = frame.drop(columns=[c for c in frame.columns if is_result_column(c)])
-    batches = out["runflow_batch_id"]
-    handled = batches.notna() & out["runflow_item_id"].notna()
-    keys = (batches + "/" + out["runflow_item_id"]).where(handled)
-    expected: dict[str, set[str]] = {}
-    for batch_id, item_id in zip(
-        batches[handled], out.loc[handled, "runflow_item_id"], strict=True
-    ):
-        expected.setdefault(str(batch_id), set()).add(str(item_id))
-
-    ckpt = Checkpoint.open(ckpt_path, None) if ckpt_path is not None else None
-    reporter: Reporter | None = None
-    fresh: list[pd.DataFrame] = []
-    try:
-        cached = _from_store(ckpt.results()) if ckpt is not None else _empty_results()
-        if ckpt is not None and base_url is None and org_id is None:
-            base_url, org_id = ckpt.manifest.get("base_url"), ckpt.manifest.get("org_id")
-        known = keys.isin(cached.index)
-        todo = batches[handled & ~known].unique().tolist()
-        client = AsyncRunflowClient(
-            api_key=api_key, base_url=base_url, org_id=org_id, timeout=timeout, transport=transport
-        )
-        statuses: dict[str, str] = {}
-        rows_in = batches[handled].value_counts()
-        reporter = Reporter(progress, total=int(handled.sum()), desc="collected")
-        reporter.advance(int(known.sum()))
-
-        def on_batch(batch_id: str, batch_items: list[dict[str, Any]]) -> None:
-            fresh.append(results_frame(batch_id, batch_items))
-            reporter.advance(int(rows_in.get(batch_id, 0)))
-
-        async with client:
-            unfinished = await collect_items(
-                client,
-                todo,
-                poll=PollPolicy(
-                    initial=poll_interval[0],
-                    max=poll_interval[1],
-                    max_concurrency=max_concurrency,
-                    deadline=deadline,
-                ),
-                retry=retry or RetryPolicy(),
-                on_batch=on_batch,
-                statuses=statuses,
-                expected=expected,
-            )
-    finally:
-        if ckpt is not None:
-            try:
-                # Once per collect, whatever stopped it: what was fetched is never fetched again.
-                if fresh:
-                    ckpt.record_results(_to_store(pd.concat(fresh)))
-            finally:
-                ckpt.close()
-        if reporter is not None:
-            reporter.close()
-
-    results = pd.concat([cached, *fresh])
-    results = results[~results.index.duplicated(keep="last")]
-    joined = results.reindex(keys.astype(object).where(handled, None)).set_axis(out.index)
-    came_back = joined.pop("client_ref")
-    wrong = handled & came_back.notna() & (came_back != out["runflow_client_ref"])
-    if wrong.any():
-        first = out.index[wrong.to_numpy()][0]
-        raise ProtocolError(
-            f"{int(wrong.sum())} item(s) came back with another row's client_ref (row "
-            f"{first!r} got {came_back[first]!r}): refusing to join them"
-        )
-    # Rows of unfinished batches show the batch's last status, for now; rows a checkpoint
-    # recorded as sent without an answer show "pending" (resume the job to settle them).
-    waiting = batches.isin(unfinished)
-    joined.loc[waiting.to_numpy(), "runflow_status"] = batches[waiting].map(statuses)
-    joined.loc[unconfirmed.to_numpy(), "runflow_status"] = "pending"
-    if unconfirmed.any():
-        _log.warning(
-            "%d row(s) were sent but their answer never came back: they show status 'pending'; "
-            "resume the job (the same run_batches call) to settle them",
-            int(unconfirmed.sum()),
-        )
-    out = pd.concat([out, finish_columns(joined, flatten=flatten)], axis=1)
-    # JSON-able only: pandas writes attrs into Parquet metadata.
-    out.attrs["runflow"] = {
-        "collect_seconds": round(time.monotonic() - started, 3),
-        "api_requests": client.requests_made,
-    }
-    if unfinished:
-        raise DeadlineExceeded(
-            f"{len(unfinished)} batch(es) ({int(waiting.sum())} rows) were still running after "
-            f"{deadline:g} s; .result holds what was collected. Collect again later to finish.",
-            result=out,
-        )
-    return out
-
-
-def collect(
-    source: pd.DataFrame | str | os.PathLike[str],
-    *,
-    checkpoint: str | os.PathLike[str] | None = None,
-    flatten: bool = False,
-    deadline: float | None = None,
-    poll_interval: tuple[float, float] = (1.0, 15.0),
-    max_concurrency: int = 4,
-    retry: RetryPolicy | None = None,
-    progress: ProgressOption = None,
-    api_key: str | None = None,
-    base_url: str | None = None,
-    org_id: str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> pd.DataFrame:
     """Wait for submitted rows' runs to end and join each row's outcome.
 
     Polls ``GET /v1/batches/{id}`` for the unfinished batches only, at intervals growing from
@@ -256,8 +133,10 @@ def collect(
     Parameters
     ----------
     source : DataFrame or path
-        What ``run_batches`` returned, or a checkpoint directory (from any process: the result
-        is then indexed by ``client_ref``).
+        What ``run_batches`` returned, or a checkpoint directory (from any process, of a frame
+        or a file job: the result is then indexed by ``client_ref``). A checkpoint's server is
+        used only when it is the one this call is configured for (``base_url=``,
+        ``RUNFLOW_BASE_URL``, the default): the API key never goes where a file says.
     checkpoint : path, optional
         With a frame as ``source``: where to keep collected outcomes, so that collecting again
         fetches only unfinished batches. A checkpoint ``source`` is used for this too.
@@ -277,31 +156,216 @@ def collect(
         ``runflow_created_at`` / ``_started_at`` / ``_completed_at`` (UTC).
         :func:`summarize` gives its :class:`Summary`.
 
+    Raises
+    ------
+    CollectError
+        Polling failed for good (retries exhausted, an API error); ``.result`` holds every
+        row's handle and the outcomes collected so far.
+    DeadlineExceeded
+        ``deadline`` passed first (a CollectError).
+    CheckpointError
+        The checkpoint belongs to another server or organisation than this call's.
+
     Examples
     --------
     >>> out = run_batches(df, "acme", "echo", checkpoint="ckpt")  # doctest: +SKIP
     >>> done = collect(out)  # doctest: +SKIP
     >>> summarize(done)  # doctest: +SKIP
     """
-
-    async def job() -> pd.DataFrame:
-        return await acollect(
-            source,
-            checkpoint=checkpoint,
-            flatten=flatten,
-            deadline=deadline,
-            poll_interval=poll_interval,
-            max_concurrency=max_concurrency,
-            retry=retry,
-            progress=progress,
-            api_key=api_key,
-            base_url=base_url,
-            org_id=org_id,
-            timeout=timeout,
-            transport=transport,
+    if max_concurrency < 1 or not 0 < poll_interval[0] <= poll_interval[1]:
+        raise InputError("max_concurrency must be >= 1 and poll_interval (initial, max) positive")
+    poll = PollPolicy(
+        initial=poll_interval[0],
+        max=poll_interval[1],
+        max_concurrency=max_concurrency,
+        deadline=deadline,
+    )
+    connection = Connection.resolve(
+        api_key=api_key,
+        base_url=base_url,
+        org_id=org_id,
+        timeout=timeout,
+        transport=transport,
+        retry=retry,
+    )
+    if isinstance(source, pd.DataFrame):
+        return await collect_frame(
+            source, connection, checkpoint=checkpoint, poll=poll, flatten=flatten, progress=progress
         )
+    manifest = read_manifest(Path(source))
+    parts = [Path(source)]
+    if manifest is not None and manifest.get("kind") == "file":
+        connection.check_server(manifest, source)
+        parts = block_directories(Path(source))
+    frames = []
+    for part in parts:
+        frame, unconfirmed = _frame_from_checkpoint(part)
+        frames.append(
+            await collect_frame(
+                frame,
+                connection,
+                checkpoint=part,
+                poll=poll,
+                flatten=flatten,
+                progress=progress,
+                unconfirmed=unconfirmed,
+            )
+        )
+    return pd.concat(frames) if len(frames) > 1 else frames[0]
 
-    return run_sync(job)
+
+collect = sync_twin(acollect)
+
+
+async def collect_frame(
+    frame: pd.DataFrame,
+    connection: Connection,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    poll: PollPolicy | None = None,
+    flatten: bool = False,
+    progress: ProgressOption = None,
+    unconfirmed: pd.Series | None = None,
+) -> pd.DataFrame:
+    """``frame``'s outcomes joined on (see :func:`collect`); ``unconfirmed`` marks rows a
+    checkpoint recorded as sent without an answer. However it stops, the error carries every
+    row's handle and what was collected."""
+    started = time.monotonic()
+    missing = [c for c in NEEDED if c not in frame.columns]
+    if missing:
+        raise InputError(
+            f"collect needs the frame run_batches returned (or a checkpoint path); it lacks "
+            f"{missing}"
+        )
+    plan = _Plan(frame)
+    store = ResultsStore(checkpoint) if checkpoint is not None else None
+    fresh: list[pd.DataFrame] = []
+    stopped: BaseException | None = None
+    unfinished: list[str] = []
+    client = connection.client()
+    try:
+        if store is not None:
+            connection.check_server(store.manifest, checkpoint)
+        cached = _from_store(store.read()) if store is not None else _empty_results()
+        try:
+            unfinished = await _fetch(client, plan, cached, poll or PollPolicy(), progress, fresh)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, with what was collected
+            stopped = exc
+    finally:
+        if store is not None:
+            try:
+                # Once per collect, whatever stopped it: what was fetched is never fetched again.
+                if fresh:
+                    store.record(_to_store(pd.concat(fresh)))
+            finally:
+                store.close()
+    out = plan.join(cached, fresh, unfinished, unconfirmed, flatten=flatten)
+    out.attrs["runflow"] = {  # JSON-able only: pandas writes attrs into Parquet metadata
+        "collect_seconds": round(time.monotonic() - started, 3),
+        "api_requests": client.requests_made,
+    }
+    if stopped is not None:
+        if not isinstance(stopped, APIError):
+            keep_partial(out)
+            raise stopped
+        raise CollectError(
+            f"waiting for the runs stopped: {stopped}. The runs exist: .result holds every "
+            "row's handle and the outcomes collected so far; collect again to finish",
+            result=out,
+        ) from stopped
+    if unfinished:
+        waiting = int(plan.batches.isin(unfinished).sum())
+        raise DeadlineExceeded(
+            f"{len(unfinished)} batch(es) ({waiting} rows) were still running after "
+            f"{poll.deadline if poll else None:g} s; .result holds what was collected. Collect "
+            "again later to finish.",
+            result=out,
+        )
+    return out
+
+
+class _Plan:
+    """Which rows have a handle, the batches they are in, and how outcomes join back."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.out = frame.drop(columns=[c for c in frame.columns if is_result_column(c)])
+        self.batches = self.out["runflow_batch_id"]
+        self.handled = self.batches.notna() & self.out["runflow_item_id"].notna()
+        self.keys = (self.batches + "/" + self.out["runflow_item_id"]).where(self.handled)
+        self.expected: dict[str, set[str]] = {}
+        for batch_id, item_id in zip(
+            self.batches[self.handled], self.out.loc[self.handled, "runflow_item_id"], strict=True
+        ):
+            self.expected.setdefault(str(batch_id), set()).add(str(item_id))
+        self.statuses: dict[str, str] = {}
+
+    def join(
+        self,
+        cached: pd.DataFrame,
+        fresh: list[pd.DataFrame],
+        unfinished: list[str],
+        unconfirmed: pd.Series | None,
+        *,
+        flatten: bool,
+    ) -> pd.DataFrame:
+        out, handled, batches = self.out, self.handled, self.batches
+        results = pd.concat([cached, *fresh])
+        results = results[~results.index.duplicated(keep="last")]
+        joined = results.reindex(self.keys.astype(object).where(handled, None)).set_axis(out.index)
+        came_back = joined.pop("client_ref")
+        wrong = handled & came_back.notna() & (came_back != out["runflow_client_ref"])
+        if wrong.any():
+            first = out.index[wrong.to_numpy()][0]
+            raise ProtocolError(
+                f"{int(wrong.sum())} item(s) came back with another row's client_ref (row "
+                f"{first!r} got {came_back[first]!r}): refusing to join them"
+            )
+        # Rows of unfinished batches show the batch's last status, for now; rows a checkpoint
+        # recorded as sent without an answer show "pending" (resume the job to settle them).
+        waiting = batches.isin(unfinished)
+        joined.loc[waiting.to_numpy(), "runflow_status"] = batches[waiting].map(self.statuses)
+        if unconfirmed is not None and unconfirmed.any():
+            joined.loc[unconfirmed.to_numpy(), "runflow_status"] = "pending"
+            _log.warning(
+                "%d row(s) were sent but their answer never came back: they show status "
+                "'pending'; resume the job (the same call, same checkpoint) to settle them",
+                int(unconfirmed.sum()),
+            )
+        return pd.concat([out, finish_columns(joined, flatten=flatten)], axis=1)
+
+
+async def _fetch(
+    client: AsyncRunflowClient,
+    plan: _Plan,
+    cached: pd.DataFrame,
+    poll: PollPolicy,
+    progress: ProgressOption,
+    fresh: list[pd.DataFrame],
+) -> list[str]:
+    """Collect the batches whose outcomes are not cached, into ``fresh``; the unfinished."""
+    known = plan.keys.isin(cached.index)
+    todo = plan.batches[plan.handled & ~known].unique().tolist()
+    rows_in = plan.batches[plan.handled].value_counts()
+    reporter = Reporter(progress, total=int(plan.handled.sum()), desc="collected")
+    reporter.advance(int(known.sum()))
+
+    def on_batch(batch_id: str, batch_items: list[dict[str, Any]]) -> None:
+        fresh.append(results_frame(batch_id, batch_items))
+        reporter.advance(int(rows_in.get(batch_id, 0)))
+
+    try:
+        async with client:
+            return await collect_items(
+                client,
+                todo,
+                poll=poll,
+                retry=client.connection.retry,
+                on_batch=on_batch,
+                statuses=plan.statuses,
+                expected=plan.expected,
+            )
+    finally:
+        reporter.close()
 
 
 def _frame_from_checkpoint(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.Series]:

@@ -6,6 +6,8 @@ Every error the library raises on purpose derives from ``RunflowError``::
     ├── InputError (also ValueError)      bad input or options, refused before any request
     ├── CheckpointError                    a checkpoint is corrupted or belongs to another job
     ├── SubmissionError                    a job stopped part-way; carries the rows it did submit
+    ├── CollectError                       waiting for outcomes stopped; carries every handle
+    │   └── DeadlineExceeded               collect's deadline passed
     └── APIError                           something went wrong talking to the API
         ├── APIConnectionError             no usable HTTP response (DNS, refused, reset, TLS)
         │   └── APITimeoutError            the request timed out
@@ -19,7 +21,9 @@ Every error the library raises on purpose derives from ``RunflowError``::
             ├── RequestRejectedError       400, 404, 409, 422, other 4xx: a wrong request
             └── ServerError                5xx
 
-``StaleIntentWarning`` (a UserWarning) warns before re-sending old intents.
+``StaleIntentWarning`` (a UserWarning) warns before re-sending old intents. ``JobInterrupted``
+(a KeyboardInterrupt, deliberately outside the tree: ``except Exception`` must not swallow
+Ctrl-C) carries what an interrupted job had.
 
 ``InputError`` is a misuse error (fix the call); the ``APIError`` family is operational. HTTP
 library exceptions are translated into this tree in exactly one place, ``_client.py``; the API
@@ -187,9 +191,42 @@ class SubmissionError(RunflowError):
         self.uncertain = uncertain
 
 
+class CollectError(RunflowError):
+    """Waiting for the runs stopped before every batch was over (polling retries exhausted, an
+    API error). The runs exist: ``result`` holds every row's handle and the outcomes collected
+    so far; collect again (from that frame or the checkpoint) to finish. ``__cause__`` says
+    what stopped it.
+    """
+
+    def __init__(self, message: str, *, result: pd.DataFrame) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class DeadlineExceeded(CollectError):  # noqa: N818 - reads as what happened
+    """Some batches were still running when ``deadline`` passed.
+
+    ``result`` holds what was collected: finished rows have their outcome, the others their
+    last known status. Collect again later (from the frame or the checkpoint) to finish.
+    """
+
+
 class StaleIntentWarning(UserWarning):
     """A resume is about to re-send chunks whose first POST is older than ``max_intent_age``.
 
     The server keeps Idempotency-Keys for an undocumented time; if it has forgotten them, a chunk
     whose first POST did reach it would be created a second time.
     """
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C (a KeyboardInterrupt) stopped a job from synchronous code.
+
+    A KeyboardInterrupt, not a RunflowError, so ``except Exception`` does not swallow it.
+    ``result`` holds every row that had a handle when it stopped (the submitted frame, or what
+    collect had joined); with a checkpoint, re-running the same call resumes.
+    """
+
+    def __init__(self, message: str, *, result: Any) -> None:
+        super().__init__(message)
+        self.result = result

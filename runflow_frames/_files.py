@@ -1,15 +1,18 @@
-"""File jobs bigger than memory: read a CSV or Parquet file in blocks, submit each block as its
-own exactly-once job, and write the joined result as it goes.
+"""File jobs bigger than memory: read a CSV or Parquet file in blocks, submit each block as a
+block job (``_job.py``, the same protocol as every face), and write the joined result as it goes.
 
-Layout of a file job's checkpoint::
+Layout of a file job's checkpoint (see ``_journal.py``)::
 
-    file-job.json            the source (path, size, mtime), block size and options, once
-    block-000042/            block 42's own run_batches checkpoint (intents, journal, segments)
-    block-000042.parquet     block 42's joined result, written atomically when it is done
+    manifest.json            kind "file": server, model, options, source (path, size, mtime),
+                             block size, once
+    block-000042/            block 42's job (kind "block": intents, journal, segments)
+    block-000042.parquet     block 42's joined result, written atomically after each run of it;
+                             marked complete once every row of the block has a handle
 
 A block is a fixed range of rows (``block_rows`` of them), so a resume reads the file again and
-finds the same blocks: done ones are skipped, an interrupted one resumes from its checkpoint
-(nothing sent twice), the rest are sent. At the end the block results are streamed into
+finds the same blocks: complete ones are skipped, the others resume from their checkpoints
+(nothing sent twice; rows a fault left pending are re-sent under their keys), the rest are
+sent. At the end the block results are streamed into
 ``output`` one at a time. Memory holds one block (encoded) and the requests in flight, whatever
 the file's size.
 
@@ -26,20 +29,22 @@ from typing import Any, Final
 
 import anyio
 import anyio.to_thread
-import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ._checkpoint import _atomic_write
-from ._errors import CheckpointError, InputError
+from ._api import submit_frame
+from ._client import model_path
+from ._config import Connection, JobOptions, fingerprint
+from ._errors import InputError
+from ._journal import Lock, atomic_write, check_manifest, new_manifest
 from ._plan import Plan, plan_job
 from ._progress import ProgressOption, Reporter
-from ._sync import run_sync
+from ._rows import body_suffix
+from ._sync import sync_twin
 
 DEFAULT_BLOCK_ROWS: Final = 100_000
-MANIFEST: Final = "file-job.json"
 
 
 def _blocks(source: Path, block_rows: int) -> Iterator[pa.Table]:
@@ -77,31 +82,13 @@ def _block_frame(table: pa.Table, number: int, block_rows: int) -> pd.DataFrame:
     return frame
 
 
-def _job_manifest(source: Path, block_rows: int, options: dict[str, Any]) -> dict[str, Any]:
-    stat = source.stat()
-    return {
-        "source": str(source.resolve()),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "block_rows": block_rows,
-        "options": options,
-    }
-
-
-def _check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    path = directory / MANIFEST
-    if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: tmp.write_bytes(orjson.dumps(manifest)))
-        return
-    recorded = orjson.loads(path.read_bytes())
-    changed = [k for k in manifest if recorded.get(k) != manifest[k]]
-    if changed:
-        raise CheckpointError(
-            f"checkpoint {directory} belongs to another file job; changed: {', '.join(changed)} "
-            "(a source file that changed size or time counts: its rows may have moved)",
-            changes=changed,
-        )
+_JOB_KEYS: Final = frozenset(
+    {"chunk_size", "max_concurrency", "metadata", "callback_url", "missing", "errors"}
+    | {"max_intent_age"}
+)
+_CONNECTION_KEYS: Final = frozenset(
+    {"api_key", "base_url", "org_id", "timeout", "transport", "retry"}
+)
 
 
 async def arun_batches_file(
@@ -117,20 +104,66 @@ async def arun_batches_file(
     progress: ProgressOption = None,
     **options: Any,
 ) -> dict[str, int]:
-    """Async twin of :func:`run_batches_file`."""
-    from ._api import arun_batches
+    """Submit every row of a CSV or Parquet file, in bounded memory, exactly once, resumably.
 
+    The file is read ``block_rows`` rows at a time; each block is submitted with the
+    guarantees of ``run_batches`` as a block job under ``<checkpoint>/block-<n>``, and its
+    joined result kept; the results are then streamed into ``output`` (.parquet or .csv).
+    Re-running the same call after any interruption resumes: blocks whose every row has a
+    handle are skipped, the others resume (rows whose answer was lost are re-sent under their
+    Idempotency-Keys, rows never sent are sent), nothing is sent twice. The checkpoint records
+    the server, organisation, model, options and the source's identity: another of them, or a
+    checkpoint of another kind, is refused before anything is sent. Other keyword options are
+    those of ``run_batches`` (``errors`` defaults to ``"keep"`` here: failed rows are in the
+    output with their ``runflow_error``). ``arun_batches_file`` is the async form.
+
+    Returns counts: rows, blocks, blocks skipped (done before), failed rows (without a handle).
+
+    Examples
+    --------
+    >>> run_batches_file("prompts.parquet", "acme", "echo", output="out.parquet",
+    ...                  checkpoint="ckpt")  # doctest: +SKIP
+    {'rows': 5000000, 'blocks': 50, 'blocks_skipped': 0, 'failed_rows': 0}
+    """
+    unknown = set(options) - _JOB_KEYS - _CONNECTION_KEYS
+    if unknown:
+        raise InputError(f"run_batches_file got unexpected option(s) {sorted(unknown)}")
+    job = {k: v for k, v in options.items() if k in _JOB_KEYS}
+    job.setdefault("errors", "keep")
+    opts = JobOptions(key=key, columns=columns, **job)
+    connection = Connection.resolve(**{k: v for k, v in options.items() if k in _CONNECTION_KEYS})
+    model = model_path(owner, slug)
     src, out, root = Path(source), Path(output), Path(checkpoint)
-    shaped = {"owner": owner, "slug": slug, "key": key, "columns": columns}
-    shaped.update(
-        {k: v for k, v in options.items() if k in ("metadata", "callback_url", "missing")}
-    )
     # File work runs in a worker thread, so an async caller's loop is never blocked by it.
-    size = await anyio.to_thread.run_sync(_prepare, src, out, root, block_rows, shaped)
+    job_print = _fingerprint(src, block_rows, model, opts, connection)
+    size, lock = await anyio.to_thread.run_sync(
+        _prepare, src, out, root, block_rows, job_print, connection
+    )
+    try:
+        return await _run_blocks(
+            src, out, root, block_rows, model, opts, connection, progress, size
+        )
+    finally:
+        lock.release()
+
+
+run_batches_file = sync_twin(arun_batches_file)
+
+
+async def _run_blocks(
+    src: Path,
+    out: Path,
+    root: Path,
+    block_rows: int,
+    model: str,
+    options: JobOptions,
+    connection: Connection,
+    progress: ProgressOption,
+    size: int,
+) -> dict[str, int]:
     reporter = Reporter(progress, total=size, desc="submitted")
     totals = {"rows": 0, "blocks": 0, "blocks_skipped": 0, "failed_rows": 0}
     blocks = _blocks(src, block_rows)
-    errors = options.pop("errors", "keep")
     number = -1
     try:
         while (table := await anyio.to_thread.run_sync(next, blocks, None)) is not None:
@@ -138,45 +171,95 @@ async def arun_batches_file(
             part = root / f"block-{number:06d}.parquet"
             totals["rows"] += table.num_rows
             totals["blocks"] += 1
-            if await anyio.to_thread.run_sync(part.exists):
+            if await anyio.to_thread.run_sync(_complete, part):
                 totals["blocks_skipped"] += 1
                 reporter.advance(table.num_rows)
                 continue
-            result = await arun_batches(
+            start = reporter.done
+
+            def advance(done: int, _total: int, start: int = start) -> None:
+                reporter.advance(start + done - reporter.done)
+
+            result = await submit_frame(
                 _block_frame(table, number, block_rows),
-                owner,
-                slug,
-                key=key,
-                columns=columns,
+                model,
+                options,
+                connection,
                 checkpoint=root / f"block-{number:06d}",
-                progress=False,
-                errors=errors,
-                **options,
+                wait=False,
+                progress=advance,
+                kind="block",
             )
-            totals["failed_rows"] += int(result["runflow_error"].notna().sum())
-            written = pa.Table.from_pandas(result, preserve_index=key is None)
+            failed = int(result["runflow_run_id"].isna().sum())
+            totals["failed_rows"] += failed
             await anyio.to_thread.run_sync(
-                _atomic_write, part, lambda tmp, t=written: pq.write_table(t, tmp)
+                _write_part, part, result, options.key is None, not failed
             )
-            reporter.advance(table.num_rows)
     finally:
         reporter.close()
     await anyio.to_thread.run_sync(_concatenate, root, totals["blocks"], out)
     return totals
 
 
-def _prepare(src: Path, out: Path, root: Path, block_rows: int, shaped: dict[str, Any]) -> int:
-    """Check the call and the checkpoint; the row count when the file says it (Parquet)."""
+def _fingerprint(
+    src: Path, block_rows: int, model: str, options: JobOptions, connection: Connection
+) -> dict[str, Any]:
     if not src.is_file():
         raise InputError(f"{src}: no such file")
-    if block_rows < 1:
-        raise InputError(f"block_rows must be positive, got {block_rows}")
+    stat = src.stat()
+    requested = None if options.columns is None else [str(c) for c in options.columns]
+    return {
+        **fingerprint(
+            model,
+            connection,
+            options,
+            requested or [],
+            body_suffix(options.metadata, options.callback_url),
+        ),
+        "columns": requested,
+        "source": {"path": str(src.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+        "block_rows": block_rows,
+    }
+
+
+def _prepare(
+    src: Path, out: Path, root: Path, block_rows: int, job: dict[str, Any], connection: Connection
+) -> tuple[int, Lock]:
+    """Check the call, then open (or create) the file job's checkpoint: its lock, and the row
+    count when the file says it (Parquet)."""
+    if not isinstance(block_rows, int) or block_rows < 1:
+        raise InputError(f"block_rows must be a positive integer, got {block_rows!r}")
     if out.suffix.lower() not in (".parquet", ".pq", ".csv"):
         raise InputError(f"{out}: write .parquet or .csv")
-    _check_manifest(root, _job_manifest(src, block_rows, shaped))
+    if src.suffix.lower() not in (".parquet", ".pq", ".csv"):
+        raise InputError(f"{src}: only .csv and .parquet files can be streamed")
+    lock = Lock(root)
+    try:
+        if check_manifest(root, "file", job) is None:
+            new_manifest(root, "file", job, connection.key_fingerprint)
+    except BaseException:
+        lock.release()
+        raise
     if src.suffix.lower() in (".parquet", ".pq"):
-        return int(pq.ParquetFile(src).metadata.num_rows)
-    return 0
+        return int(pq.ParquetFile(src).metadata.num_rows), lock
+    return 0, lock
+
+
+def _complete(part: Path) -> bool:
+    """Whether block ``part`` is done: its result is written and every row in it has a handle
+    (a block with rows pending or failed is resumed, never skipped)."""
+    if not part.exists():
+        return False
+    metadata = pq.read_schema(part).metadata or {}
+    return metadata.get(b"runflow_complete") == b"1"
+
+
+def _write_part(part: Path, result: pd.DataFrame, keep_index: bool, complete: bool) -> None:
+    table = pa.Table.from_pandas(result, preserve_index=keep_index)
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), b"runflow_complete": b"1" if complete else b"0"}
+    )
+    atomic_write(part, lambda tmp: pq.write_table(table, tmp))
 
 
 def _concatenate(root: Path, blocks: int, output: Path) -> None:
@@ -195,63 +278,6 @@ def _concatenate(root: Path, blocks: int, output: Path) -> None:
             for part in parts:
                 writer.write_table(pq.read_table(part).cast(schema))
     tmp.replace(output)
-
-
-def run_batches_file(
-    source: str | os.PathLike[str],
-    owner: str,
-    slug: str,
-    *,
-    output: str | os.PathLike[str],
-    checkpoint: str | os.PathLike[str],
-    key: str | None = None,
-    columns: list[str] | None = None,
-    block_rows: int = DEFAULT_BLOCK_ROWS,
-    progress: ProgressOption = None,
-    **options: Any,
-) -> dict[str, int]:
-    """Submit every row of a CSV or Parquet file, in bounded memory, exactly once, resumably.
-
-    The file is read ``block_rows`` rows at a time; each block is submitted with the
-    guarantees of ``run_batches`` under ``<checkpoint>/block-<n>``, and its joined result kept;
-    the results are then streamed into ``output`` (.parquet or .csv). Re-running the same call
-    after any interruption resumes: finished blocks are skipped, an interrupted one resumes,
-    nothing is sent twice. Other keyword options are those of ``run_batches`` (``errors``
-    defaults to ``"keep"`` here: failed rows are in the output with their ``runflow_error``).
-
-    Returns counts: rows, blocks, blocks skipped (done before), failed rows.
-
-    Examples
-    --------
-    >>> run_batches_file("prompts.parquet", "acme", "echo", output="out.parquet",
-    ...                  checkpoint="ckpt")  # doctest: +SKIP
-    {'rows': 5000000, 'blocks': 50, 'blocks_skipped': 0, 'failed_rows': 0}
-    """
-
-    async def job() -> dict[str, int]:
-        return await arun_batches_file(
-            source,
-            owner,
-            slug,
-            output=output,
-            checkpoint=checkpoint,
-            key=key,
-            columns=columns,
-            block_rows=block_rows,
-            progress=progress,
-            **options,
-        )
-
-    return run_sync(job)
-
-
-def block_checkpoints(root: str | os.PathLike[str]) -> list[Path] | None:
-    """The per-block checkpoints of a file job's checkpoint, in order; None if ``root`` is not
-    a file job's."""
-    directory = Path(root)
-    if not (directory / MANIFEST).exists():
-        return None
-    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("block-"))
 
 
 def plan_file(

@@ -30,6 +30,7 @@ import anyio
 import anyio.abc
 
 from ._client import AsyncRunflowClient
+from ._config import Errors
 from ._errors import (
     APIError,
     AuthenticationError,
@@ -42,7 +43,6 @@ from ._join import Handles, verify_handles
 from ._retry import Gate, RetryPolicy, not_created, retrying, slows_everyone
 from ._rows import Chunk
 
-Errors = Literal["raise", "keep"]
 Outcome = Literal["ok", "rate_limited", "overloaded", "failed"]
 
 
@@ -233,84 +233,117 @@ async def submit_chunks(
     that ends the job does (``ends_the_job``). Requests in flight always finish. Returns the
     failures.
     """
-    policy = policy or RetryPolicy()
-    rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
-    throttle = job_gate(max_concurrency)
-    source = iter(chunks)
-    ready: deque[Chunk] = deque()
-    failures: list[ChunkFailure] = []
-    stopped = False
+    sender = _Sender(
+        client,
+        path,
+        iter(chunks),
+        group=group,
+        before_send=before_send,
+        policy=policy or RetryPolicy(),
+        rng=rng or random.Random(),  # noqa: S311 - jitter, not secrets
+        throttle=job_gate(max_concurrency),
+    )
 
-    exhausted = refilling = False
-    refilled = anyio.Event()
-
-    async def refill() -> None:
-        # The next group, made ready only once before_send has returned (its intents durable).
-        nonlocal exhausted, refilling, refilled
-        batch = list(islice(source, group))
-        if batch and before_send is not None:
-            await before_send(batch)
-        ready.extend(batch)
-        exhausted = len(batch) < group
-        refilling = False
-        refilled.set()
-        refilled = anyio.Event()
-
-    async def take(tg: anyio.abc.TaskGroup) -> Chunk | None:
-        nonlocal refilling
-        while not stopped:
-            # Refill ahead, in its own task, while half a group is still ready: no worker
-            # waits for the next group's intents to be written.
-            if not (refilling or exhausted or stopped) and len(ready) <= group // 2:
-                refilling = True
-                tg.start_soon(refill)
-            if ready:
-                return ready.popleft()
-            if exhausted and not refilling:
-                return None
-            await refilled.wait()
-        return None
-
-    async def worker(tg: anyio.abc.TaskGroup) -> None:
-        nonlocal stopped
-        while not stopped and (chunk := await take(tg)) is not None:
-
-            async def send(chunk: Chunk = chunk) -> Handles:
-                response = await client.create_batch(path, chunk.body, idempotency_key=chunk.key)
-                return verify_handles(chunk.refs, response)
-
-            tries: list[APIError] = []
-
-            def note(error: APIError, _wait: float, tries: list[APIError] = tries) -> None:
-                tries.append(error)
-
-            try:
-                handles = await retrying(
-                    send,
-                    policy=policy,
-                    gate=throttle,
-                    clock=anyio.current_time,
-                    sleep=anyio.sleep,
-                    rng=rng,
-                    on_retry=note,
-                )
-            except APIError as error:
-                tries.append(error)
-                maybe_created = chunk.resent or any(not not_created(e) for e in tries)
-                failure = ChunkFailure(chunk, error, maybe_created)
-                failures.append(failure)
-                if on_failed is not None:
-                    on_failed(failure)
-                if errors == "raise" or ends_the_job(error):
-                    stopped = True
-                continue
-            on_submitted(chunk, handles)
+    def failed(failure: ChunkFailure) -> None:
+        if on_failed is not None:
+            on_failed(failure)
+        if errors == "raise" or ends_the_job(failure.error):
+            sender.stopped = True
 
     with one_error():
         async with anyio.create_task_group() as tg:
             for _ in range(max_concurrency):
-                tg.start_soon(worker, tg)
+                tg.start_soon(sender.worker, tg, on_submitted, failed)
     # Chunks taken ahead (their intents written) that no worker sent before the job stopped.
-    while ready and on_unsent is not None:
-        on_unsent(ready.popleft())
-    return failures
+    while sender.ready and on_unsent is not None:
+        on_unsent(sender.ready.popleft())
+    return sender.failures
+
+
+class _Sender:
+    """One ``submit_chunks`` call: the chunk source, the chunks made ready ahead, the workers.
+
+    Chunks leave the source in groups, made ready only once ``before_send`` has returned for
+    the group (its intents durable); the next group is prepared in a task of its own while half
+    of the current one is still ready, so no worker waits for its intents to be written.
+    """
+
+    def __init__(
+        self,
+        client: AsyncRunflowClient,
+        path: str,
+        source: Iterator[Chunk],
+        *,
+        group: int,
+        before_send: Callable[[Sequence[Chunk]], Awaitable[None]] | None,
+        policy: RetryPolicy,
+        rng: random.Random,
+        throttle: Gate,
+    ) -> None:
+        self.client, self.path, self.source = client, path, source
+        self.group, self.before_send = group, before_send
+        self.policy, self.rng, self.throttle = policy, rng, throttle
+        self.ready: deque[Chunk] = deque()
+        self.failures: list[ChunkFailure] = []
+        self.stopped = False
+        self.exhausted = self.refilling = False
+        self.refilled = anyio.Event()
+
+    async def refill(self) -> None:
+        batch = list(islice(self.source, self.group))
+        if batch and self.before_send is not None:
+            await self.before_send(batch)
+        self.ready.extend(batch)
+        self.exhausted = len(batch) < self.group
+        self.refilling = False
+        self.refilled.set()
+        self.refilled = anyio.Event()
+
+    async def take(self, tg: anyio.abc.TaskGroup) -> Chunk | None:
+        while not self.stopped:
+            if not (self.refilling or self.exhausted) and len(self.ready) <= self.group // 2:
+                self.refilling = True
+                tg.start_soon(self.refill)
+            if self.ready:
+                return self.ready.popleft()
+            if self.exhausted and not self.refilling:
+                return None
+            await self.refilled.wait()
+        return None
+
+    async def worker(
+        self,
+        tg: anyio.abc.TaskGroup,
+        on_submitted: Callable[[Chunk, Handles], None],
+        on_failed: Callable[[ChunkFailure], None],
+    ) -> None:
+        while not self.stopped and (chunk := await self.take(tg)) is not None:
+            outcome = await self.send(chunk)
+            if isinstance(outcome, ChunkFailure):
+                self.failures.append(outcome)
+                on_failed(outcome)
+            else:
+                on_submitted(chunk, outcome)
+
+    async def send(self, chunk: Chunk) -> Handles | ChunkFailure:
+        """The chunk's verified handles, or why it failed for good."""
+
+        async def post() -> Handles:
+            body = await self.client.create_batch(self.path, chunk.body, idempotency_key=chunk.key)
+            return verify_handles(chunk.refs, body)
+
+        tries: list[APIError] = []
+        try:
+            return await retrying(
+                post,
+                policy=self.policy,
+                gate=self.throttle,
+                clock=anyio.current_time,
+                sleep=anyio.sleep,
+                rng=self.rng,
+                on_retry=lambda error, _wait: tries.append(error),
+            )
+        except APIError as error:
+            tries.append(error)
+            maybe_created = chunk.resent or any(not not_created(e) for e in tries)
+            return ChunkFailure(chunk, error, maybe_created)

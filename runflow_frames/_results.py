@@ -25,7 +25,7 @@ import orjson
 import pandas as pd
 
 from ._client import AsyncRunflowClient, redact
-from ._errors import APIError, ProtocolError, RunflowError
+from ._errors import APIError, ProtocolError
 from ._pipeline import job_gate
 from ._retry import Gate, RetryPolicy, retrying
 
@@ -61,18 +61,6 @@ RESULT_COLUMNS: Final = (
 def is_result_column(name: object) -> bool:
     """A column collect() fills in (and replaces when it runs again)."""
     return isinstance(name, str) and (name in RESULT_COLUMNS or name.startswith("runflow_output."))
-
-
-class DeadlineExceeded(RunflowError):  # noqa: N818 - reads as what happened
-    """Some batches were still running when ``deadline`` passed.
-
-    ``result`` holds what was collected: finished rows have their outcome, the others their
-    last known status. Collect again later (from the frame or the checkpoint) to finish.
-    """
-
-    def __init__(self, message: str, *, result: pd.DataFrame) -> None:
-        super().__init__(message)
-        self.result = result
 
 
 def batch_is_over(batch: Mapping[str, Any]) -> bool:

@@ -228,30 +228,7 @@ def column_values(series: pd.Series, name: str, refs: Sequence[str]) -> list[Any
     if isinstance(dtype, pd.CategoricalDtype):
         return _each(series.tolist(), name, refs)
     if isinstance(dtype, np.dtype):
-        if dtype.kind in "biu":
-            ints: list[Any] = series.to_numpy().tolist()
-            return ints
-        if dtype.kind == "f":
-            arr = series.to_numpy()
-            inf = np.isinf(arr)
-            if inf.any():
-                bad = [refs[i] for i in np.flatnonzero(inf).tolist()]
-                raise _refusal(name, bad, "infinity has no JSON representation")
-            values: list[Any] = arr.tolist()
-            for i in np.flatnonzero(np.isnan(arr)).tolist():
-                values[i] = MISSING
-            return values
-        if dtype.kind == "M":
-            return _datetime_strings(series)
-        if dtype.kind == "m":
-            raise _refusal(
-                name,
-                refs[:1],
-                "timedeltas have no JSON form; convert them first, e.g. "
-                "s.dt.total_seconds() or s.astype(str)",
-            )
-        if dtype.kind in "OSU":
-            return _each(series.tolist(), name, refs)
+        return _numpy_values(series, name, refs)
     if isinstance(dtype, pd.DatetimeTZDtype):
         return _datetime_strings(series)
     if isinstance(dtype, pd.StringDtype):  # pandas' text columns: str or missing, nothing else
@@ -272,6 +249,34 @@ def column_values(series: pd.Series, name: str, refs: Sequence[str]) -> list[Any
     except (pa.ArrowException, TypeError, ValueError):
         values = series.tolist()
     return _each(values, name, refs)
+
+
+def _numpy_values(series: pd.Series, name: str, refs: Sequence[str]) -> list[Any]:
+    """``column_values`` of a column with a numpy dtype."""
+    kind = series.dtype.kind
+    if kind in "biu":
+        ints: list[Any] = series.to_numpy().tolist()
+        return ints
+    if kind == "f":
+        arr = series.to_numpy()
+        inf = np.isinf(arr)
+        if inf.any():
+            bad = [refs[i] for i in np.flatnonzero(inf).tolist()]
+            raise _refusal(name, bad, "infinity has no JSON representation")
+        values: list[Any] = arr.tolist()
+        for i in np.flatnonzero(np.isnan(arr)).tolist():
+            values[i] = MISSING
+        return values
+    if kind == "M":
+        return _datetime_strings(series)
+    if kind == "m":
+        raise _refusal(
+            name,
+            refs[:1],
+            "timedeltas have no JSON form; convert them first, e.g. "
+            "s.dt.total_seconds() or s.astype(str)",
+        )
+    return _each(series.tolist(), name, refs)  # object, bytes and str columns
 
 
 def _each(values: list[Any], name: str, refs: Sequence[str]) -> list[Any]:
@@ -301,10 +306,8 @@ def _top(v: Any) -> Any:
 
 
 def _json(v: Any) -> Any:
-    # Order: most common types first.
-    if isinstance(v, str):
-        return v
-    if isinstance(v, bool):
+    # Order: most common types first; the rest in _json_other.
+    if isinstance(v, str | bool):
         return v
     if isinstance(v, int):
         if not _INT64_MIN <= v <= _UINT64_MAX:
@@ -316,14 +319,12 @@ def _json(v: Any) -> Any:
         return None if math.isnan(v) else float(v)  # float(): np.float64 is a float subclass
     if v is None or v is pd.NaT or v is pd.NA:
         return None
+    return _json_other(v)
+
+
+def _json_other(v: Any) -> Any:
     if isinstance(v, np.generic):
-        if isinstance(v, np.datetime64):
-            return None if np.isnat(v) else pd.Timestamp(v).isoformat()
-        if isinstance(v, np.timedelta64):
-            raise _Unencodable("timedeltas have no JSON form")
-        if isinstance(v, np.bytes_ | np.void):
-            raise _Unencodable(f"{type(v).__name__} values have no JSON form")
-        return _json(v.item())
+        return _json_numpy(v)
     if isinstance(v, Decimal):
         if not v.is_finite():
             raise _Unencodable(f"Decimal {v} has no JSON representation")
@@ -333,12 +334,10 @@ def _json(v: Any) -> Any:
     if isinstance(v, dt.timedelta):
         raise _Unencodable("timedeltas have no JSON form")
     if isinstance(v, dict):
-        out = {}
-        for k, item in v.items():
-            if not isinstance(k, str):
-                raise _Unencodable(f"dict key {k!r} is not a string")
-            out[k] = _json(item)
-        return out
+        if not all(isinstance(k, str) for k in v):
+            k = next(k for k in v if not isinstance(k, str))
+            raise _Unencodable(f"dict key {k!r} is not a string")
+        return {k: _json(item) for k, item in v.items()}
     if isinstance(v, np.ndarray):
         if v.ndim == 0:
             return _json(v[()])
@@ -347,6 +346,16 @@ def _json(v: Any) -> Any:
     if isinstance(v, list | tuple):
         return [_json(x) for x in v]
     raise _Unencodable(f"{type(v).__name__} values have no JSON form")
+
+
+def _json_numpy(v: np.generic) -> Any:
+    if isinstance(v, np.datetime64):
+        return None if np.isnat(v) else pd.Timestamp(v).isoformat()
+    if isinstance(v, np.timedelta64):
+        raise _Unencodable("timedeltas have no JSON form")
+    if isinstance(v, np.bytes_ | np.void):
+        raise _Unencodable(f"{type(v).__name__} values have no JSON form")
+    return _json(v.item())
 
 
 def _datetime_strings(series: pd.Series) -> list[Any]:

@@ -26,6 +26,7 @@ DEMO_KEY = "rf_live_demo"
 T = TypeVar("T")
 
 EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_REFUSED, EXIT_ACCESS, EXIT_API = 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130  # as a shell reports a SIGINT
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -33,21 +34,27 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _guarded(debug: bool, job: Callable[[], T]) -> T:
-    """Run ``job``, turning the library's errors into one line and an exit code."""
+def _guarded(debug: bool, job: Callable[[], T], keep: Callable[[Any], str] | None = None) -> T:
+    """Run ``job``, turning the library's errors into one line and an exit code. An error that
+    carries what the job had (``.result``) hands it to ``keep`` first, which writes it and says
+    where: no submitted row's handle is lost when the command fails."""
     from ._errors import (
         AuthenticationError,
         CheckpointError,
+        CollectError,
         InputError,
         InsufficientCreditError,
+        JobInterrupted,
         PermissionDeniedError,
         RunflowError,
         SubmissionError,
     )
-    from ._results import DeadlineExceeded
 
     try:
         return job()
+    except JobInterrupted as exc:
+        kept = keep(exc.result) if keep is not None else ""
+        _fail(f"interrupted{kept}; re-run the same command to resume", EXIT_INTERRUPTED)
     except RunflowError as exc:
         if debug:
             traceback.print_exc()
@@ -58,11 +65,15 @@ def _guarded(debug: bool, job: Callable[[], T]) -> T:
             cause, AuthenticationError | InsufficientCreditError | PermissionDeniedError
         ):
             code = EXIT_ACCESS
-        elif isinstance(exc, SubmissionError | DeadlineExceeded):
+        elif isinstance(exc, SubmissionError | CollectError):
             code = EXIT_FAILED_ROWS
         else:
             code = EXIT_API
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        result = getattr(exc, "result", None)
+        if keep is not None and result is not None:
+            message += keep(result)
+        _fail(message, code)
 
 
 def _api_key(required: bool = True) -> str | None:
@@ -188,93 +199,126 @@ def submit(
     debug: bool,
 ) -> None:
     """Submit every row of SOURCE (.csv or .parquet) and write the joined result to --output."""
-    import orjson
-
     owner, slug = _split(model)
-    meta = None
-    if metadata:
-        try:
-            meta = orjson.loads(metadata)
-        except orjson.JSONDecodeError as exc:
-            raise click.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from exc
-        if not isinstance(meta, dict):
-            raise click.BadParameter("must be a JSON object", param_hint="--metadata")
+    meta = _metadata(metadata)
     chosen = [c.strip() for c in columns.split(",")] if columns else None
-
     if dry_run:
-        from ._files import plan_file
-
-        if source.suffix.lower() not in (".csv", ".parquet", ".pq"):
-            _fail(f"{source}: only .csv and .parquet files are read", EXIT_USAGE)
-        plan = _guarded(
-            debug,
-            lambda: plan_file(
-                source, owner, slug, key=key, columns=chosen, chunk_size=chunk_size, metadata=meta
-            ),
-        )
-        click.echo(str(plan))
-        sys.exit(0 if plan.ok else EXIT_REFUSED)
-
-    from ._api import run_batches
-
+        _dry_run(source, owner, slug, key, chosen, chunk_size, meta, debug)
     if output is None:
         raise click.UsageError("--output is required (or use --dry-run)")
-    api_key = _api_key()
-    started = time.monotonic()
-    if checkpoint is not None and not wait:
-        # Resumable and in bounded memory: the file is streamed block by block.
-        from ._files import run_batches_file
+    options: dict[str, Any] = {
+        "key": key,
+        "columns": chosen,
+        "chunk_size": chunk_size,
+        "max_concurrency": concurrency,
+        "metadata": meta,
+        "callback_url": callback_url,
+        "errors": errors,
+        "progress": progress,
+        "api_key": _api_key(),
+        "base_url": base_url,
+        "org_id": org_id,
+    }
+    if checkpoint is not None:
+        sys.exit(_submit_file(source, owner, slug, output, checkpoint, wait, debug, options))
+    sys.exit(_submit_frame(source, owner, slug, output, wait, debug, options))
 
-        counts = _guarded(
-            debug,
-            lambda: run_batches_file(
-                source,
-                owner,
-                slug,
-                output=output,
-                checkpoint=checkpoint,
-                key=key,
-                columns=chosen,
-                progress=progress,
-                chunk_size=chunk_size,
-                max_concurrency=concurrency,
-                metadata=meta,
-                callback_url=callback_url,
-                errors=errors,
-                api_key=api_key,
-                base_url=base_url,
-                org_id=org_id,
-            ),
-        )
-        click.echo(
-            f"{counts['rows']:,} rows -> {output} in {time.monotonic() - started:.1f} s; "
-            f"{counts['rows'] - counts['failed_rows']:,} submitted, {counts['failed_rows']:,} "
-            f"failed ({counts['blocks_skipped']} of {counts['blocks']} blocks done before)",
-            err=True,
-        )
-        sys.exit(EXIT_FAILED_ROWS if counts["failed_rows"] else 0)
-    df = _read(source)
-    result = _guarded(
+
+def _metadata(text: str | None) -> dict[str, Any] | None:
+    import orjson
+
+    if not text:
+        return None
+    try:
+        meta = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from exc
+    if not isinstance(meta, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--metadata")
+    return meta
+
+
+def _dry_run(
+    source: Path,
+    owner: str,
+    slug: str,
+    key: str | None,
+    columns: list[str] | None,
+    chunk_size: int,
+    metadata: dict[str, Any] | None,
+    debug: bool,
+) -> NoReturn:
+    from ._files import plan_file
+
+    if source.suffix.lower() not in (".csv", ".parquet", ".pq"):
+        _fail(f"{source}: only .csv and .parquet files are read", EXIT_USAGE)
+    plan = _guarded(
         debug,
-        lambda: run_batches(
-            df,
-            owner,
-            slug,
-            key=key,
-            columns=chosen,
-            chunk_size=chunk_size,
-            max_concurrency=concurrency,
-            checkpoint=checkpoint,
-            metadata=meta,
-            callback_url=callback_url,
-            errors=errors,  # type: ignore[arg-type]
-            wait=wait,
-            progress=progress,
-            api_key=api_key,
-            base_url=base_url,
-            org_id=org_id,
+        lambda: plan_file(
+            source, owner, slug, key=key, columns=columns, chunk_size=chunk_size, metadata=metadata
         ),
     )
+    click.echo(str(plan))
+    sys.exit(0 if plan.ok else EXIT_REFUSED)
+
+
+def _submit_file(
+    source: Path,
+    owner: str,
+    slug: str,
+    output: Path,
+    checkpoint: Path,
+    wait: bool,
+    debug: bool,
+    options: dict[str, Any],
+) -> int:
+    """Resumable and in bounded memory: the file is streamed block by block. ``wait`` is the
+    same job, then its outcomes collected block by block: never a second submission."""
+    from ._files import run_batches_file
+
+    started = time.monotonic()
+    counts = _guarded(
+        debug,
+        lambda: run_batches_file(
+            source, owner, slug, output=output, checkpoint=checkpoint, **options
+        ),
+    )
+    click.echo(
+        f"{counts['rows']:,} rows -> {output} in {time.monotonic() - started:.1f} s; "
+        f"{counts['rows'] - counts['failed_rows']:,} submitted, {counts['failed_rows']:,} "
+        f"failed ({counts['blocks_skipped']} of {counts['blocks']} blocks done before)",
+        err=True,
+    )
+    if wait:
+        connection = {k: options[k] for k in ("api_key", "base_url", "org_id")}
+        return _collect_into(
+            checkpoint, output, debug=debug, progress=options["progress"], **connection
+        )
+    return EXIT_FAILED_ROWS if counts["failed_rows"] else 0
+
+
+def _submit_frame(
+    source: Path,
+    owner: str,
+    slug: str,
+    output: Path,
+    wait: bool,
+    debug: bool,
+    options: dict[str, Any],
+) -> int:
+    """No checkpoint: the file is read whole and submitted as one job; whatever stops it, the
+    rows that have a handle are written to ``output``."""
+    from ._api import run_batches
+
+    started = time.monotonic()
+    df = _read(source)
+
+    def keep(partial: Any) -> str:
+        _write(partial, output)
+        handled = int(partial["runflow_run_id"].notna().sum())
+        return f" ({handled:,} rows with a handle written to {output})"
+
+    result = _guarded(debug, lambda: run_batches(df, owner, slug, wait=wait, **options), keep)
     _write(result, output)
     failed = int(result["runflow_error"].notna().sum())
     click.echo(
@@ -282,7 +326,9 @@ def submit(
         f"{len(result) - failed:,} submitted, {failed:,} failed",
         err=True,
     )
-    sys.exit(EXIT_FAILED_ROWS if failed else 0)
+    if wait and not _all_done(result["runflow_status"]):
+        return EXIT_FAILED_ROWS
+    return EXIT_FAILED_ROWS if failed else 0
 
 
 @main.command()
@@ -290,21 +336,10 @@ def submit(
 @click.option("--debug", is_flag=True)
 def status(checkpoint: Path, debug: bool) -> None:
     """Show a checkpoint's progress (a frame job's or a file job's), sending nothing."""
-    from ._checkpoint import read_checkpoint
-    from ._files import block_checkpoints
+    from ._journal import read_checkpoint
 
-    blocks = block_checkpoints(checkpoint)
-    if blocks is None:
-        recorded = _guarded(debug, lambda: read_checkpoint(checkpoint))
-        for name, value in recorded.attrs["progress"].items():
-            click.echo(f"{name:<18} {value}")
-        return
-    totals = {"blocks": len(blocks), "rows_submitted": 0, "rows_pending": 0}
-    for block in blocks:
-        progress = _guarded(debug, functools.partial(read_checkpoint, block)).attrs["progress"]
-        totals["rows_submitted"] += progress["rows_submitted"]
-        totals["rows_pending"] += progress["rows_pending"]
-    for name, value in totals.items():
+    recorded = _guarded(debug, lambda: read_checkpoint(checkpoint))
+    for name, value in recorded.attrs["progress"].items():
         click.echo(f"{name:<18} {value}")
 
 
@@ -313,6 +348,8 @@ def status(checkpoint: Path, debug: bool) -> None:
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--flatten", is_flag=True, help="spread outputs into runflow_output.<key> columns")
 @click.option("--deadline", type=float, help="seconds to wait at most")
+@click.option("--base-url", envvar="RUNFLOW_BASE_URL", help="must be the checkpoint's server")
+@click.option("--org-id", envvar="RUNFLOW_ORG_ID")
 @click.option("--progress/--no-progress", default=None)
 @click.option("--debug", is_flag=True)
 def collect(
@@ -320,21 +357,58 @@ def collect(
     output: Path,
     flatten: bool,
     deadline: float | None,
+    base_url: str | None,
+    org_id: str | None,
     progress: bool | None,
     debug: bool,
 ) -> None:
     """Wait for a checkpoint's runs and write every row's outcome to --output."""
+    api_key = _api_key()
+    sys.exit(
+        _collect_into(
+            checkpoint,
+            output,
+            api_key=api_key,
+            base_url=base_url,
+            org_id=org_id,
+            progress=progress,
+            debug=debug,
+            flatten=flatten,
+            deadline=deadline,
+        )
+    )
+
+
+def _collect_into(
+    checkpoint: Path,
+    output: Path,
+    *,
+    api_key: str | None,
+    base_url: str | None,
+    org_id: str | None,
+    progress: bool | None,
+    debug: bool,
+    flatten: bool = False,
+    deadline: float | None = None,
+) -> int:
+    """Collect a checkpoint (a file job block by block, so memory holds one block's outcomes)
+    into ``output``; the exit code."""
     import pandas as pd
 
     from ._collect import collect as collect_outcomes
     from ._collect import summarize
-    from ._files import block_checkpoints
+    from ._journal import block_directories, read_manifest
 
-    api_key = _api_key()
-    # A file job is collected block by block, so memory holds one block's outcomes at a time.
-    parts = block_checkpoints(checkpoint) or [checkpoint]
+    manifest = _guarded(debug, lambda: read_manifest(checkpoint))
+    file_job = manifest is not None and manifest.get("kind") == "file"
+    parts = block_directories(checkpoint) if file_job else [checkpoint]
     statuses: list[pd.Series] = []
     with _Sink(output) as sink:
+
+        def keep(partial: Any) -> str:
+            sink.write(partial)
+            return f" (what was collected is in {output}; collect again to finish)"
+
         for part in parts:
             result = _guarded(
                 debug,
@@ -345,13 +419,19 @@ def collect(
                     deadline=deadline,
                     progress=progress,
                     api_key=api_key,
+                    base_url=base_url,
+                    org_id=org_id,
                 ),
+                keep,
             )
             sink.write(result)
             statuses.append(result["runflow_status"])
             click.echo(repr(summarize(result)), err=True)
-    done = pd.concat(statuses).isin(["succeeded", "partial_succeeded"])
-    sys.exit(0 if done.all() else EXIT_FAILED_ROWS)
+    return 0 if _all_done(pd.concat(statuses)) else EXIT_FAILED_ROWS
+
+
+def _all_done(statuses: Any) -> bool:
+    return bool(statuses.isin(["succeeded", "partial_succeeded"]).all())
 
 
 @main.command()

@@ -17,7 +17,7 @@ import sys
 
 import pandas as pd
 
-from runflow_frames import _checkpoint, run_batches
+from runflow_frames import _journal, run_batches
 
 
 def job_frame(rows: int) -> pd.DataFrame:
@@ -35,9 +35,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("out")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--chunk-size", type=int, default=100)
-    parser.add_argument("--segment-rows", type=int, default=_checkpoint.SEGMENT_ROWS)
+    parser.add_argument("--segment-rows", type=int, default=_journal.SEGMENT_ROWS)
     args = parser.parse_args(argv)
-    _checkpoint.SEGMENT_ROWS = args.segment_rows
+    _journal.SEGMENT_ROWS = args.segment_rows
     df = job_frame(args.rows)
     print("READY", flush=True)
     result = run_batches(

@@ -21,12 +21,12 @@ from runflow_frames import (
     RetryPolicy,
     StaleIntentWarning,
     SubmissionError,
-    _checkpoint,
+    _journal,
     arun_batches,
     read_checkpoint,
     run_batches,
 )
-from runflow_frames._checkpoint import Checkpoint, _read_journal, load_state
+from runflow_frames._journal import Lock, _read_journal, load_state
 from runflow_frames.emulator import Emulator, Timing, create_app
 
 from .conftest import API_KEY
@@ -284,13 +284,12 @@ def test_the_api_key_never_lands_in_a_checkpoint(tmp_path: Path, emulator: Emula
 
 def test_one_job_at_a_time_per_checkpoint(tmp_path: Path, emulator: Emulator) -> None:
     run(frame(10), tmp_path, emulator)
-    fingerprint = orjson.loads((tmp_path / "manifest.json").read_bytes())
-    holder = Checkpoint.open(tmp_path, fingerprint)
+    holder = Lock(tmp_path)  # what another running job holds
     try:
         with pytest.raises(CheckpointError, match="in use by another running job"):
             run(frame(10), tmp_path, emulator)
     finally:
-        holder.close()
+        holder.release()
     run(frame(10), tmp_path, emulator)
 
 
@@ -370,7 +369,7 @@ def test_a_checkpoint_of_another_format_is_refused_before_any_request(
     run(df, tmp_path, emulator)
     manifest = orjson.loads((tmp_path / "manifest.json").read_bytes())
     (tmp_path / "manifest.json").write_bytes(orjson.dumps({**manifest, "format": 1}))
-    with pytest.raises(CheckpointError, match=r"has format 1; this version .* reads format 3"):
+    with pytest.raises(CheckpointError, match=r"has format 1; this version .* reads format 4"):
         run(frame(200), tmp_path, emulator)
     assert emulator.accounting().batches_created == 1
 
@@ -390,18 +389,19 @@ def test_a_finished_run_leaves_segments_and_at_most_refused_numbers(
     run(frame(200, start=1000), tmp_path / "clean", emulator)
     assert list((tmp_path / "clean").glob("journal-*.log")) == []  # all in segments
     df = frame(500)
-    interrupted(tmp_path, emulator)
-    run(df, tmp_path, emulator)
-    (only,) = tmp_path.glob("journal-*.log")
+    checkpoint = tmp_path / "interrupted"
+    interrupted(checkpoint, emulator)
+    run(df, checkpoint, emulator)
+    (only,) = checkpoint.glob("journal-*.log")
     # Nothing pending: every intent and answer was folded into segments; only the numbers of
     # chunks never sent are remembered, so that no number is used twice.
     assert {r["t"] for r in _read_journal(only)} == {"x"}
-    state = load_state(tmp_path)
+    state = load_state(checkpoint)
     assert state.pending() == []
     assert state.answered_chunks == {}
     assert state.segments.num_rows == 500
     assert len(set(state.segments["chunk"].to_pylist())) == 5
-    assert len(list(tmp_path.glob("segment-*.parquet"))) >= 1
+    assert len(list(checkpoint.glob("segment-*.parquet"))) >= 1
 
 
 # -- cancellation ------------------------------------------------------------------------------
@@ -491,7 +491,7 @@ def test_results_dtypes_are_the_same_with_and_without_checkpoint(
 def test_answers_go_to_segments_during_the_run(
     tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_checkpoint, "SEGMENT_ROWS", 1000)
+    monkeypatch.setattr(_journal, "SEGMENT_ROWS", 1000)
     df = frame(20_000)
     out = run(df, tmp_path, emulator, max_concurrency=4)
     segments = sorted(tmp_path.glob("segment-*.parquet"))
@@ -504,19 +504,19 @@ def test_answers_go_to_segments_during_the_run(
 def test_a_failed_mid_run_segment_write_loses_nothing(
     tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_checkpoint, "SEGMENT_ROWS", 1000)
-    write_table = _checkpoint.pq.write_table
+    monkeypatch.setattr(_journal, "SEGMENT_ROWS", 1000)
+    write_table = _journal.pq.write_table
 
     def disk_full(table: Any, where: Any, **kwargs: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_checkpoint.pq, "write_table", disk_full)
+    monkeypatch.setattr(_journal.pq, "write_table", disk_full)
     df = frame(20_000)
     with pytest.raises(CheckpointError, match=r"writing a segment failed .* No space left"):
         run(df, tmp_path, emulator, max_concurrency=4)
     assert emulator.accounting().batches_created == 200  # the job went on to the end
 
-    monkeypatch.setattr(_checkpoint.pq, "write_table", write_table)
+    monkeypatch.setattr(_journal.pq, "write_table", write_table)
     out = run(df, tmp_path, emulator, max_concurrency=4)
     # The journal kept every answer: nothing was sent again, not even a replay.
     assert emulator.accounting().batches_created == 200
@@ -543,18 +543,26 @@ def test_a_failed_journal_write_stops_the_job_and_leaves_no_torn_record(
                 raise OSError(28, "No space left on device")
         return write(fd, data)
 
-    monkeypatch.setattr(_checkpoint.os, "write", disk_fills_up)
-    monkeypatch.setattr(_checkpoint, "SEGMENT_ROWS", 1000)  # a segment writer thread runs too
+    monkeypatch.setattr(_journal.os, "write", disk_fills_up)
+    monkeypatch.setattr(_journal, "SEGMENT_ROWS", 1000)  # a segment writer thread runs too
     df = frame(20_000)
-    with pytest.raises(CheckpointError, match=r"writing its journal failed .* No space left"):
+    with pytest.raises(
+        SubmissionError, match=r"writing its journal failed .* No space left"
+    ) as info:
         run(df, tmp_path, emulator, max_concurrency=4)
+    assert isinstance(info.value.__cause__, CheckpointError)
     sent = emulator.accounting().batches_created
     assert 0 < sent < 200
+    # No handle is dropped: every row the server answered is in the error's result.
+    answered = info.value.result["runflow_run_id"].dropna()
+    assert len(answered) == info.value.submitted > 0
+    received = {r["client_ref"]: r["run_id"] for r in emulator.received()}
+    assert all(received[ref] == run_id for ref, run_id in answered.items())
     # Closing failed too (the disk is still full), but it stopped its segment writer before it
     # released the lock: a resume must not find a segment still being written.
     assert [t.name for t in threading.enumerate() if t.name.startswith("runflow-")] == []
 
-    monkeypatch.setattr(_checkpoint.os, "write", write)
+    monkeypatch.setattr(_journal.os, "write", write)
     out = run(df, tmp_path, emulator, max_concurrency=4)  # no "corrupted" error
     assert emulator.accounting().batches_created == 200
     assert_matches_server(out, emulator)
@@ -600,7 +608,7 @@ def test_answers_reach_the_journal_within_a_second_when_no_group_follows(
 def test_a_mid_run_segment_retires_the_journal_that_held_its_answers(
     tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_checkpoint, "SEGMENT_ROWS", 1000)
+    monkeypatch.setattr(_journal, "SEGMENT_ROWS", 1000)
 
     def on_disk() -> tuple[int, set[int], set[int]]:
         segments = pq.read_table(sorted(tmp_path.glob("segment-*.parquet")), columns=["chunk"])

@@ -73,7 +73,7 @@ def test_submit_then_status_then_collect(
     assert "rows_submitted     450" in status.stdout
 
     collected = tmp_path / "collected.csv"
-    result = cli("collect", str(ckpt), "-o", str(collected))
+    result = cli("collect", str(ckpt), "-o", str(collected), RUNFLOW_BASE_URL=base_url)
     bad_rows = submitted["text"].isna().sum()
     assert result.returncode == 1  # the rows with no text failed as items
     assert "INPUT_VALIDATION_FAILED" in result.stderr

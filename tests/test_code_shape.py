@@ -1,9 +1,8 @@
 """The package's code shape: no function over 80 lines, no class over 250, mccabe at most 12.
 
 Sizes count a def/class node's lines minus its own docstring's. Complexity is ruff's C901 at
-``max-complexity = 12``. ``PENDING`` lists the offenders that existed when the rules were
-adopted, outside the emulator (which has none); it can only shrink: an entry that no longer
-offends fails the test until it is removed, and so does any offender not on it.
+``max-complexity = 12``. ``PENDING`` lists known offenders (none now: keep it so); an entry that
+no longer offends fails the test until it is removed, and so does any offender not on it.
 """
 
 from __future__ import annotations
@@ -25,16 +24,7 @@ MAX_COMPLEXITY = 12
 
 # Offender -> the rules it breaks: "size" (a function over 80 lines or a class over 250) and
 # "C901" (complexity over 12). Nested defs are dotted (Class.method). Fix one, then delete it here.
-PENDING: dict[str, set[str]] = {
-    "runflow_frames/_api.py::arun_batches": {"size", "C901"},
-    "runflow_frames/_checkpoint.py::Checkpoint": {"size"},
-    "runflow_frames/_collect.py::acollect": {"size", "C901"},
-    "runflow_frames/_pipeline.py::submit_chunks": {"size", "C901"},
-    "runflow_frames/_results.py::collect_items": {"size", "C901"},
-    "runflow_frames/_rows.py::_json": {"C901"},
-    "runflow_frames/_rows.py::column_values": {"C901"},
-    "runflow_frames/cli.py::submit": {"size"},
-}
+PENDING: dict[str, set[str]] = {}
 
 Offenders = dict[str, set[str]]
 

@@ -22,9 +22,11 @@ def test_public_names() -> None:
             "AsyncRunflowClient",
             "AuthenticationError",
             "CheckpointError",
+            "CollectError",
             "DeadlineExceeded",
             "InputError",
             "InsufficientCreditError",
+            "JobInterrupted",
             "PermissionDeniedError",
             "ProtocolError",
             "RateLimitError",
@@ -62,6 +64,28 @@ def test_every_error_is_a_runflow_error() -> None:
         if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, Warning):
             assert issubclass(obj, runflow_frames.RunflowError)
     assert issubclass(runflow_frames.InputError, ValueError)
+    # Ctrl-C stays a KeyboardInterrupt (carrying what the job had): `except Exception` must not
+    # swallow it.
+    assert issubclass(runflow_frames.JobInterrupted, KeyboardInterrupt)
+    assert not issubclass(runflow_frames.JobInterrupted, Exception)
+    assert issubclass(runflow_frames.DeadlineExceeded, runflow_frames.CollectError)
+
+
+def test_sync_functions_are_generated_with_the_whole_signature_and_docstring() -> None:
+    import inspect
+
+    for name in ("run_batches", "retry_failed", "collect", "run_batches_file"):
+        sync, asynchronous = getattr(runflow_frames, name), getattr(runflow_frames, "a" + name)
+        assert sync.__name__ == name
+        assert not inspect.iscoroutinefunction(sync)
+        assert inspect.iscoroutinefunction(asynchronous)
+        assert inspect.signature(sync) == inspect.signature(asynchronous)
+        doc = inspect.getdoc(sync)
+        assert doc is not None
+        assert "Examples" in doc, name
+    documented = inspect.getdoc(runflow_frames.run_batches) or ""
+    for column in runflow_frames.HANDLE_COLUMNS:  # help() names every column the result gets
+        assert column in documented
 
 
 def test_import_needs_no_server_extra() -> None:

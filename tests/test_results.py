@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from runflow_frames import (
+    CollectError,
     DeadlineExceeded,
     InputError,
     ProtocolError,
@@ -162,7 +163,8 @@ def test_collect_from_a_checkpoint_in_a_fresh_process_and_again_without_refetchi
         "out.drop(columns=['runflow_output']).to_parquet(sys.argv[2])\n"
         "print(rf.summarize(out).api_requests)\n"
     )
-    env = {"RUNFLOW_API_KEY": API_KEY, "PATH": ""}
+    # The key goes to the server this process is configured for, never one a file names.
+    env = {"RUNFLOW_API_KEY": API_KEY, "RUNFLOW_BASE_URL": base_url, "PATH": ""}
     result = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path), str(tmp_path / "out.parquet")],
         capture_output=True,
@@ -180,7 +182,7 @@ def test_collect_from_a_checkpoint_in_a_fresh_process_and_again_without_refetchi
         ~df["text"].map(lambda t: isinstance(t, str))
     ).sum()
     before = emulator.accounting().requests_by_route
-    again = collect(tmp_path, api_key=API_KEY)
+    again = collect(tmp_path, api_key=API_KEY, base_url=base_url)
     assert emulator.accounting().requests_by_route == before  # nothing fetched twice
     assert summarize(again).api_requests == 0
     assert again["runflow_status"].to_dict() == collected["runflow_status"].to_dict()
@@ -254,8 +256,11 @@ def test_a_repeated_cursor_never_loops_forever() -> None:
     out = run_batches(
         mixed(100), "acme", "uppercase", api_key=API_KEY, base_url=LOCAL, transport=transport
     )
-    with pytest.raises(ProtocolError, match="a cursor repeated"):
+    with pytest.raises(CollectError, match="a cursor repeated") as info:
         collect(out, api_key=API_KEY, base_url=LOCAL, transport=transport, poll_interval=FAST_POLL)
+    assert isinstance(info.value.__cause__, ProtocolError)
+    # The handles are not lost with the error.
+    assert info.value.result["runflow_run_id"].tolist() == out["runflow_run_id"].tolist()
     # It read the first page and the repeated cursor once, then stopped.
     assert transport.pages == 2
 

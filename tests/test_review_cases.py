@@ -188,7 +188,7 @@ def test_collect_from_a_checkpoint_shows_pending_rows(tmp_path: Path) -> None:
                 max_concurrency=1,
             )
         emulator.faults = None
-        out = collect(tmp_path, api_key=API_KEY, poll_interval=(0.05, 0.2))
+        out = collect(tmp_path, base_url=url, api_key=API_KEY, poll_interval=(0.05, 0.2))
     assert (out["runflow_status"] == "pending").sum() == 100
     assert len(out) == 100
 

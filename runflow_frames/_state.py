@@ -1,0 +1,172 @@
+"""What a job has recorded, in memory (pure): intents, answered handles, refused chunks; and
+what a resume must still do.
+
+A row goes *unsent* -> *intended* -> *submitted*. Before a chunk's first POST, an intent (its
+chunk number, Idempotency-Key, client_refs and a digest of each row's item bytes) is made
+durable; after the 201, its handles are recorded; a chunk the server refused (nothing created)
+is marked so, and its rows are unsent again. ``_journal.py`` stores these; this module only
+keeps and compares them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
+
+from ._errors import CheckpointError
+from ._join import HANDLE_SCHEMA, Handles, HandleTable
+
+# Handle columns first: a segment table doubles as the handle table join_handles takes.
+SEGMENT_SCHEMA: Final = pa.schema(
+    [
+        *HANDLE_SCHEMA,
+        ("chunk", pa.int64()),
+        ("digest", pa.int64()),
+        ("intent_at", pa.float64()),
+        ("submitted_at", pa.float64()),
+    ]
+)
+
+
+def row_digests(items: Sequence[bytes]) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """A 64-bit digest (xxh3) of each row's item bytes: how a resume knows a row did not change."""
+    digests = np.fromiter(map(xxhash.xxh3_64_intdigest, items), np.uint64, len(items))
+    return digests.view(np.int64)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Intent:
+    """A chunk about to be (or maybe already) sent."""
+
+    chunk: int
+    key: str
+    at: float
+    refs: tuple[str, ...]
+    digests: np.ndarray[Any, np.dtype[np.int64]]  # row_digests of its rows, in order
+
+
+@dataclass(slots=True)
+class State:
+    """Everything a checkpoint records.
+
+    Submitted rows are columnar: ``segments`` (one row each, from segment files or absorbed),
+    and ``answered``, the handles of rows answered since, accumulated column by column as
+    their chunks are answered (a chunk's Python objects would otherwise live until the end of
+    the run, and their number alone made the garbage collector scan the whole heap), with
+    their digests beside them. Only chunks without an answer are Python objects
+    (``intents``), keyed by chunk number, which also deduplicates records written twice.
+    """
+
+    segments: pa.Table = field(default_factory=lambda: SEGMENT_SCHEMA.empty_table())
+    written: int = 0  # leading rows of ``segments`` that are already in segment files
+    intents: dict[int, Intent] = field(default_factory=dict)  # chunks without an answer
+    answered: HandleTable = field(default_factory=HandleTable)
+    answered_digests: list[np.ndarray[Any, np.dtype[np.int64]]] = field(default_factory=list)
+    # The chunks in ``answered``, in order: rows, intent and answer times.
+    answered_chunks: dict[int, tuple[int, float, float]] = field(default_factory=dict)
+    rejected: set[int] = field(default_factory=set)  # refused chunks: numbers not to reuse
+
+    def pending(self) -> list[Intent]:
+        """Intents without handles: maybe sent, response unknown. Oldest first."""
+        return [self.intents[c] for c in sorted(self.intents)]
+
+    def next_chunk(self) -> int:
+        seg = pc.max(self.segments["chunk"]).as_py() if self.segments.num_rows else None
+        taken = [*self.intents, *self.answered_chunks, *self.rejected]
+        return max([-1 if seg is None else seg, *taken]) + 1
+
+    def answer(self, chunk: int, handles: Handles, at: float) -> None:
+        """A chunk's handles (in its intent's row order) came back: its rows are submitted."""
+        intent = self.intents.pop(chunk, None)
+        if intent is None or len(handles.item_ids) != len(intent.refs):
+            raise CheckpointError(f"checkpoint: chunk {chunk} has handles but no intent")
+        self.answered.add(intent.refs, handles)
+        self.answered_digests.append(intent.digests)
+        # One value per chunk, repeated per row only when absorbed (numpy does it at C speed).
+        self.answered_chunks[chunk] = (len(intent.refs), intent.at, at)
+
+    def absorb(self) -> None:
+        """Move answered rows into ``segments`` (in memory; :meth:`Checkpoint._compact`
+        writes them out)."""
+        if not self.answered_chunks:
+            return
+        sizes, intent_ats, submitted_ats = zip(*self.answered_chunks.values(), strict=True)
+        columns: dict[str, Any] = dict(self.answered.columns)
+        for name, values in (
+            ("chunk", list(self.answered_chunks)),
+            ("intent_at", intent_ats),
+            ("submitted_at", submitted_ats),
+        ):
+            columns[name] = np.repeat(np.array(values), sizes)
+        columns["digest"] = np.concatenate(self.answered_digests)
+        table = pa.table(columns, schema=SEGMENT_SCHEMA)
+        self.segments = pa.concat_tables([self.segments, table])
+        self.answered = HandleTable()
+        self.answered_digests = []
+        self.answered_chunks = {}
+
+    def submitted(self) -> pa.Table:
+        """Every submitted row's handle (``HANDLE_SCHEMA`` columns first)."""
+        self.absorb()
+        return self.segments
+
+    def recorded(self) -> tuple[pa.Array, np.ndarray[Any, np.dtype[np.int64]]]:
+        """client_refs and digests of every recorded row: submitted, then pending."""
+        submitted = self.submitted()
+        pending = self.pending()
+        refs = pa.concat_arrays(
+            [
+                submitted["client_ref"].combine_chunks(),
+                pa.array([r for i in pending for r in i.refs], type=pa.string()),
+            ]
+        )
+        digests = np.concatenate([submitted["digest"].to_numpy(), *(i.digests for i in pending)])
+        return refs, digests
+
+
+def plan_resume(
+    state: State, refs: Sequence[str], digests: np.ndarray[Any, np.dtype[np.int64]]
+) -> tuple[list[tuple[Intent, list[int]]], Sequence[int]]:
+    """What a run must still do: the pending intents to re-send (with their rows' positions),
+    and the positions of the rows never recorded, in frame order.
+
+    Refuses (CheckpointError) an input that lacks recorded rows, or whose recorded rows now
+    encode to different bytes: their chunks could not be re-sent byte for byte, and the
+    returned handles would not be for these values.
+    """
+    recorded, was = state.recorded()
+    if not len(recorded):
+        return [], range(len(refs))  # a new job
+    current = pa.array(refs, type=pa.string())
+    where = pc.index_in(recorded, value_set=current)
+    if where.null_count:
+        missing = recorded.filter(pc.is_null(where)).to_pylist()
+        raise CheckpointError(
+            f"the input lacks {len(missing)} row(s) the checkpoint recorded, e.g. "
+            f"{sorted(missing)[:5]}; resume with the same rows (new rows are fine)",
+            changes=[f"missing row {r!r}" for r in missing],
+        )
+    positions = where.to_numpy()
+    differs = digests[positions] != was
+    if differs.any():
+        changed = sorted(recorded.filter(pa.array(differs)).to_pylist())
+        raise CheckpointError(
+            f"{len(changed)} row(s) already recorded for submission have different values now, "
+            f"e.g. {changed[:5]}; restore their values, or give changed rows new keys",
+            changes=[f"changed row {r!r}" for r in changed],
+        )
+    unsent = np.ones(len(refs), dtype=bool)
+    unsent[positions] = False
+    pending = state.pending()
+    offset = len(recorded) - sum(len(i.refs) for i in pending)  # pending rows come last
+    planned = []
+    for intent in pending:
+        planned.append((intent, positions[offset : offset + len(intent.refs)].tolist()))
+        offset += len(intent.refs)
+    return planned, np.flatnonzero(unsent).tolist()
