@@ -21,7 +21,7 @@ from ._errors import APIError, CollectError, DeadlineExceeded, InputError, Proto
 from ._journal import ResultsStore, block_directories, read_checkpoint, read_manifest
 from ._progress import ProgressOption, Reporter
 from ._results import (
-    RESULT_COLUMNS,
+    STORED_COLUMNS,
     PollPolicy,
     collect_items,
     decode_outputs,
@@ -298,6 +298,7 @@ class _Plan:
         ):
             self.expected.setdefault(str(batch_id), set()).add(str(item_id))
         self.statuses: dict[str, str] = {}
+        self.malformed: dict[str, str] = {}  # batches whose answers could not be filed
 
     def join(
         self,
@@ -313,6 +314,7 @@ class _Plan:
         results = results[~results.index.duplicated(keep="last")]
         joined = results.reindex(self.keys.astype(object).where(handled, None)).set_axis(out.index)
         came_back = joined.pop("client_ref")
+        notes = joined.pop("runflow_error").astype("string")
         wrong = handled & came_back.notna() & (came_back != out["runflow_client_ref"])
         if wrong.any():
             first = out.index[wrong.to_numpy()][0]
@@ -331,6 +333,11 @@ class _Plan:
                 "'pending'; resume the job (the same call, same checkpoint) to settle them",
                 int(unconfirmed.sum()),
             )
+        # A row with a handle has no submission error: its runflow_error says what was wrong
+        # with its answer, or with its batch's.
+        notes = notes.mask(batches.isin(self.malformed), batches.map(self.malformed))
+        errors = out["runflow_error"] if "runflow_error" in out else notes.where(~handled)
+        out = out.assign(runflow_error=errors.astype("string").where(~handled, notes))
         return pd.concat([out, finish_columns(joined, flatten=flatten)], axis=1)
 
 
@@ -363,6 +370,7 @@ async def _fetch(
                 on_batch=on_batch,
                 statuses=plan.statuses,
                 expected=plan.expected,
+                on_malformed=plan.malformed.__setitem__,
             )
     finally:
         reporter.close()
@@ -378,13 +386,13 @@ def _frame_from_checkpoint(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, 
 
 
 def _empty_results() -> pd.DataFrame:
-    return pd.DataFrame(columns=[*RESULT_COLUMNS, "client_ref"], index=pd.Index([], dtype=object))
+    return pd.DataFrame(columns=list(STORED_COLUMNS), index=pd.Index([], dtype=object))
 
 
 def _to_store(raw: pd.DataFrame) -> pa.Table:
     """Raw outcomes as text, for the checkpoint."""
     data: dict[str, Any] = {"item_key": raw.index.tolist()}
-    for col in (*RESULT_COLUMNS, "client_ref"):
+    for col in STORED_COLUMNS:
         values = raw[col].tolist()
         if col == "runflow_output":
             data[col] = encode_outputs(values)
@@ -398,7 +406,7 @@ def _from_store(table: pa.Table) -> pd.DataFrame:
         return _empty_results()
     data = table.to_pydict()
     frame = pd.DataFrame(
-        {col: data[col] for col in (*RESULT_COLUMNS, "client_ref")},
+        {col: data[col] for col in STORED_COLUMNS},
         index=pd.Index(data["item_key"], dtype=object),
     )
     frame["runflow_output"] = decode_outputs(data["runflow_output"])

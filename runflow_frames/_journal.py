@@ -97,6 +97,7 @@ RESULTS_SCHEMA: Final = pa.schema(
         ("runflow_created_at", pa.string()),
         ("runflow_started_at", pa.string()),
         ("runflow_completed_at", pa.string()),
+        ("runflow_error", pa.string()),  # what was wrong with a malformed answer
         ("client_ref", pa.string()),
     ]
 )

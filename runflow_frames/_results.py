@@ -58,6 +58,11 @@ RESULT_COLUMNS: Final = (
 )
 
 
+# What is kept of each item: the result columns, a note on a malformed answer
+# (``runflow_error``), and the client_ref it came back with, to check the join.
+STORED_COLUMNS: Final = (*RESULT_COLUMNS, "runflow_error", "client_ref")
+
+
 def is_result_column(name: object) -> bool:
     """A column collect() fills in (and replaces when it runs again)."""
     return isinstance(name, str) and (name in RESULT_COLUMNS or name.startswith("runflow_output."))
@@ -459,7 +464,7 @@ def results_frame(batch_id: str, items: Sequence[Mapping[str, Any]]) -> pd.DataF
         for item in items
         if isinstance(item.get("id"), str)
     }
-    return pd.DataFrame.from_dict(rows, orient="index", columns=[*RESULT_COLUMNS, "client_ref"])
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(STORED_COLUMNS))
 
 
 def finish_columns(df: pd.DataFrame, *, flatten: bool) -> pd.DataFrame:

@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 
 import runflow_frames
-from runflow_frames import RunflowError
 from runflow_frames._client import AsyncRunflowClient, redact
 from runflow_frames._errors import APIStatusError
 from runflow_frames._results import (
@@ -323,9 +322,12 @@ def test_a_malformed_timestamp_neither_fails_collect_nor_poisons_the_cache(
     assert first.drop(index="k00003")["runflow_completed_at"].notna().all()
     assert first.at["k00120", "runflow_cost"] is None
     assert first.drop(index="k00120")["runflow_cost"].notna().all()
-    # The note: logged, as runflow_error cannot reach the frame without a change to _collect.py.
+    # The note: logged, and on the row, kept with its outcome.
     assert f"completed_at '{BAD_TIME}' is not a timestamp" in caplog.text
     assert "cost '12abc' is not a decimal number" in caplog.text
+    assert f"completed_at '{BAD_TIME}' is not a timestamp" in first.at["k00003", "runflow_error"]
+    assert "cost '12abc' is not a decimal number" in first.at["k00120", "runflow_error"]
+    assert first.drop(index=["k00003", "k00120"])["runflow_error"].isna().all()
 
     pages = emu.accounting().requests_by_route.get("GET /v1/batches/{id}/items")
     again = runflow_frames.collect(
@@ -335,6 +337,7 @@ def test_a_malformed_timestamp_neither_fails_collect_nor_poisons_the_cache(
     pd.testing.assert_frame_equal(again, first)
     from_path = runflow_frames.collect(ck, base_url=url, api_key=API_KEY)
     assert from_path["runflow_completed_at"].isna()["k00003"]
+    assert "is not a timestamp" in from_path.at["k00003", "runflow_error"]
 
 
 def unfiled_in(batch_id: str, how: str) -> Callable[[str, list[dict[str, Any]]], None]:
@@ -388,7 +391,7 @@ def test_a_batch_whose_items_cannot_be_filed_is_reported_and_the_others_collecte
     assert emu.accounting().requests_by_route["GET /v1/batches/{id}/items"] == 3
 
 
-def test_collect_refuses_a_batch_repeating_an_item_id_but_keeps_the_others(
+def test_collect_reports_a_batch_repeating_an_item_id_on_its_rows_and_keeps_the_others(
     monkeypatch: pytest.MonkeyPatch, emu: Emulator, url: str, clock: Clock, tmp_path: Path
 ) -> None:
     ck = tmp_path / "ck"
@@ -396,8 +399,16 @@ def test_collect_refuses_a_batch_repeating_an_item_id_but_keeps_the_others(
     bad = out["runflow_batch_id"].iloc[100]
     edit_pages(monkeypatch, emu, unfiled_in(bad, "repeat"))
     options: dict[str, Any] = {"base_url": url, "api_key": API_KEY, "poll_interval": FAST_POLL}
-    with pytest.raises(RunflowError, match=r"malformed answer: item id '.+' repeats"):
-        runflow_frames.collect(out, checkpoint=ck, **options)
+    first = runflow_frames.collect(out, checkpoint=ck, **options)
+    in_bad = (first["runflow_batch_id"] == bad).to_numpy()
+    assert (
+        first.loc[in_bad, "runflow_error"]
+        .str.contains(r"malformed answer: item id '.+' repeats")
+        .all()
+    )
+    assert first.loc[in_bad, "runflow_status"].isna().all()
+    assert (first.loc[~in_bad, "runflow_status"] == "succeeded").all()
+    assert first.loc[~in_bad, "runflow_error"].isna().all()
     # Nothing of the malformed batch was kept; the others were. Healed, it alone is fetched.
     monkeypatch.undo()
     pages = emu.accounting().requests_by_route["GET /v1/batches/{id}/items"]
