@@ -285,8 +285,8 @@ def peer(quick: bool, runs: int) -> tuple[list[str], dict[str, list[float]]]:
 
 
 def cpu(quick: bool, runs: int) -> list[str]:
-    from runflow_frames._checkpoint import row_digests
-    from runflow_frames._join import Handles, HandleTable, join_handles
+    from runflow_frames._state import row_digests
+    from runflow_frames._handles import Handles, HandleTable, join_handles
     from runflow_frames._rows import body_suffix, chunk_body, client_refs, encode_rows, item_columns
 
     lines = []

@@ -1,7 +1,6 @@
 """runflow-frames: push a dataframe through Runflow's batch API, exactly once, joined back."""
 
 from ._api import aretry_failed, arun_batches, retry_failed, run_batches
-from ._callbacks import verify_signature
 from ._client import AsyncRunflowClient
 from ._collect import Summary, acollect, collect, summarize
 from ._errors import (
@@ -26,9 +25,10 @@ from ._errors import (
     SubmissionError,
 )
 from ._files import arun_batches_file, run_batches_file
-from ._join import HANDLE_COLUMNS
+from ._handles import HANDLE_COLUMNS
 from ._journal import read_checkpoint
 from ._retry import RetryPolicy
+from ._signatures import verify_signature
 from ._version import __version__
 
 __all__ = [

@@ -26,8 +26,8 @@ from ._errors import InputError
 from ._frames import to_pandas
 from ._job import SubmitJob
 from ._journal import Kind
+from ._polling import is_result_column
 from ._progress import ProgressOption
-from ._results import is_result_column
 from ._retry import RetryPolicy
 from ._rows import Missing
 from ._sync import sync_twin

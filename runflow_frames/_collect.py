@@ -1,5 +1,5 @@
 """collect / acollect and the job summary: the public collect functions, thin, over
-``_results.py`` (polling and paging) and a checkpoint's ``ResultsStore``."""
+``_polling.py`` (polling and paging) and a checkpoint's ``ResultsStore``."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ import pyarrow as pa
 from ._config import DEFAULT_TIMEOUT, Connection
 from ._errors import APIError, CollectError, DeadlineExceeded, InputError, ProtocolError
 from ._journal import ResultsStore, block_directories, read_checkpoint, read_manifest
-from ._progress import ProgressOption, Reporter
-from ._results import (
+from ._polling import (
     STORED_COLUMNS,
     PollPolicy,
     collect_items,
@@ -30,6 +29,7 @@ from ._results import (
     is_result_column,
     results_frame,
 )
+from ._progress import ProgressOption, Reporter
 from ._retry import RetryPolicy
 from ._sync import keep_partial, sync_twin
 

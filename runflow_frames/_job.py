@@ -30,7 +30,7 @@ import pandas as pd
 
 from ._config import Connection, JobOptions, fingerprint
 from ._errors import APIStatusError, CheckpointError, SubmissionError
-from ._join import Handles, check_no_collision, join_handles
+from ._handles import Handles, check_no_collision, join_handles
 from ._journal import DirectoryJournal, Journal, Kind, MemoryJournal, Resume
 from ._pipeline import ChunkFailure, ends_the_job, one_error, submit_chunks
 from ._progress import ProgressOption, Reporter

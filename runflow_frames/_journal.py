@@ -66,7 +66,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from ._errors import CheckpointError, StaleIntentWarning
-from ._join import HANDLE_SCHEMA, Handles, HandleTable
+from ._handles import HANDLE_SCHEMA, Handles, HandleTable
 from ._rows import Chunk
 from ._state import SEGMENT_SCHEMA, Intent, State, plan_resume, row_digests
 

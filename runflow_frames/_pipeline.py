@@ -39,7 +39,7 @@ from ._errors import (
     RateLimitError,
     RequestRejectedError,
 )
-from ._join import Handles, verify_handles
+from ._handles import Handles, verify_handles
 from ._retry import Gate, RetryPolicy, not_created, retrying, slows_everyone
 from ._rows import Chunk
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ._client import model_path
 from ._errors import InputError
-from ._join import check_no_collision
+from ._handles import check_no_collision
 from ._rows import (
     MAX_CHUNK_SIZE,
     body_suffix,

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import xxhash
 
 from ._errors import CheckpointError
-from ._join import HANDLE_SCHEMA, Handles, HandleTable
+from ._handles import HANDLE_SCHEMA, Handles, HandleTable
 
 # Handle columns first: a segment table doubles as the handle table join_handles takes.
 SEGMENT_SCHEMA: Final = pa.schema(

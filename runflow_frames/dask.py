@@ -48,7 +48,7 @@ from ._cluster import ClusterGate, ensure_coordinator
 from ._collect import collect as _collect
 from ._config import Errors
 from ._errors import InputError
-from ._join import HANDLE_SCHEMA, join_handles
+from ._handles import HANDLE_SCHEMA, join_handles
 from ._pipeline import SHARED_GATE
 from ._retry import RetryPolicy
 from ._rows import Missing

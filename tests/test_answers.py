@@ -19,7 +19,7 @@ import pytest
 import runflow_frames
 from runflow_frames._client import AsyncRunflowClient, redact
 from runflow_frames._errors import APIStatusError
-from runflow_frames._results import (
+from runflow_frames._polling import (
     PollPolicy,
     canonical_timestamp,
     check_item,

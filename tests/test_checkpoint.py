@@ -433,6 +433,7 @@ def test_task_cancellation_mid_run_leaves_a_checkpoint_that_resumes(tmp_path: Pa
     assert_matches_server(out, emulator)
 
 
+@pytest.mark.slow
 def test_keyboard_interrupt_in_a_subprocess_leaves_a_checkpoint_that_resumes(
     tmp_path: Path, base_url: str, emulator: Emulator
 ) -> None:

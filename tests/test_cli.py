@@ -44,6 +44,7 @@ def source(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_submit_then_status_then_collect(
     tmp_path: Path, source: Path, base_url: str, emulator: Emulator
 ) -> None:
@@ -82,6 +83,7 @@ def test_submit_then_status_then_collect(
     assert (table["runflow_status"] == "succeeded").sum() == 450 - bad_rows
 
 
+@pytest.mark.slow
 def test_dry_run_sends_nothing_and_lists_every_refusal(
     tmp_path: Path, base_url: str, emulator: Emulator
 ) -> None:
@@ -110,6 +112,7 @@ def test_dry_run_sends_nothing_and_lists_every_refusal(
     assert emulator.accounting().requests_by_route == {}
 
 
+@pytest.mark.slow
 def test_bad_arguments_exit_2(source: Path) -> None:
     assert cli("submit", str(source), "-m", "no-slash", "-o", "x.parquet").returncode == 2
     assert (
@@ -138,6 +141,7 @@ def test_a_missing_api_key_is_one_clear_line(source: Path, tmp_path: Path) -> No
     )
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_with_meaningful_codes(source: Path, tmp_path: Path) -> None:
     out = str(tmp_path / "o.parquet")
     emulator = Emulator(api_keys={"rf_live_the_right_one"})

@@ -35,6 +35,7 @@ def write_source(path: Path, rows: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_file_streams_in_blocks_to_one_output(
     tmp_path: Path, emulator: Emulator, base_url: str
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +35,7 @@ indexes = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     index=indexes, chunk_size=st.integers(1, 100), concurrency=st.integers(1, 16), data=st.data()

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import runflow_frames
 import runflow_frames.dask
 import runflow_frames.emulator
@@ -99,6 +101,7 @@ def test_import_needs_no_server_extra() -> None:
     assert out.stdout.split() == ["False"] * 4
 
 
+@pytest.mark.slow
 def test_console_script_runs_the_demo() -> None:
     script = Path(sys.executable).with_name("runflow-frames")  # installed by pip next to python
     out = subprocess.run(

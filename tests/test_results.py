@@ -35,8 +35,8 @@ from runflow_frames import (
     summarize,
     verify_signature,
 )
-from runflow_frames._callbacks import sign
-from runflow_frames._results import batch_is_over, next_cursor
+from runflow_frames._polling import batch_is_over, next_cursor
+from runflow_frames._signatures import sign
 from runflow_frames.emulator import Emulator, Timing, create_app, serve
 from runflow_frames.emulator._serve import _bind
 

@@ -301,6 +301,7 @@ def test_encoding_in_blocks_matches_row_by_row() -> None:
     assert orjson.loads(items[20_000]) == {"client_ref": "20000", "v": 20_000 / 3, "s": "s20000"}
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(
     hpd.data_frames(

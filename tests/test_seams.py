@@ -59,6 +59,7 @@ def assert_each_row_ran_once(emulator: Emulator, rows: int = 500) -> None:
     assert set(runs.values()) == {1}, "a row was billed twice"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("first", "second"), [((), ("--wait",)), (("--wait",), ()), (("--wait",), ("--wait",))]
 )

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from .._callbacks import sign
+from .._signatures import sign
 from ._records import Batch
 from ._views import Snapshot
 
