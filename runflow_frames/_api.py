@@ -174,6 +174,8 @@ async def arun_batches(
         max_intent_age=max_intent_age,
     )
     model = model_path(owner, slug)
+    # Every public function keeps its keyword arguments and resolves them here, once: the
+    # same call in each (the repetition is the keyword signature users' code relies on).
     connection = Connection.resolve(
         api_key=api_key,
         base_url=base_url,

@@ -180,6 +180,8 @@ async def acollect(
         max_concurrency=max_concurrency,
         deadline=deadline,
     )
+    # Every public function keeps its keyword arguments and resolves them here, once: the
+    # same call in each (the repetition is the keyword signature users' code relies on).
     connection = Connection.resolve(
         api_key=api_key,
         base_url=base_url,

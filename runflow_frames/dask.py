@@ -196,8 +196,7 @@ def _submit_partition(
 ) -> pd.DataFrame:
     if partition_info is None:  # Dask's meta inference on a fake frame: nothing to send
         return _submit_meta(pdf)
-    checkpoint = partition_checkpoint(root, partition_info["number"])
-    options = {**options, "api_key": _reveal(options["api_key"])}
+    checkpoint, options = _for_partition(root, options, partition_info)
     with _cluster_gate(job, options["max_concurrency"]):
         return _run_batches(pdf, owner, slug, checkpoint=checkpoint, progress=False, **options)
 
@@ -210,9 +209,16 @@ def _collect_partition(
 ) -> pd.DataFrame:
     if partition_info is None:  # Dask's meta inference on a fake frame: nothing to fetch
         return _collect_meta(pdf)
-    checkpoint = partition_checkpoint(root, partition_info["number"])
-    options = {**options, "api_key": _reveal(options["api_key"])}
+    checkpoint, options = _for_partition(root, options, partition_info)
     return _collect(pdf, checkpoint=checkpoint, progress=False, **options)
+
+
+def _for_partition(
+    root: str, options: dict[str, Any], partition_info: dict[str, Any]
+) -> tuple[Path, dict[str, Any]]:
+    """The partition's checkpoint, and the options with the API key revealed (on the worker)."""
+    checkpoint = partition_checkpoint(root, partition_info["number"])
+    return checkpoint, {**options, "api_key": _reveal(options["api_key"])}
 
 
 def _submit_meta(frame: pd.DataFrame) -> pd.DataFrame:
