@@ -285,9 +285,9 @@ def peer(quick: bool, runs: int) -> tuple[list[str], dict[str, list[float]]]:
 
 
 def cpu(quick: bool, runs: int) -> list[str]:
-    from runflow_frames._state import row_digests
     from runflow_frames._handles import Handles, HandleTable, join_handles
     from runflow_frames._rows import body_suffix, chunk_body, client_refs, encode_rows, item_columns
+    from runflow_frames._state import row_digests
 
     lines = []
     for rows in [20_000] if quick else [100_000, 1_000_000]:

@@ -70,6 +70,9 @@ def _guarded(debug: bool, job: Callable[[], T], keep: Callable[[Any], str] | Non
         else:
             code = EXIT_API
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, SubmissionError):  # its own text gives advice for Python code
+            rows = exc.submitted + exc.not_submitted
+            message = f"{exc.not_submitted:,} of {rows:,} rows were not submitted: {cause or exc}"
         result = getattr(exc, "result", None)
         if keep is not None and result is not None:
             message += keep(result)
