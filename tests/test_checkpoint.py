@@ -593,6 +593,7 @@ def journal_records(checkpoint: Path) -> list[dict[str, Any]]:
     return [r for path in sorted(checkpoint.glob("journal-*.log")) for r in _read_journal(path)]
 
 
+@pytest.mark.slow
 def test_answers_reach_the_journal_within_a_second_when_no_group_follows(
     tmp_path: Path, emulator: Emulator
 ) -> None:
@@ -606,6 +607,7 @@ def test_answers_reach_the_journal_within_a_second_when_no_group_follows(
     assert_matches_server(out, emulator)
 
 
+@pytest.mark.slow
 def test_a_mid_run_segment_retires_the_journal_that_held_its_answers(
     tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:

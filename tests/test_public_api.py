@@ -115,6 +115,7 @@ def test_console_script_runs_the_demo() -> None:
     assert "duplicates: 0" in out.stdout
 
 
+@pytest.mark.slow
 def test_console_script_serves_the_emulator() -> None:
     import socket
     import time

@@ -451,6 +451,7 @@ def test_a_server_rate_limit_is_met_by_backing_off_together() -> None:
     assert seen.faults.get("limited", 0) < 40
 
 
+@pytest.mark.slow
 def test_fault_matrix(tmp_path: Path) -> None:
     """Every fault at once, at realistic rates, over 10,000 rows: every row ends with exactly one
     handle or an explained error, and the server made no duplicate run; healed, the same call

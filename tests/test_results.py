@@ -112,6 +112,7 @@ def test_next_cursor_reads_both_spellings(page: dict[str, Any], cursor: str | No
     assert next_cursor(page) == cursor
 
 
+@pytest.mark.slow
 def test_wait_joins_every_rows_outcome_over_thousands_of_rows(
     emulator: Emulator, base_url: str
 ) -> None:
@@ -188,6 +189,7 @@ def test_collect_from_a_checkpoint_in_a_fresh_process_and_again_without_refetchi
     assert again["runflow_status"].to_dict() == collected["runflow_status"].to_dict()
 
 
+@pytest.mark.slow
 def test_many_pages_are_followed() -> None:
     emulator = Emulator(page_cap=7)
     with serve(emulator) as url:
@@ -284,6 +286,7 @@ def test_collect_needs_handles() -> None:
         collect(pd.DataFrame({"v": [1]}), api_key=API_KEY, base_url=LOCAL)
 
 
+@pytest.mark.slow
 def test_retry_failed_sends_only_the_failed_rows_once(
     tmp_path: Path, emulator: Emulator, base_url: str
 ) -> None:
@@ -355,6 +358,7 @@ def receiver(statuses: Iterator[int]) -> Iterator[tuple[str, list[tuple[bytes, d
         sock.close()
 
 
+@pytest.mark.slow
 def test_the_emulator_delivers_signed_batch_callbacks_and_retries(
     base_url: str, emulator: Emulator
 ) -> None:
@@ -388,6 +392,7 @@ def test_the_emulator_delivers_signed_batch_callbacks_and_retries(
     assert [d["status_code"] for d in history] == ["succeeded"]
 
 
+@pytest.mark.slow
 def test_collecting_rides_through_a_faulty_server(base_url: str, emulator: Emulator) -> None:
     from runflow_frames import RetryPolicy
     from runflow_frames.emulator import Faults
@@ -410,6 +415,7 @@ def test_collecting_rides_through_a_faulty_server(base_url: str, emulator: Emula
     assert done["runflow_output"].tolist() == [expected_output(r) for _, r in df.iterrows()]
 
 
+@pytest.mark.slow
 def test_progress_callbacks_count_rows_submitted_and_collected(base_url: str) -> None:
     seen: list[tuple[int, int]] = []
     run_batches(

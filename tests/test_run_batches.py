@@ -478,6 +478,7 @@ def test_a_pyarrow_table_in_gives_a_table_out(
     assert out["runflow_run_id"].to_pylist() == [received[k]["run_id"] for k in "abc"]
 
 
+@pytest.mark.slow
 def test_a_polars_frame_in_gives_a_polars_frame_out(emulator: Emulator, base_url: str) -> None:
     import polars as pl
 

@@ -110,6 +110,7 @@ def test_a_frame_job_and_a_file_job_refuse_each_others_checkpoints(
     assert set(runs.values()) == {2}  # once per job: two jobs, no third
 
 
+@pytest.mark.slow
 def test_a_file_job_records_its_server_and_refuses_another(tmp_path: Path, source: Path) -> None:
     first, other = Emulator(timing=FAST), Emulator(timing=FAST)
     ckpt = tmp_path / "ck"
@@ -208,6 +209,7 @@ def test_a_failed_wait_without_a_checkpoint_hands_back_the_submitted_handles() -
     assert sum(emulator.accounting().runs_by_client_ref.values()) == 150
 
 
+@pytest.mark.slow
 def test_the_cli_without_a_checkpoint_writes_what_it_has_on_a_402(
     tmp_path: Path, source: Path
 ) -> None:
@@ -272,6 +274,7 @@ def test_a_job_stopped_part_way_carries_its_handles_with_a_checkpoint(tmp_path: 
     assert info.value.result["runflow_run_id"].notna().sum() == 200
 
 
+@pytest.mark.slow
 def test_ctrl_c_hands_back_every_handle(tmp_path: Path) -> None:
     emulator = Emulator(timing=Timing(create_latency=0.2))
     code = (
