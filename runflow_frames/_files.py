@@ -82,12 +82,20 @@ def _block_frame(table: pa.Table, number: int, block_rows: int) -> pd.DataFrame:
     return frame
 
 
+# run_batches' keywords that run_batches_file passes on: to each block job, and to the connection.
 _JOB_KEYS: Final = frozenset(
-    {"chunk_size", "max_concurrency", "metadata", "callback_url", "missing", "errors"}
-    | {"max_intent_age"}
+    (
+        "chunk_size",
+        "max_concurrency",
+        "metadata",
+        "callback_url",
+        "missing",
+        "errors",
+        "max_intent_age",
+    )
 )
 _CONNECTION_KEYS: Final = frozenset(
-    {"api_key", "base_url", "org_id", "timeout", "transport", "retry"}
+    ("api_key", "base_url", "org_id", "timeout", "transport", "retry")
 )
 
 
