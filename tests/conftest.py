@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
+import anyio
 import httpx
 import pytest
+import uvicorn
 
 from runflow_frames.emulator import Emulator, create_app, serve
 
@@ -60,3 +67,111 @@ def http(base_url: str) -> Iterator[httpx.Client]:
     """A raw HTTP client on the served emulator, authenticated, for contract tests."""
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
         yield c
+
+
+# -- events instead of wall-clock windows ----------------------------------------------------------
+#
+# A test that sleeps for a while and then counts what happened measures the machine, not the
+# code: on a loaded machine the window holds less (or more). These helpers wait for the event
+# itself; their timeouts only keep a broken test from hanging, they are never what is measured.
+
+GUARD = 30.0  # seconds: long enough never to be reached when things work, even on a busy machine
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = GUARD) -> None:
+    """Return once ``condition()`` is true; fail (naming ``what``) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.005)
+
+
+async def await_until(condition: Callable[[], object], what: str, timeout: float = GUARD) -> None:
+    """``wait_until`` for async code: polls without blocking the event loop (what it waits
+    for, files on disk or another thread's work, sets no event)."""
+    with anyio.move_on_after(timeout):
+        while not condition():  # noqa: ASYNC110 - nothing to wait on but the condition itself
+            await anyio.sleep(0.005)
+        return
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+class FirstWave:
+    """ASGI middleware in front of the emulator's app: holds the first create requests until
+    ``size`` of them have arrived together, then lets every request through, and counts the
+    most creates it saw in flight at once.
+
+    A test of "the client keeps N requests in flight" then does not depend on N requests
+    overlapping by chance: while the first ones are held, the client can only show how many it
+    sends at once. The guard opens the gate for good when the client never gets there (the
+    count then says how far it got).
+    """
+
+    def __init__(self, app: Any, size: int, guard: float = 10.0) -> None:
+        self.app, self.size, self.guard = app, size, guard
+        self.in_flight = self.most_in_flight = 0
+        self._open: anyio.Event | None = None  # made in the server's event loop
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        if self._open is None:
+            self._open = anyio.Event()
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        finished = False
+
+        def finish() -> None:
+            nonlocal finished
+            if not finished:
+                finished = True
+                self.in_flight -= 1
+
+        async def answer(message: Any) -> None:
+            # Out of flight before the answer leaves, as for the emulator's own count: the
+            # client can only send its next request after this one counts as done.
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                finish()
+            await send(message)
+
+        try:
+            if self.in_flight >= self.size:
+                self._open.set()
+            with anyio.move_on_after(self.guard):
+                await self._open.wait()
+            self._open.set()
+            await self.app(scope, receive, answer)
+        finally:
+            finish()
+
+
+def _loopback_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # As the emulator's serve() does: without it a response written as headers then body
+    # waits ~40 ms for the client's delayed ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextmanager
+def serve_app(app: Any) -> Iterator[str]:
+    """Serve any ASGI app (the emulator's behind a test middleware) on a free loopback port,
+    in a background thread, as ``emulator.serve`` does; yields the base URL."""
+    sock = _loopback_socket()
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), "the server's start")
+        assert server.started, "the server did not start"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

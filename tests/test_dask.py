@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +15,9 @@ distributed = pytest.importorskip("distributed")
 
 from runflow_frames import InputError  # noqa: E402
 from runflow_frames import dask as rfd  # noqa: E402
-from runflow_frames.emulator import Emulator, Faults, Timing, serve  # noqa: E402
+from runflow_frames.emulator import Emulator, Faults, Timing, create_app, serve  # noqa: E402
 
-from .conftest import API_KEY  # noqa: E402
+from .conftest import API_KEY, FirstWave, serve_app, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +54,10 @@ def test_partitions_run_exactly_once_under_one_cluster_wide_cap(
 ) -> None:
     emulator = Emulator(timing=Timing(create_latency=0.05))
     ddf = frame(4000, partitions=8)
-    with serve(emulator) as url:
+    # The server holds the first creates until 3 are in flight together (so reaching the cap
+    # does not depend on partitions overlapping by chance); a fourth would be seen arriving.
+    gate = FirstWave(create_app(emulator), size=3)
+    with serve_app(gate) as url:
         out = rfd.run_batches(
             ddf,
             "acme",
@@ -74,7 +76,8 @@ def test_partitions_run_exactly_once_under_one_cluster_wide_cap(
     pd.testing.assert_frame_equal(result, again)
     # 2 workers x 2 threads could run 4 partitions x 3 requests at once: the scheduler's
     # throttle kept the whole cluster to 3.
-    assert emulator.accounting().max_creates_in_flight == 3
+    assert gate.most_in_flight == 3
+    assert emulator.accounting().max_creates_in_flight <= 3
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"partition-{n:06d}" for n in range(8)]
 
 
@@ -104,8 +107,11 @@ def test_a_429_slows_every_worker_and_the_rate_settles_under_the_limit(
 def test_a_worker_killed_mid_job_costs_no_duplicate_run(
     client: distributed.Client, tmp_path: Path
 ) -> None:
-    emulator = Emulator(timing=Timing(create_latency=0.1))
+    # 48 creates, 4 at a time, 0.2 s each: the job runs for about 2.4 s, and the kill lands
+    # right after the 8th create, with seconds of work left whatever the machine's load.
+    emulator = Emulator(timing=Timing(create_latency=0.2))
     ddf = frame(4800, partitions=12)
+    pids = client.run(os.getpid)  # asked before the job starts: nothing between event and kill
     with serve(emulator) as url:
         out = rfd.run_batches(
             ddf,
@@ -117,11 +123,7 @@ def test_a_worker_killed_mid_job_costs_no_duplicate_run(
             base_url=url,
         )
         future = client.compute(out)
-        deadline = time.monotonic() + 30
-        while emulator.accounting().batches_created < 10:
-            assert time.monotonic() < deadline, "the job never started"
-            time.sleep(0.01)
-        pids = client.run(os.getpid)
+        wait_until(lambda: emulator.accounting().batches_created >= 8, "the job's 8th create")
         os.kill(pids[sorted(pids)[0]], signal.SIGKILL)
         created_before_the_kill = emulator.accounting().batches_created
         result = future.result(timeout=120)

@@ -30,7 +30,7 @@ from runflow_frames import (
 )
 from runflow_frames.emulator import Emulator, Timing, create_app, serve
 
-from .conftest import API_KEY
+from .conftest import API_KEY, FirstWave, serve_app
 
 LOCAL = "http://localhost"  # in-process tests: the transport answers, no socket
 CREATE = "POST /v1/models/{model}/batches"
@@ -144,12 +144,18 @@ def test_async_api(emulator: Emulator, asgi: httpx.ASGITransport) -> None:
     assert emulator.accounting().batches_created == 2
 
 
-def test_pipeline_keeps_max_concurrency_requests_in_flight(
-    emulator: Emulator, base_url: str
-) -> None:
+def test_pipeline_keeps_max_concurrency_requests_in_flight(emulator: Emulator) -> None:
     emulator.timing = Timing(create_latency=0.05)
-    run_batches(frame(3000), "acme", "echo", max_concurrency=5, base_url=base_url, api_key=API_KEY)
-    assert emulator.accounting().max_creates_in_flight == 5
+    # The server holds the first creates until 5 are in flight together: reaching 5 does not
+    # hang on requests overlapping by chance, and a sixth would be seen arriving.
+    gate = FirstWave(create_app(emulator), size=5)
+    with serve_app(gate) as url:
+        out = run_batches(
+            frame(3000), "acme", "echo", max_concurrency=5, base_url=url, api_key=API_KEY
+        )
+    assert out["runflow_run_id"].notna().all()
+    assert gate.most_in_flight == 5
+    assert emulator.accounting().max_creates_in_flight <= 5
 
 
 def test_environment_variables_configure_the_client(
