@@ -6,9 +6,14 @@ import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 import orjson
+
+# The most bytes (UTF-8) one item's output may hold. An items page answers each output twice
+# (the item's and its run's) for up to 100 items, so 64 KiB keeps a page under ~13 MB; a model
+# input that asks for more fails as an input, as the other input errors do.
+MAX_OUTPUT_BYTES: Final = 65_536
 
 # The JSON types an input declaration may name, and the Python values that satisfy them.
 _CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -29,8 +34,25 @@ def _echo(item: dict[str, Any]) -> dict[str, Any]:
     return {"echo": item}
 
 
+def _repeat(item: Mapping[str, Any]) -> int:
+    # An optional input sent as null is absent (what missing="null" sends): the default, 1.
+    repeat = item.get("repeat")
+    return 1 if repeat is None else int(repeat)
+
+
 def _uppercase(item: dict[str, Any]) -> dict[str, Any]:
-    return {"text": str(item["text"]).upper() * int(item.get("repeat", 1))}
+    return {"text": str(item["text"]).upper() * _repeat(item)}
+
+
+def _uppercase_limits(item: Mapping[str, Any]) -> str | None:
+    """Why ``repeat`` is out of range: negative, or an output past ``MAX_OUTPUT_BYTES``."""
+    repeat = _repeat(item)
+    if repeat < 0:
+        return "input 'repeat' must not be negative"
+    size = len(str(item["text"]).upper().encode()) * repeat
+    if size > MAX_OUTPUT_BYTES:
+        return f"input 'repeat' asks for {size} bytes of output; at most {MAX_OUTPUT_BYTES}"
+    return None
 
 
 def _image(item: dict[str, Any]) -> dict[str, Any]:
@@ -57,6 +79,9 @@ class ModelSpec:
         Cost of one successful run; failed runs cost ``0``.
     output : callable
         Deterministic function of the (validated) item input to the run's output object.
+    check : callable, optional
+        Why an item that meets its declarations still fails (a value out of range, an output
+        too large), or None; it fails as the declarations do. Runs after them.
     """
 
     path: str
@@ -65,6 +90,7 @@ class ModelSpec:
     batch_capable: bool = True
     price: Decimal = Decimal("0.001")
     output: Callable[[dict[str, Any]], dict[str, Any]] = _echo
+    check: Callable[[Mapping[str, Any]], str | None] | None = None
 
     def __post_init__(self) -> None:
         segments = self.path.split("/")
@@ -75,7 +101,13 @@ class ModelSpec:
                 raise ValueError(f"unknown input type {kind!r}; use one of {sorted(_CHECKS)}")
 
     def validate(self, item: Mapping[str, Any]) -> str | None:
-        """Why ``item`` fails the declared inputs, or None when it passes."""
+        """Why ``item`` fails the declared inputs (or ``check``), or None when it passes."""
+        failure = self._declarations(item)
+        if failure is None and self.check is not None:
+            failure = self.check(item)
+        return failure
+
+    def _declarations(self, item: Mapping[str, Any]) -> str | None:
         if self.required is None:
             return None
         for name, kind in self.required.items():
@@ -101,6 +133,7 @@ def builtin_models() -> list[ModelSpec]:
             optional={"repeat": "integer"},
             price=Decimal("0.002"),
             output=_uppercase,
+            check=_uppercase_limits,
         ),
         # A three-segment model path, with a media-style output.
         ModelSpec(
