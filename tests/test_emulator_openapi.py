@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +47,55 @@ def test_a_null_optional_input_is_the_models_default(client: httpx.Client) -> No
     r = client.get(f"/v1/batches/{batch['id']}/items/{item['id']}")
     assert r.status_code == 200
     assert client.get(f"/v1/runs/{item['run_id']}").json()["output"] == {"text": "AB"}
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        _b64("o:\u00b2"),  # a digit to str.isdigit, not to int()
+        _b64("o:\u0661"),  # an Arabic-Indic digit: int() takes it, the cursor is still not ours
+        _b64("o:" + "9" * 5000),  # past int()'s digit limit
+        _b64("o:-1"),
+        _b64("o:"),
+        _b64("x:1"),
+        _b64("o:1\x00"),
+        "%%%",
+        "é",
+        "",
+        "A",  # not a whole base64 quantum
+        base64.urlsafe_b64encode(b"\xff\xfe").decode(),  # not UTF-8
+    ],
+)
+def test_a_crafted_cursor_is_a_422_envelope(client: httpx.Client, cursor: str) -> None:
+    batch = _create(client, "acme/echo", {"a": 1})
+    r = client.get(f"/v1/batches/{batch['id']}/items", params={"pq": cursor})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["code"] == "VALIDATION_ERROR"
+    assert body["errors"][0]["loc"] == ["query", "pq"]
+
+
+@pytest.mark.parametrize(
+    "limit", ["\u0661\u0662", "\u0665", "\u00b2", " 5", "5 ", "+5", "1_0", "0x10", "5.0", "", "0"]
+)
+def test_limit_is_ascii_digits_only(client: httpx.Client, limit: str) -> None:
+    batch = _create(client, "acme/echo", {"a": 1})
+    r = client.get(f"/v1/batches/{batch['id']}/items", params={"limit": limit})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["code"] == "VALIDATION_ERROR"
+    assert body["errors"][0]["loc"] == ["query", "limit"]
+
+
+def test_limit_in_range_with_leading_zeros_is_taken(client: httpx.Client) -> None:
+    batch = _create(client, "acme/echo", {"a": 1}, {"a": 2})
+    r = client.get(f"/v1/batches/{batch['id']}/items", params={"limit": "001"})
+    assert r.status_code == 200
+    assert len(r.json()["items"]) == 1
 
 
 def test_repeat_is_bounded_and_an_item_past_the_bound_fails_its_inputs(

@@ -67,11 +67,8 @@ def _callback_url_errors(url: Any) -> list[dict[str, Any]]:
 
 def read_page(limit: str | None, cursor: str | None, total: int) -> tuple[int, int] | Answer:
     """(start, size) of the page a list request asks for, or its 422 answer."""
-    try:
-        size = DEFAULT_PAGE if limit is None else int(limit)
-    except ValueError:
-        size = 0
-    if not 1 <= size <= MAX_PAGE:
+    size = DEFAULT_PAGE if limit is None else _ascii_number(limit)
+    if size is None or not 1 <= size <= MAX_PAGE:
         return error_answer(
             422,
             "VALIDATION_ERROR",
@@ -87,6 +84,17 @@ def read_page(limit: str | None, cursor: str | None, total: int) -> tuple[int, i
             [_problem(["query", "pq"], "invalid cursor", "value_error")],
         )
     return start, size
+
+
+def _ascii_number(text: str) -> int | None:
+    """``text`` as a non-negative integer when it is ASCII digits only, else None.
+
+    ``int()`` alone takes more: other scripts' digits, signs, spaces and underscores; and
+    ``str.isdigit()`` takes superscripts that ``int()`` refuses. Twenty digits are plenty for
+    any page or offset and keep ``int()`` clear of its digit limit."""
+    if not (0 < len(text) <= 20 and text.isascii() and text.isdigit()):
+        return None
+    return int(text)
 
 
 def page_body(items: list[dict[str, Any]], start: int, size: int, total: int) -> dict[str, Any]:
@@ -113,4 +121,4 @@ def _decode_cursor(cursor: str) -> int | None:
     except (ValueError, UnicodeDecodeError):
         return None
     prefix, _, number = text.partition(":")
-    return int(number) if prefix == "o" and number.isdigit() else None
+    return _ascii_number(number) if prefix == "o" else None
