@@ -485,7 +485,14 @@ def demo(rows: int) -> None:
 @click.option(
     "--faults",
     default="",
-    help="e.g. 'rate_limited=0.05,retry_after=1,reset_after=0.02,rate_limit=20'",
+    help=(
+        "comma-separated name=value, e.g. 'rate_limited=0.05,retry_after=1,reset_after=0.02'. "
+        "Limits, combined: rate_limit=20 (token bucket, per second), burst=5 (its size; "
+        "1 = strict spacing; default one second's worth), window_limit=100,window=60 "
+        "(window_kind=fixed|sliding), concurrency_limit=8; limit_retry_after="
+        "none|exact|ceil|date is the Retry-After form of their 429s. "
+        "seed=N replays the random faults."
+    ),
 )
 def emulator(
     host: str, port: int, queued: float, running: float, latency: float, jitter: float, faults: str

@@ -14,6 +14,7 @@ over real HTTP the client sees the connection close mid-response.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -23,6 +24,17 @@ from typing import Any, Final
 
 import anyio
 import orjson
+
+from ._limits import (
+    RETRY_AFTER_MODES,
+    AllOf,
+    ConcurrencyCap,
+    FixedWindow,
+    Shape,
+    SlidingWindow,
+    TokenBucket,
+    retry_after_header,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -35,7 +47,9 @@ _SERVER_ERRORS: Final = (500, 502, 503, 504)
 
 @dataclass(frozen=True)
 class Faults:
-    """How the emulator misbehaves. Rates are probabilities per API request (0 to 1).
+    """How the emulator misbehaves: random faults, and the limits a server enforces.
+
+    Rates are probabilities per API request (0 to 1), drawn from a generator seeded by ``seed``.
 
     Parameters
     ----------
@@ -44,8 +58,9 @@ class Faults:
     rate_limited : float
         429 ``RATE_LIMITED`` before processing.
     retry_after : float or None
-        Seconds sent as ``Retry-After`` with every 429; ``None`` sends no header (what the
-        newest docs say the API does).
+        Seconds sent as ``Retry-After`` with every 429 (a limit's 429: at least its wait,
+        unless ``limit_retry_after`` names a form); ``None`` sends no header (what the newest
+        docs say the API does).
     server_error : float
         500, 502, 503 or 504 before processing.
     reset_before : float
@@ -62,12 +77,40 @@ class Faults:
     rejected : float
         422 ``VALIDATION_ERROR`` before processing, as for an input the API refuses.
     rate_limit : float or None
-        Requests per second the server accepts (a token bucket of one second's burst); beyond
-        it, 429.
+        Requests per second the server accepts: a token bucket refilled at this rate; beyond
+        it, 429 ``RATE_LIMITED``.
     concurrency_limit : int or None
         Requests the server serves at once; beyond it, 429.
     routes : str
         ``"create"``: faults strike only batch creation; ``"all"``: every API request.
+    burst : float or None
+        The token bucket's size (needs ``rate_limit``): requests admitted at once before the
+        rate applies. ``None``: one second's worth (``rate_limit``); ``1``: strict spacing of
+        ``1 / rate_limit`` seconds (GCRA).
+    window_limit : int or None
+        Requests admitted per ``window``; beyond it, 429.
+    window : float
+        The window's length in seconds.
+    window_kind : str
+        ``"fixed"``: counts reset on window boundaries (multiples of ``window`` from the
+        limiter's first request), so a burst may straddle one; ``"sliding"``: at most
+        ``window_limit`` in any ``window`` seconds.
+    limit_retry_after : str
+        The ``Retry-After`` of the limits' 429s, from the true wait: ``"none"`` (no header of
+        their own; ``retry_after``, when set, still applies), ``"exact"`` (seconds, to the
+        millisecond), ``"ceil"`` (whole seconds rounded up, at least 1) or ``"date"`` (an HTTP
+        date). A concurrency cap cannot know its wait and says 0 (``"ceil"``: 1).
+
+    The limits (``rate_limit``, ``window_limit``, ``concurrency_limit``) combine: a request is
+    admitted only when every one set admits it, and a refusal consumes none of them. They are
+    deterministic (the ``seed`` drives only the random faults above); a new ``Faults`` starts
+    them afresh, full. See ``runflow_frames.emulator._limits`` for the shapes, on any clock.
+
+    Examples
+    --------
+    >>> Faults.parse("rate_limit=10,burst=1,window_limit=100,window=60,limit_retry_after=ceil")
+    ... # doctest: +ELLIPSIS
+    Faults(seed=0, ..., rate_limit=10.0, ..., burst=1.0, window_limit=100, window=60.0, ...)
     """
 
     seed: int = 0
@@ -83,6 +126,11 @@ class Faults:
     rate_limit: float | None = None
     concurrency_limit: int | None = None
     routes: str = "all"
+    burst: float | None = None
+    window_limit: int | None = None
+    window: float = 1.0
+    window_kind: str = "fixed"
+    limit_retry_after: str = "none"
 
     def __post_init__(self) -> None:
         rates = [self.rate_limited, self.server_error, self.reset_before, self.reset_after]
@@ -91,6 +139,32 @@ class Faults:
             raise ValueError("fault rates must be within 0..1 and add up to at most 1")
         if self.routes not in ("all", "create"):
             raise ValueError("routes must be 'all' or 'create'")
+        if self.burst is not None and self.rate_limit is None:
+            raise ValueError("burst is the size of the rate_limit's bucket: set rate_limit too")
+        if self.window_kind not in _WINDOW_KINDS:
+            raise ValueError(f"window_kind must be 'fixed' or 'sliding', not {self.window_kind!r}")
+        if self.limit_retry_after not in RETRY_AFTER_MODES:
+            known = ", ".join(repr(m) for m in RETRY_AFTER_MODES)
+            raise ValueError(
+                f"limit_retry_after must be one of {known}, not {self.limit_retry_after!r}"
+            )
+        if not 0 < self.window < math.inf:
+            raise ValueError(f"window must be a positive number of seconds, not {self.window!r}")
+        self.limiter()  # the limits' own checks (positive rates and sizes), said now
+
+    def limiter(self) -> AllOf:
+        """A fresh limiter of the limits set: every one must admit (none set: all admitted)."""
+        shapes: list[Shape] = []
+        if self.rate_limit is not None:
+            # One second's worth by default, and at least the one request (a rate below 1/s).
+            burst = max(1.0, self.rate_limit) if self.burst is None else self.burst
+            shapes.append(TokenBucket(self.rate_limit, burst))
+        if self.window_limit is not None:
+            window = FixedWindow if self.window_kind == "fixed" else SlidingWindow
+            shapes.append(window(self.window_limit, self.window))
+        if self.concurrency_limit is not None:
+            shapes.append(ConcurrencyCap(self.concurrency_limit))
+        return AllOf(*shapes)
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
@@ -99,48 +173,30 @@ class Faults:
         values: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, _, raw = part.partition("=")
+            name, raw = name.strip(), raw.strip()
             if name not in names:
                 raise ValueError(f"unknown fault {name!r}; known: {', '.join(sorted(names))}")
-            if raw.lower() == "none":
-                values[name] = None
-            elif name == "routes":
-                values[name] = raw
-            elif name in ("seed", "concurrency_limit"):
-                values[name] = int(raw)
-            else:
-                values[name] = float(raw)
+            values[name] = _value(name, raw)
         return cls(**values)
 
 
-class _Limiter:
-    """The server-side limits: a token bucket and an in-flight count."""
+_WINDOW_KINDS: Final = ("fixed", "sliding")
+_WORDS: Final = ("routes", "window_kind", "limit_retry_after")
+_INTEGERS: Final = ("seed", "concurrency_limit", "window_limit")
 
-    def __init__(self, rate: float | None, concurrency: int | None) -> None:
-        self.rate = rate
-        self.concurrency = concurrency
-        self.tokens = rate or 0.0
-        self.updated = time.monotonic()
-        self.in_flight = 0
-        self.lock = threading.Lock()
 
-    def admit(self) -> float | None:
-        """None when admitted (and counted in flight), else seconds until a token is due."""
-        with self.lock:
-            if self.concurrency is not None and self.in_flight >= self.concurrency:
-                return 0.0
-            if self.rate is not None:
-                now = time.monotonic()
-                self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
-                self.updated = now
-                if self.tokens < 1:
-                    return (1 - self.tokens) / self.rate
-                self.tokens -= 1
-            self.in_flight += 1
-            return None
-
-    def done(self) -> None:
-        with self.lock:
-            self.in_flight -= 1
+def _value(name: str, raw: str) -> Any:
+    """One ``--faults`` value: a word, an integer or a number, as the field takes."""
+    if name in _WORDS:
+        return raw
+    if raw.lower() == "none":
+        return None
+    kind = int if name in _INTEGERS else float
+    try:
+        return kind(raw)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name} takes {what}, not {raw!r}") from None
 
 
 class _Dropped(Exception):  # noqa: N818 - a signal to the server, not an error
@@ -175,14 +231,14 @@ class FaultMiddleware:
         self._lock = threading.Lock()
         self.faults = Faults()
         self.rng = random.Random()  # noqa: S311 - reproducible faults, not secrets
-        self.limiter = _Limiter(None, None)
+        self.limiter = AllOf()
 
     def _configure(self, faults: Faults) -> None:
         with self._lock:
             if faults is not self.faults:
                 self.faults = faults
                 self.rng = random.Random(faults.seed)  # noqa: S311 - reproducible, not secrets
-                self.limiter = _Limiter(faults.rate_limit, faults.concurrency_limit)
+                self.limiter = faults.limiter()
 
     def _draw(self) -> str | None:
         f = self.faults
@@ -220,20 +276,30 @@ class FaultMiddleware:
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
-        wait = limiter.admit()
+        with self._lock:
+            wait = limiter.admit(time.monotonic())
         if wait is not None:
             self._count("limited")
-            await _answer(send, 429, "RATE_LIMITED", "Rate limit exceeded", self._retry_after(wait))
+            await _answer(send, 429, "RATE_LIMITED", "Rate limit exceeded", self._limited(wait))
             return
         try:
             await self._serve(scope, receive, send)
         finally:
-            limiter.done()
+            with self._lock:
+                limiter.done(time.monotonic())
 
-    def _retry_after(self, wait: float | None = None) -> float | None:
+    def _limited(self, wait: float) -> str | None:
+        """The ``Retry-After`` of a limit's 429: in the form ``limit_retry_after`` names, else
+        as ``retry_after`` says for every 429 (at least the true wait)."""
+        mode = self.faults.limit_retry_after
+        if mode != "none":
+            return retry_after_header(wait, mode, time.time())
+        return self._retry_after(wait)
+
+    def _retry_after(self, wait: float = 0.0) -> str | None:
         if self.faults.retry_after is None:
             return None
-        return max(self.faults.retry_after, wait or 0.0)
+        return str(max(1, round(max(self.faults.retry_after, wait))))
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         fault = self._draw()
@@ -285,11 +351,11 @@ async def _send(send: Send, status: int, headers: list[Any], body: bytes) -> Non
 
 
 async def _answer(
-    send: Send, status: int, code: str, message: str, retry_after: float | None = None
+    send: Send, status: int, code: str, message: str, retry_after: str | None = None
 ) -> None:
     headers = [(b"content-type", b"application/json")]
     if retry_after is not None:
-        headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
+        headers.append((b"retry-after", retry_after.encode()))
     body = orjson.dumps({"code": code, "message": message, "errors": None})
     await _send(send, status, headers, body)
 
