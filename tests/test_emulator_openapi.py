@@ -1,4 +1,5 @@
-"""The emulator's robustness (issue 14): the inputs known to break it, over real HTTP."""
+"""The emulator's robustness (issue 14): the inputs known to break it, over real HTTP; its
+OpenAPI document; and schemathesis against that document, in-process."""
 
 from __future__ import annotations
 
@@ -134,3 +135,10 @@ def test_an_output_at_the_bound_is_answered(client: httpx.Client) -> None:
     assert first["status_code"] == "succeeded"
     assert len(first["output"]["text"]) == MAX_OUTPUT_BYTES
     assert [item["status_code"] for item in rest] == ["failed", "failed"]
+
+
+def test_a_method_a_route_does_not_take_is_405_naming_those_it_does(client: httpx.Client) -> None:
+    r = client.delete("/v1/health")
+    assert r.status_code == 405
+    assert set(r.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    assert r.json()["code"] == "METHOD_NOT_ALLOWED"

@@ -181,6 +181,8 @@ def _endpoint(handlers: _Handlers, route: _Route) -> Endpoint:
 async def _no_route(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 404
     code = "METHOD_NOT_ALLOWED" if status == 405 else "NOT_FOUND"
+    # A 405 says which methods the route takes (RFC 9110's Allow; Starlette puts it on exc).
+    headers = exc.headers if isinstance(exc, HTTPException) else None
     return Response(
         orjson.dumps(
             {
@@ -191,6 +193,7 @@ async def _no_route(request: Request, exc: Exception) -> Response:
         ),
         status_code=status,
         media_type="application/json",
+        headers=headers,
     )
 
 
