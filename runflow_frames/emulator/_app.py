@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ._faults import FaultMiddleware
+from ._openapi import openapi_document
 from ._records import Answer, error_answer
 from ._state import CREATE_ROUTE, Emulator
 
@@ -112,6 +113,9 @@ class _Handlers:
     async def health(self, _request: Request, _token: str) -> Answer:
         return Answer(200, {"status": "ok"})
 
+    async def openapi(self, _request: Request, _token: str) -> Answer:
+        return Answer(200, raw=_OPENAPI)
+
     async def accounting(self, _request: Request, _token: str) -> Answer:
         return Answer(200, self.emulator.accounting().to_json())
 
@@ -120,6 +124,8 @@ class _Handlers:
 
 
 Handler = Callable[[_Handlers, Request, str], Awaitable[Answer]]
+
+_OPENAPI: Final = orjson.dumps(openapi_document())
 
 
 class _Route(NamedTuple):
@@ -150,6 +156,8 @@ _ROUTES: Final = (
         "GET /v1/batches/{id}/callback",
     ),
     _Route("GET", "/v1/runs/{run_id}", _Handlers.get_run, "GET /v1/runs/{id}"),
+    # The OpenAPI document of the routes above, as a framework serves its own: no key, uncounted.
+    _Route("GET", "/openapi.json", _Handlers.openapi, None, auth=False),
     # Not part of Runflow's API: what tests read to assert what the server saw. The emulator's
     # own endpoints are neither authenticated nor counted.
     _Route("GET", "/_emulator/accounting", _Handlers.accounting, None, auth=False),
