@@ -476,7 +476,18 @@ def demo(rows: int) -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="address to listen on; loopback only (localhost, 127.x, ::1) without --allow-remote",
+)
+@click.option(
+    "--allow-remote",
+    is_flag=True,
+    help="serve a --host other machines can reach, although the emulator's internal "
+    "/_emulator/ routes have no access control",
+)
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--queued", type=float, default=0.05, show_default=True, help="seconds queued")
 @click.option("--running", type=float, default=0.2, show_default=True, help="seconds running")
@@ -495,18 +506,42 @@ def demo(rows: int) -> None:
     ),
 )
 def emulator(
-    host: str, port: int, queued: float, running: float, latency: float, jitter: float, faults: str
+    host: str,
+    allow_remote: bool,
+    port: int,
+    queued: float,
+    running: float,
+    latency: float,
+    jitter: float,
+    faults: str,
 ) -> None:
-    """Serve the local Runflow emulator (any bearer token is accepted)."""
-    from .emulator import Emulator, Faults, Timing
-    from .emulator._serve import run_forever
+    """Serve the local Runflow emulator (any bearer token is accepted).
 
+    It serves loopback only by default: its internal routes (/_emulator/accounting and
+    /_emulator/received, which show every input the models got) have no access control,
+    and any bearer token is accepted. A --host other machines can reach is refused unless
+    --allow-remote is given.
+    """
+    from .emulator import Emulator, Faults, Timing
+    from .emulator._serve import is_loopback, run_forever
+
+    if not (allow_remote or is_loopback(host)):
+        raise click.BadParameter(
+            f"{host} is not a loopback address, and the emulator's internal /_emulator/ routes "
+            "(accounting, every input the models received) have no access control; any bearer "
+            "token is accepted too. Serve on 127.0.0.1, or pass --allow-remote to serve on "
+            f"{host} anyway.",
+            param_hint="--host",
+        )
     timing = Timing(queued=queued, running=running, create_latency=latency, latency_sigma=jitter)
     try:
         injected = Faults.parse(faults) if faults else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--faults") from exc
-    click.echo(f"Runflow emulator on http://{host}:{port} (any bearer token is accepted)")
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    click.echo(f"Runflow emulator on http://{shown}:{port} (any bearer token is accepted)")
+    if not is_loopback(host):
+        click.echo("warning: its /_emulator/ routes have no access control", err=True)
     if injected is not None:
         click.echo(f"injecting {injected}")
     run_forever(Emulator(timing=timing, faults=injected), host=host, port=port)

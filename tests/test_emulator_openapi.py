@@ -1,5 +1,6 @@
 """The emulator's robustness (issue 14): the inputs known to break it, over real HTTP; its
-OpenAPI document; and schemathesis against that document, in-process."""
+OpenAPI document; schemathesis against that document, in-process; and the `emulator` command,
+which serves loopback only unless told otherwise (the internal routes have no access control)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import httpx
 import orjson
 import pytest
 import schemathesis
+from click.testing import CliRunner
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from schemathesis import Case, HookContext
 from schemathesis.checks import positive_data_acceptance
 
+from runflow_frames.cli import main
 from runflow_frames.emulator import Emulator, Timing, create_app, serve
 from runflow_frames.emulator._requests import _encode_cursor
 
@@ -266,3 +269,49 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_document(case: C
     case.call_and_validate(
         headers={"Authorization": "Bearer x"}, excluded_checks=[positive_data_acceptance]
     )
+
+
+# -- the internal routes have no access control: `runflow-frames emulator` serves loopback only --
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """What `runflow-frames emulator` would have served (nothing is bound)."""
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(
+        "runflow_frames.emulator._serve.run_forever",
+        lambda emulator, **kwargs: calls.append(kwargs),
+    )
+    return calls
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
+def test_the_emulator_command_serves_loopback(served: list[dict[str, Any]], host: str) -> None:
+    result = CliRunner().invoke(main, ["emulator", "--host", host, "--port", "9"])
+    assert result.exit_code == 0, result.output
+    assert served == [{"host": host, "port": 9}]
+    assert "warning" not in result.output
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "example.com", ""])
+def test_the_emulator_command_refuses_another_host_without_allow_remote(
+    served: list[dict[str, Any]], host: str
+) -> None:
+    result = CliRunner().invoke(main, ["emulator", "--host", host])
+    assert result.exit_code == 2
+    assert served == []
+    assert "no access control" in result.output
+    assert "--allow-remote" in result.output
+
+
+def test_allow_remote_serves_another_host_and_says_so(served: list[dict[str, Any]]) -> None:
+    result = CliRunner().invoke(main, ["emulator", "--host", "0.0.0.0", "--allow-remote"])
+    assert result.exit_code == 0, result.output
+    assert served == [{"host": "0.0.0.0", "port": 8080}]
+    assert "no access control" in result.output
+
+
+def test_the_emulator_command_help_says_why(served: list[dict[str, Any]]) -> None:
+    result = CliRunner().invoke(main, ["emulator", "--help"])
+    assert "--allow-remote" in result.output
+    assert "no access control" in " ".join(result.output.split())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 import time
@@ -17,8 +18,22 @@ from ._state import Emulator
 _STARTUP_TIMEOUT = 10.0
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only: ``localhost``, 127.0.0.0/8 or ``::1``.
+
+    Any other name is not, whatever it resolves to now: ``0.0.0.0`` and ``::`` listen on every
+    interface, and a host name may resolve elsewhere tomorrow."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted sockets inherit TCP_NODELAY from the listening one. Without it, a response
     # written as headers then body waits ~40 ms for the client's delayed ACK (Nagle).
@@ -105,7 +120,10 @@ def serve(emulator: Emulator | None = None, *, port: int = 0) -> Iterator[str]:
 def run_forever(
     emulator: Emulator | None = None, *, host: str = "127.0.0.1", port: int = 8080
 ) -> None:
-    """Serve in the foreground until interrupted (what ``runflow-frames emulator`` runs)."""
+    """Serve in the foreground until interrupted (what ``runflow-frames emulator`` runs).
+
+    The ``/_emulator/`` routes have no access control: ``runflow-frames emulator`` refuses a
+    ``host`` that :func:`is_loopback` does not accept unless given ``--allow-remote``."""
     emulator = emulator if emulator is not None else Emulator()
     server = _server(emulator)
     with _bind(host, port) as sock, _callbacks(emulator):
