@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from runflow_frames import (
 from runflow_frames._journal import Lock, _read_journal, load_state
 from runflow_frames.emulator import Emulator, Timing, create_app
 
-from .conftest import API_KEY
+from .conftest import API_KEY, await_until, wait_until
 
 LOCAL = "http://localhost"
 # One try per request: a lost answer then ends the run, as a crash would.
@@ -412,7 +413,12 @@ def test_task_cancellation_mid_run_leaves_a_checkpoint_that_resumes(tmp_path: Pa
     df = frame(3000)
 
     async def cancelled_run() -> None:
-        with anyio.move_on_after(0.15):
+        with anyio.CancelScope() as scope:
+
+            def cancel_once_500_rows_are_in(done: int, _total: int) -> None:
+                if done >= 500:
+                    scope.cancel()  # mid-run: requests are in flight, 25 chunks to go
+
             await arun_batches(
                 df,
                 "acme",
@@ -422,12 +428,16 @@ def test_task_cancellation_mid_run_leaves_a_checkpoint_that_resumes(tmp_path: Pa
                 api_key=API_KEY,
                 base_url=LOCAL,
                 transport=httpx.ASGITransport(app=create_app(emulator)),
+                progress=cancel_once_500_rows_are_in,
             )
             pytest.fail("the job should have been cancelled")
+        assert scope.cancelled_caught
 
     anyio.run(cancelled_run)
     progress = read_checkpoint(tmp_path).attrs["progress"]
-    assert 0 < progress["rows_submitted"] < 3000
+    # What was answered before the cancel is kept; at most the 4 requests in flight were not.
+    assert 500 <= progress["rows_submitted"] <= 500 + 4 * 100
+    assert emulator.accounting().batches_created < 30
     emulator.timing = Timing()
     out = run(df, tmp_path, emulator)
     assert_matches_server(out, emulator)
@@ -440,9 +450,10 @@ def test_keyboard_interrupt_in_a_subprocess_leaves_a_checkpoint_that_resumes(
     import signal
     import subprocess
     import sys
-    import time
 
-    emulator.timing = Timing(create_latency=0.05)
+    # 30 creates, 4 at a time, 0.2 s each: the job would run for 1.5 s; the interrupt lands
+    # right after the 2nd create, with over a second of work left whatever the machine's load.
+    emulator.timing = Timing(create_latency=0.2)
     script = Path(__file__).with_name("crash_job.py")
     env = {**os.environ, "RUNFLOW_API_KEY": API_KEY}
     cmd = [
@@ -456,7 +467,7 @@ def test_keyboard_interrupt_in_a_subprocess_leaves_a_checkpoint_that_resumes(
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"READY\n"
-    time.sleep(0.3)
+    wait_until(lambda: emulator.accounting().batches_created >= 2, "the job's 2nd create")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0
@@ -570,22 +581,22 @@ def test_a_failed_journal_write_stops_the_job_and_leaves_no_torn_record(
 
 
 class LastAnswerWaits(httpx.AsyncBaseTransport):
-    """The emulator in-process; the answer to the last create waits ``wait`` seconds, then
-    ``probe()`` looks at the checkpoint directory (its result is kept in ``seen``)."""
+    """The emulator in-process; the answer to the last create waits until ``until()`` is true
+    of the checkpoint directory (``waited``: it became true; the wait is bounded by a guard)."""
 
-    def __init__(self, emulator: Emulator, last: int, wait: float, probe: Any) -> None:
+    def __init__(self, emulator: Emulator, last: int, until: Callable[[], bool]) -> None:
         self.inner = httpx.ASGITransport(app=create_app(emulator))
-        self.last, self.wait, self.probe = last, wait, probe
+        self.last, self.until = last, until
         self.creates = 0
-        self.seen: Any = None
+        self.waited = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self.inner.handle_async_request(request)
         if request.method == "POST":
             self.creates += 1
             if self.creates == self.last:
-                await anyio.sleep(self.wait)
-                self.seen = self.probe()
+                await await_until(self.until, "the checkpoint state the last answer waits for")
+                self.waited = True
         return response
 
 
@@ -595,15 +606,20 @@ def journal_records(checkpoint: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_answers_reach_the_journal_within_a_second_when_no_group_follows(
-    tmp_path: Path, emulator: Emulator
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The promise: an answer waits in memory at most SYNC_INTERVAL. Its timer is what is
+    # tested, sped up (waiting out a real second proves nothing more, and flakes when loaded).
+    assert _journal.SYNC_INTERVAL <= 1.0
+    monkeypatch.setattr(_journal, "SYNC_INTERVAL", 0.02)
+
     # 20 chunks: one group of intents, so no later group's fsync carries the done records.
     def done_on_disk() -> int:
         return sum(r["t"] == "d" for r in journal_records(tmp_path))
 
-    transport = LastAnswerWaits(emulator, last=20, wait=1.5, probe=done_on_disk)
+    transport = LastAnswerWaits(emulator, last=20, until=lambda: done_on_disk() >= 19)
     out = run(frame(2000), tmp_path, emulator, max_concurrency=1, transport=transport)
-    assert transport.seen == 19  # all but the one still waiting
+    assert transport.waited  # the 19 done records reached the disk while the last answer waited
     assert_matches_server(out, emulator)
 
 
@@ -618,11 +634,18 @@ def test_a_mid_run_segment_retires_the_journal_that_held_its_answers(
         done = {r["c"] for r in journal_records(tmp_path) if r["t"] == "d"}
         return len(list(tmp_path.glob("journal-*.log"))), set(segments["chunk"].to_pylist()), done
 
-    # At the last create (0.5 s after it arrived, so the segment writer is idle): one journal,
-    # and no chunk is in both a segment and the journal.
-    transport = LastAnswerWaits(emulator, last=200, wait=0.5, probe=on_disk)
+    # The last create's answer waits until the segment writer has retired the journals it
+    # wrote out (one journal left); then no chunk may be in both a segment and the journal.
+    seen: list[tuple[int, set[int], set[int]]] = []
+
+    def retired() -> bool:
+        seen.append(on_disk())
+        return seen[-1][0] == 1
+
+    transport = LastAnswerWaits(emulator, last=200, until=retired)
     out = run(frame(20_000), tmp_path, emulator, max_concurrency=4, transport=transport)
-    journals, in_segments, in_journal = transport.seen
+    assert transport.waited
+    journals, in_segments, in_journal = seen[-1]
     assert journals == 1
     assert in_segments  # written mid-run (how many depends on how fast the writer thread is)
     assert in_journal
