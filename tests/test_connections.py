@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from runflow_frames import AsyncRunflowClient
 
-from .conftest import API_KEY
+from .conftest import API_KEY, GUARD
 
 BODY = b'{"id": "b1", "items": []}'
 
@@ -22,7 +22,17 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     connections = 0
     stall_first = False
-    in_flight_delay = 0.0
+    # Answers wait until this many requests are in flight together (0: none wait), at most
+    # GUARD seconds, so that a test of concurrent requests does not rely on them overlapping by
+    # chance. After that, nothing waits.
+    hold_until_in_flight = 0
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.lock = threading.Condition()
+        self.in_flight = 0
+        self.stalled = threading.Event()  # the first answer is stuck mid-body
+        self.release = threading.Event()  # set when the test ends
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -31,24 +41,37 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.server.connections += 1
+        with self.server.lock:
+            self.server.connections += 1
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
         if self.server.stall_first:
             self.server.stall_first = False
-            # Headers and a part of the body, then nothing: the client gives up mid-body.
+            # Headers and a part of the body, then nothing until the test ends: the client
+            # gives up mid-body.
             self.wfile.write(b"HTTP/1.1 201 Created\r\nContent-Length: 1000\r\n\r\n{")
             self.wfile.flush()
-            time.sleep(3)
+            self.server.stalled.set()
+            self.server.release.wait(GUARD)
             self.close_connection = True
             return
-        time.sleep(self.server.in_flight_delay)
+        self.hold()
         self.send_response(201)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(BODY)))
         self.end_headers()
         self.wfile.write(BODY)
+
+    def hold(self) -> None:
+        server = self.server
+        with server.lock:
+            server.in_flight += 1
+            server.lock.notify_all()
+            server.lock.wait_for(lambda: server.in_flight >= server.hold_until_in_flight, GUARD)
+            server.hold_until_in_flight = 0  # the first wave is in: from now on, no waiting
+            server.lock.notify_all()
+            server.in_flight -= 1
 
     def log_message(self, *args: object) -> None:
         pass
@@ -60,6 +83,7 @@ def server() -> Iterator[Server]:
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
+    srv.release.set()
     srv.shutdown()
     srv.server_close()
 
@@ -84,7 +108,7 @@ def test_sequential_requests_keep_one_connection_alive(server: Server) -> None:
 
 
 def test_concurrent_requests_get_a_connection_each_and_keep_them(server: Server) -> None:
-    server.in_flight_delay = 0.05
+    server.hold_until_in_flight = 6  # the first 6 requests are all in flight at once
 
     async def main() -> None:
         async with (
@@ -108,11 +132,18 @@ def test_a_request_cancelled_mid_body_leaves_no_stuck_connection(server: Server)
 
     async def main() -> None:
         async with AsyncRunflowClient(api_key=API_KEY, base_url=url(server), timeout=10) as client:
-            with anyio.move_on_after(0.3) as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def cancel_once_the_body_stalls() -> None:
+                    assert await anyio.to_thread.run_sync(server.stalled.wait, GUARD)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(cancel_once_the_body_stalls)
                 await create(client)
-            assert scope.cancelled_caught
-            # The next request must not wait for the half-read connection (10 s timeout).
-            with anyio.fail_after(2):
+            assert tg.cancel_scope.cancelled_caught
+            # The next request must not wait for the half-read connection: the stuck one
+            # would hold it for the 10 s timeout, a fresh one answers at once (5 s: a guard).
+            with anyio.fail_after(5):
                 await create(client)
 
     anyio.run(main)
