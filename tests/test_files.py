@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 from runflow_frames import CheckpointError, run_batches_file
 from runflow_frames.emulator import Emulator, Timing
 
-from .conftest import API_KEY
+from .conftest import API_KEY, wait_until
 
 COMPARED = ["id", "text", "n", "runflow_client_ref", "runflow_error"]
 
@@ -114,6 +113,8 @@ def test_a_changed_source_is_refused(tmp_path: Path, emulator: Emulator, base_ur
 def test_a_killed_file_job_resumes_to_the_same_results(
     tmp_path: Path, base_url: str, emulator: Emulator
 ) -> None:
+    # 120 creates at 0.1 s each: each run is killed after 5 more of them, with most of the
+    # job still to do, so every kill lands mid-job whatever the machine's load.
     emulator.timing = Timing(create_latency=0.1)
     source = write_source(tmp_path / "in.parquet", 12_000)
     out, ckpt = tmp_path / "out.parquet", tmp_path / "ckpt"
@@ -127,17 +128,18 @@ def test_a_killed_file_job_resumes_to_the_same_results(
         str(ckpt),
         "4000",
     ]
-    kills = 0
-    for delay in (0.4, 0.5, 0.3):
+    for _ in range(3):
+        created = emulator.accounting().batches_created
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"READY\n"
-        time.sleep(delay)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
+        wait_until(
+            lambda start=created: emulator.accounting().batches_created >= start + 5, "5 creates"
+        )
+        assert proc.poll() is None, "the job ended before its kill"
+        proc.send_signal(signal.SIGKILL)
         proc.communicate()
-    assert kills >= 2
+        assert proc.returncode == -signal.SIGKILL
     done = subprocess.run(cmd, capture_output=True, env=env, timeout=120, check=True)
     assert b"DONE" in done.stdout
     resumed = pd.read_parquet(out)
