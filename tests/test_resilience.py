@@ -433,10 +433,12 @@ def test_no_credit_or_a_bad_key_stops_the_job_early_in_both_modes(errors: str) -
 
 
 def test_a_server_rate_limit_is_met_by_backing_off_together() -> None:
+    # 80 creates against 40 a second, the bucket starting full: the first 40 go through at
+    # once, the other 40 meet the limit. (With 40 creates no 429 was ever sent.)
     emulator, server = served(Faults(rate_limit=40, routes="create"))
     with server as url:
         out = run_batches(
-            frame(4000),
+            frame(8000),
             "acme",
             "echo",
             base_url=url,
@@ -447,8 +449,12 @@ def test_a_server_rate_limit_is_met_by_backing_off_together() -> None:
     seen = emulator.accounting()
     assert out["runflow_run_id"].notna().all()
     assert seen.runs_by_client_ref == dict.fromkeys(out.index, 1)
-    # Backing off together keeps the 429s a fraction of the 40 creates, not a storm.
-    assert seen.faults.get("limited", 0) < 40
+    limited = seen.faults.get("limited", 0)
+    assert limited > 0  # the limit was met
+    # Backing off together keeps the 429s near the 40 creates that had to wait, not a storm.
+    # (Measured: 40 to 62; each request backing off on its own draws about 200, and runs out
+    # of retries.)
+    assert limited < 100
 
 
 @pytest.mark.slow
