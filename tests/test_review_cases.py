@@ -110,10 +110,12 @@ def test_pending_chunks_are_not_resent_under_another_api_key(tmp_path: Path) -> 
         )
         # With nothing pending, a new key is fine: only new chunks go out under it.
         grown = pd.concat([df, frame(250).iloc[200:]])
-        run_batches(
+        again = run_batches(
             grown, "acme", "uppercase", base_url=url, api_key="rf_live_other", checkpoint=tmp_path
         )
     assert out["runflow_run_id"].notna().all()
+    assert again["runflow_run_id"].notna().all()
+    once_each(emulator, grown)  # the 200 recorded rows were not sent again under the new key
     assert API_KEY.encode() not in (tmp_path / "manifest.json").read_bytes()
 
 
