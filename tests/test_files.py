@@ -113,9 +113,11 @@ def test_a_changed_source_is_refused(tmp_path: Path, emulator: Emulator, base_ur
 def test_a_killed_file_job_resumes_to_the_same_results(
     tmp_path: Path, base_url: str, emulator: Emulator
 ) -> None:
-    # 120 creates at 0.1 s each: each run is killed after 5 more of them, with most of the
-    # job still to do, so every kill lands mid-job whatever the machine's load.
-    emulator.timing = Timing(create_latency=0.1)
+    # 120 creates in 3 blocks of 40, 8 at a time, 0.2 s each. Each run is killed once the
+    # emulator has seen 30 more creates, so the kills land in block 1, 2 and 3 with requests in
+    # flight, and even the last one has 30 creates (0.75 s) of work left: no machine load
+    # makes a kill land before the job started or after it ended.
+    emulator.timing = Timing(create_latency=0.2)
     source = write_source(tmp_path / "in.parquet", 12_000)
     out, ckpt = tmp_path / "out.parquet", tmp_path / "ckpt"
     env = {**os.environ, "RUNFLOW_API_KEY": API_KEY}
@@ -134,12 +136,14 @@ def test_a_killed_file_job_resumes_to_the_same_results(
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"READY\n"
         wait_until(
-            lambda start=created: emulator.accounting().batches_created >= start + 5, "5 creates"
+            lambda start=created: emulator.accounting().batches_created >= start + 30,
+            "30 more creates",
         )
         assert proc.poll() is None, "the job ended before its kill"
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
         assert proc.returncode == -signal.SIGKILL
+    emulator.timing = Timing()
     done = subprocess.run(cmd, capture_output=True, env=env, timeout=120, check=True)
     assert b"DONE" in done.stdout
     resumed = pd.read_parquet(out)
