@@ -451,8 +451,9 @@ def test_keyboard_interrupt_in_a_subprocess_leaves_a_checkpoint_that_resumes(
     import subprocess
     import sys
 
-    # 30 creates, 4 at a time, 0.2 s each: the job would run for 1.5 s; the interrupt lands
-    # right after the 2nd create, with over a second of work left whatever the machine's load.
+    # 30 creates, 4 at a time, 0.2 s each: the job would run for 1.5 s. The interrupt lands
+    # once the emulator has seen the 6th create (4 answered, 2 or more in flight), with over a
+    # second of work left whatever the machine's load.
     emulator.timing = Timing(create_latency=0.2)
     script = Path(__file__).with_name("crash_job.py")
     env = {**os.environ, "RUNFLOW_API_KEY": API_KEY}
@@ -467,7 +468,7 @@ def test_keyboard_interrupt_in_a_subprocess_leaves_a_checkpoint_that_resumes(
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"READY\n"
-    wait_until(lambda: emulator.accounting().batches_created >= 2, "the job's 2nd create")
+    wait_until(lambda: emulator.accounting().batches_created >= 6, "the job's 6th create")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0
