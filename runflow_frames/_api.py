@@ -43,7 +43,7 @@ FAILED_STATUSES: Final = frozenset({"failed", "errored"})
 async def arun_batches(
     df: Frame,
     owner: str,
-    slug: str,
+    slug: str | None = None,
     *,
     key: Hashable | None = None,
     columns: Sequence[Hashable] | None = None,
@@ -78,6 +78,7 @@ async def arun_batches(
         index: rows are keyed by ``key``, or by their position).
     owner, slug : str
         The model, e.g. ``"acme", "echo"``; ``slug`` may contain ``/`` for longer model paths.
+        Or the whole path as one argument, ``"acme/echo"``, as the command line takes it.
     key : column label, optional
         Column whose values are the row keys; defaults to the index. Keys must be unique,
         non-null and at most 255 characters as strings.
@@ -215,7 +216,7 @@ run_batches = sync_twin(arun_batches)
 async def aretry_failed(
     df: pd.DataFrame,
     owner: str,
-    slug: str,
+    slug: str | None = None,
     *,
     checkpoint: str | os.PathLike[str] | None = None,
     wait: bool = False,

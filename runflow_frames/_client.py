@@ -103,16 +103,25 @@ class ConnectionPerRequest(httpx.AsyncBaseTransport):
             await pool.aclose()
 
 
-def model_path(owner: str, slug: str) -> str:
-    """The percent-encoded model path for ``owner`` and ``slug`` (which may contain ``/``).
+def model_path(owner: str, slug: str | None = None) -> str:
+    """The percent-encoded model path for ``owner`` and ``slug`` (which may contain ``/``), or
+    for ``owner`` alone when it is the whole path (``"acme/echo"``, as the command line takes).
 
     >>> model_path("google", "nano-banana-pro/edit")
     'google/nano-banana-pro/edit'
+    >>> model_path("acme/echo")
+    'acme/echo'
     """
-    segments = [*owner.split("/"), *slug.split("/")]
+    whole = owner if slug is None else f"{owner}/{slug}"
+    segments = whole.split("/")
+    if len(segments) < 2:
+        raise InputError(
+            f"model {whole!r} names no slug: give it as 'owner/slug' (e.g. 'acme/echo') or as "
+            "owner, slug"
+        )
     for segment in segments:
         if segment in ("", ".", ".."):
-            raise InputError(f"model path {owner + '/' + slug!r} has an empty, '.' or '..' segment")
+            raise InputError(f"model path {whole!r} has an empty, '.' or '..' segment")
     return "/".join(quote(s, safe="") for s in segments)
 
 

@@ -102,7 +102,7 @@ _CONNECTION_KEYS: Final = frozenset(
 async def arun_batches_file(
     source: str | os.PathLike[str],
     owner: str,
-    slug: str,
+    slug: str | None = None,
     *,
     output: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str],
@@ -291,7 +291,7 @@ def _concatenate(root: Path, blocks: int, output: Path) -> None:
 def plan_file(
     source: str | os.PathLike[str],
     owner: str,
-    slug: str,
+    slug: str | None = None,
     *,
     key: str | None = None,
     columns: list[str] | None = None,

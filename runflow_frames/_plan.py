@@ -57,7 +57,7 @@ class Plan:
 def plan_job(
     df: pd.DataFrame,
     owner: str,
-    slug: str,
+    slug: str | None = None,
     *,
     key: Hashable | None = None,
     columns: Sequence[Hashable] | None = None,
@@ -69,7 +69,7 @@ def plan_job(
     Raises InputError only for problems with the call itself (model path, options, columns);
     problems with rows are collected in ``Plan.refused``.
     """
-    model_path(owner, slug)  # refuses a bad path
+    model = model_path(owner, slug)  # refuses a bad path
     check_no_collision(list(df.columns))
     fields = item_columns(df, key, columns)
     body_suffix(metadata, None)
@@ -85,4 +85,4 @@ def plan_job(
         except InputError as exc:
             refused.append((name, str(exc).split(": ", 1)[-1], exc.keys))
     chunks = -(-len(df) // chunk_size)
-    return Plan(f"{owner}/{slug}", len(df), chunks, fields, refused)
+    return Plan(model, len(df), chunks, fields, refused)

@@ -475,6 +475,7 @@ def body_suffix(metadata: dict[str, Any] | None, callback_url: str | None) -> by
     """What follows the items in a create body: ``]``, the batch options, ``}``."""
     extra: dict[str, Any] = {}
     if metadata is not None:
+        _check_finite(metadata, "metadata")
         extra["metadata"] = metadata
     if callback_url is not None:
         extra["callback_url"] = callback_url
@@ -484,6 +485,19 @@ def body_suffix(metadata: dict[str, Any] | None, callback_url: str | None) -> by
         raise InputError(f"metadata cannot be sent as JSON: {exc}") from exc
     # orjson writes {"k":v,...} compactly: its inside is what follows "input":[...].
     return b"]" + (b"," + encoded[1:] if extra else b"}")
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Refuse NaN and infinities anywhere in ``value``: JSON has no such numbers, and orjson
+    would send ``null`` in their place (an item's values are refused the same way)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{where} is {value!r}, which has no JSON representation")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{where}[{k!r}]")
+    elif isinstance(value, list | tuple):
+        for n, v in enumerate(value):
+            _check_finite(v, f"{where}[{n}]")
 
 
 def chunk_body(items: Iterable[bytes], suffix: bytes) -> bytes:

@@ -13,6 +13,8 @@ import re
 from collections.abc import Sequence
 from typing import Final
 
+from ._errors import InputError
+
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 
 
@@ -26,7 +28,8 @@ def verify_signature(body: bytes, signature: str | None, secrets: str | Sequence
     of ``secrets``.
 
     Verify the bytes as received, before any JSON parsing. Every secret is compared in constant
-    time, whichever matches.
+    time, whichever matches. An empty secret, or none, raises InputError: it would make
+    verification pass for anyone.
 
     Examples
     --------
@@ -35,9 +38,13 @@ def verify_signature(body: bytes, signature: str | None, secrets: str | Sequence
     >>> verify_signature(body, request_headers["Runflow-Signature"], ["whsec_new", "whsec_old"])  # doctest: +SKIP
     True
     """
+    candidates = [secrets] if isinstance(secrets, str) else list(secrets)
+    if not candidates or not all(isinstance(s, str) and s for s in candidates):
+        # An unset secret (an empty environment variable) would make a signature anyone can
+        # compute pass: verification silently off. Refuse it instead.
+        raise InputError("verify_signature needs a non-empty signing secret (or several)")
     if signature is None or not _HEX64.fullmatch(signature):
         return False
-    candidates = [secrets] if isinstance(secrets, str) else list(secrets)
     matched = False
     for secret in candidates:
         # No early exit: the time taken does not tell which secret (if any) matched.

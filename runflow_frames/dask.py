@@ -66,7 +66,7 @@ def partition_checkpoint(checkpoint: str | os.PathLike[str], number: int) -> Pat
 def run_batches(
     ddf: dd.DataFrame,
     owner: str,
-    slug: str,
+    slug: str | None = None,
     *,
     checkpoint: str | os.PathLike[str],
     key: Hashable | None = None,
@@ -188,7 +188,7 @@ def _cluster_gate(job: str, max_concurrency: int) -> Any:
 def _submit_partition(
     pdf: pd.DataFrame,
     owner: str,
-    slug: str,
+    slug: str | None,
     root: str,
     job: str,
     options: dict[str, Any],

@@ -1,0 +1,58 @@
+"""Small things the faces owe their users: a model named as one argument, metadata JSON cannot
+carry refused, a signature check that cannot be switched off by an unset secret."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from runflow_frames import InputError, run_batches, verify_signature
+from runflow_frames._signatures import sign
+from runflow_frames.emulator import Emulator, Timing, serve
+
+from .conftest import API_KEY
+
+
+def test_the_model_may_be_one_argument_as_the_cli_takes_it() -> None:
+    emulator = Emulator(timing=Timing(queued=0.01, running=0.02))
+    df = pd.DataFrame({"text": ["a", "b", "c"]})
+    with serve(emulator) as url:
+        out = run_batches(
+            df, "acme/uppercase", api_key=API_KEY, base_url=url, wait=True, progress=False
+        )
+        with pytest.raises(InputError, match="names no slug"):
+            run_batches(df, "acme", api_key=API_KEY, base_url=url)
+    # acme/uppercase, not some other path, made these outputs.
+    assert [o["text"] for o in out["runflow_output"]] == ["A", "B", "C"]
+    assert emulator.accounting().batches_created == 1
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"t": math.nan}, {"deep": {"x": [1.0, math.inf]}}, {"neg": -math.inf}],
+)
+def test_metadata_json_cannot_carry_is_refused_before_any_request(
+    metadata: dict[str, object],
+) -> None:
+    emulator = Emulator()
+    with serve(emulator) as url, pytest.raises(InputError, match=r"metadata.*no JSON"):
+        run_batches(
+            pd.DataFrame({"text": ["a"]}), "acme", "echo", api_key=API_KEY, base_url=url,
+            metadata=metadata,
+        )  # fmt: skip
+    assert emulator.accounting().requests_by_route == {}
+
+
+def test_an_empty_secret_is_refused_not_a_silent_pass() -> None:
+    body = b'{"event":"batch.succeeded"}'
+    forged = sign(body, "")  # what anyone can compute when the secret is unset
+    with pytest.raises(InputError, match="non-empty signing secret"):
+        verify_signature(body, forged, "")
+    with pytest.raises(InputError, match="non-empty signing secret"):
+        verify_signature(body, forged, ["whsec_real", ""])
+    with pytest.raises(InputError, match="non-empty signing secret"):
+        verify_signature(body, forged, [])
+    assert verify_signature(body, sign(body, "whsec_real"), ["whsec_real"])
+    assert not verify_signature(body, forged, ["whsec_real"])
