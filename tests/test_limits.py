@@ -6,10 +6,10 @@ from __future__ import annotations
 import copy
 import email.utils
 import math
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.client import HTTPConnection
 
 import httpx
 import orjson
@@ -28,7 +28,7 @@ from runflow_frames.emulator._limits import (
     retry_after_header,
 )
 
-from .conftest import API_KEY, GUARD
+from .conftest import API_KEY, GUARD, wait_until
 
 ECHO = "/v1/models/acme/echo/batches"
 
@@ -406,20 +406,34 @@ def test_http_sliding_window_admits_its_limit_and_says_an_http_date() -> None:
         assert time.time() + 30 < when <= time.time() + 61
 
 
+def held_create(base_url: httpx.URL, ref: str) -> tuple[HTTPConnection, bytes]:
+    """A create whose body is sent but for its last byte: the server holds it in flight (past
+    every limit) until ``conn.send(rest)`` completes it. Returns the connection and the rest."""
+    body = orjson.dumps({"input": [{"client_ref": ref, "text": "x"}]})
+    conn = HTTPConnection(base_url.host, base_url.port, timeout=GUARD)
+    conn.putrequest("POST", ECHO)
+    for name, value in (
+        ("Authorization", f"Bearer {API_KEY}"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+    ):
+        conn.putheader(name, value)
+    conn.endheaders(body[:-1])
+    return conn, body[-1:]
+
+
 def test_http_concurrency_cap_refuses_beyond_its_requests_in_flight() -> None:
     faults = Faults(concurrency_limit=3, limit_retry_after="ceil")
-    # Each create is held 1 s: the three admitted are in flight while the others arrive.
-    with served(faults, Timing(create_latency=1.0)) as (emulator, http):
-        held = [threading.Thread(target=create, args=(http, f"h{i}")) for i in range(3)]
-        for thread in held:
-            thread.start()
-        deadline = time.monotonic() + GUARD
-        while emulator.accounting().batches_created < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+    # Three creates are held in flight (their bodies unfinished) while four others arrive: no
+    # timing decides whether those meet a full cap.
+    with served(faults) as (emulator, http):
+        held = [held_create(http.base_url, f"h{i}") for i in range(3)]
+        wait_until(lambda: emulator.accounting().max_creates_in_flight >= 3, "3 creates held")
         responses = burst(http, 4)
-        for thread in held:
-            thread.join(GUARD)
-        emulator.timing = Timing()
+        for conn, rest in held:
+            conn.send(rest)
+            assert conn.getresponse().status == 201
+            conn.close()
         after = create(http, "after")  # the slots are free again
     limited = refusals(responses)
     assert len(limited) == 4
