@@ -312,3 +312,25 @@ def test_ctrl_c_hands_back_every_handle(tmp_path: Path) -> None:
         for ref, run in zip(partial["runflow_client_ref"], partial["runflow_run_id"], strict=True)
     )
     assert len(received) - len(partial) <= 2 * 100
+
+
+def test_a_file_jobs_checkpoint_reads_and_collects_like_a_frame_jobs(
+    tmp_path: Path, source: Path
+) -> None:
+    from runflow_frames import read_checkpoint
+
+    emulator = Emulator(timing=FAST)
+    ckpt = tmp_path / "ck"
+    with serve(emulator) as url:
+        run_batches_file(
+            source, "acme", "echo", key="id", output=tmp_path / "o.parquet", checkpoint=ckpt,
+            api_key=API_KEY, base_url=url, block_rows=200,
+        )  # fmt: skip
+        recorded = read_checkpoint(ckpt)
+        done = collect(ckpt, api_key=API_KEY, base_url=url, poll_interval=FAST_POLL)
+    assert recorded.attrs["progress"]["kind"] == "file"
+    assert recorded.attrs["progress"]["rows_submitted"] == 500
+    assert sorted(done.index) == sorted(pd.read_csv(source)["id"])
+    assert (done["runflow_status"] == "succeeded").all()
+    received = {r["client_ref"]: r["run_id"] for r in emulator.received()}
+    assert done["runflow_run_id"].to_dict() == received
