@@ -449,10 +449,7 @@ def demo(rows: int) -> None:
 
     emulator = Emulator()
     df = pd.DataFrame(
-        {
-            "text": [f"row number {i}" for i in range(rows)],
-            "repeat": [1 + i % 3 for i in range(rows)],
-        },
+        {"text": [f"row number {i}" for i in range(rows)]},
         index=pd.Index([f"row-{i:05d}" for i in range(rows)], name="row"),
     )
     with serve(emulator) as base_url:
@@ -464,14 +461,22 @@ def demo(rows: int) -> None:
         )
         elapsed = time.perf_counter() - started
     seen = emulator.accounting()
-    shown = ["text", "runflow_batch_id", "runflow_run_id", "runflow_status", "runflow_output"]
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        click.echo(out[shown])
+    shown = pd.DataFrame(
+        {
+            "text": out["text"],
+            "run id (end)": "..." + out["runflow_run_id"].str.slice(-12),
+            "status": out["runflow_status"],
+            "output text": [o.get("text") for o in out["runflow_output"]],
+        }
+    )
+    with pd.option_context("display.width", 100, "display.max_rows", 10):
+        click.echo(shown)
+    runs = sum(seen.runs_by_client_ref.values())
     click.echo(
         f"\n{len(out)} rows -> {out['runflow_batch_id'].nunique()} batches, "
-        f"{out['runflow_run_id'].nunique()} runs, submitted and collected in {elapsed:.2f} s; "
-        f"the emulator created {seen.batches_created} batches, "
-        f"{sum(seen.runs_by_client_ref.values())} runs, duplicates: {len(seen.duplicate_refs())}"
+        f"{out['runflow_run_id'].nunique()} runs, submitted and collected in {elapsed:.2f} s;\n"
+        f"the emulator created {seen.batches_created} batches, {runs} runs, "
+        f"duplicates: {len(seen.duplicate_refs())}"
     )
 
 

@@ -113,6 +113,8 @@ def test_console_script_runs_the_demo() -> None:
     )
     assert "150 rows -> 2 batches, 150 runs" in out.stdout
     assert "duplicates: 0" in out.stdout
+    assert "ROW NUMBER 0" in out.stdout  # the model's output, shown as it is
+    assert max(map(len, out.stdout.splitlines())) <= 100  # fits a terminal without wrapping
 
 
 @pytest.mark.slow
@@ -151,3 +153,17 @@ def test_console_script_serves_the_emulator() -> None:
         proc.stdout.close()
     assert seen["runs_by_client_ref"] == {str(i): 1 for i in range(150)}
     assert out["runflow_run_id"].notna().all()
+
+
+def test_extras_let_users_take_only_what_they_use() -> None:
+    from importlib.metadata import metadata
+
+    extras = set(metadata("runflow-frames").get_all("Provides-Extra") or [])
+    assert {"emulator", "dask", "polars", "notebook", "all", "test"} <= extras
+    requires = metadata("runflow-frames").get_all("Requires-Dist") or []
+    # Polars and notebook users do not pull a JVM's worth of pyspark: only [test] does.
+    spark = [r for r in requires if r.startswith("pyspark")]
+    assert spark
+    assert all(r.replace("'", '"').endswith('extra == "test"') for r in spark)
+    notebook = [r.replace("'", '"') for r in requires if r.startswith("ipywidgets")]
+    assert any(r.endswith('extra == "notebook"') for r in notebook)
