@@ -16,6 +16,7 @@ current one is still waiting, so workers do not stall on it.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import deque
@@ -43,6 +44,7 @@ from ._handles import Handles, verify_handles
 from ._retry import Gate, RetryPolicy, not_created, retrying, slows_everyone
 from ._rows import Chunk
 
+_log = logging.getLogger("runflow_frames")
 Outcome = Literal["ok", "rate_limited", "overloaded", "failed"]
 
 
@@ -341,9 +343,21 @@ class _Sender:
                 clock=anyio.current_time,
                 sleep=anyio.sleep,
                 rng=self.rng,
-                on_retry=lambda error, _wait: tries.append(error),
+                on_retry=lambda error, wait: self._retried(chunk, tries, error, wait),
             )
         except APIError as error:
             tries.append(error)
             maybe_created = chunk.resent or any(not not_created(e) for e in tries)
             return ChunkFailure(chunk, error, maybe_created)
+
+    @staticmethod
+    def _retried(chunk: Chunk, tries: list[APIError], error: APIError, wait: float) -> None:
+        tries.append(error)
+        _log.info(
+            "chunk %d (%d rows), try %d: %s; trying again in %.2f s with the same Idempotency-Key",
+            chunk.number,
+            len(chunk.refs),
+            len(tries),
+            error,
+            wait,
+        )

@@ -160,8 +160,23 @@ def _split(owner_slug: str) -> tuple[str, str]:
 
 @click.group()
 @click.version_option(__version__, prog_name="runflow-frames")
-def main() -> None:
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="warning",
+    show_default=True,
+    help="what the runflow_frames logger shows on stderr: info adds retries and their waits, "
+    "debug every request",
+)
+def main(log_level: str) -> None:
     """Push dataframes and files through Runflow's batch API, exactly once."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("runflow-frames: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("runflow_frames")
+    logger.addHandler(handler)
+    logger.setLevel(log_level.upper())
 
 
 @main.command()
