@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from ._config import DEFAULT_TIMEOUT, Connection
 from ._errors import APIError, CollectError, DeadlineExceeded, InputError, ProtocolError
-from ._journal import ResultsStore, block_directories, read_checkpoint, read_manifest
+from ._journal import ResultsStore, job_parts, read_checkpoint, read_manifest
 from ._polling import (
     STORED_COLUMNS,
     PollPolicy,
@@ -195,12 +195,10 @@ async def acollect(
             source, connection, checkpoint=checkpoint, poll=poll, flatten=flatten, progress=progress
         )
     manifest = read_manifest(Path(source))
-    parts = [Path(source)]
     if manifest is not None and manifest.get("kind") == "file":
         connection.check_server(manifest, source)
-        parts = block_directories(Path(source))
     frames = []
-    for part in parts:
+    for part in job_parts(Path(source)):
         frame, unconfirmed = _frame_from_checkpoint(part)
         frames.append(
             await collect_frame(

@@ -189,7 +189,11 @@ class JobOptions:
 
 
 def fingerprint(
-    model: str, connection: Connection, options: JobOptions, fields: list[str], suffix: bytes
+    model: str,
+    connection: Connection,
+    options: JobOptions,
+    fields: list[str] | None,
+    suffix: bytes,
 ) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed: what decides the bytes of every item and
     where they go. chunk_size and max_concurrency are not in it: they only shape what is not

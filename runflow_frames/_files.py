@@ -216,15 +216,11 @@ def _fingerprint(
         raise InputError(f"{src}: no such file")
     stat = src.stat()
     requested = None if options.columns is None else [str(c) for c in options.columns]
+    suffix = body_suffix(options.metadata, options.callback_url)
     return {
-        **fingerprint(
-            model,
-            connection,
-            options,
-            requested or [],
-            body_suffix(options.metadata, options.callback_url),
-        ),
-        "columns": requested,
+        # The columns as asked for (None: every one but the key), not yet resolved: the file
+        # is read only later.
+        **fingerprint(model, connection, options, requested, suffix),
         "source": {"path": str(src.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
         "block_rows": block_rows,
     }

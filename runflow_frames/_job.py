@@ -88,18 +88,22 @@ class SubmitJob:
             journal.close()  # refused before anything was sent
             raise
         reporter = Reporter(progress, total=len(self.refs), desc="submitted")
-        reporter.advance(resume.submitted)
         try:
+            reporter.advance(resume.submitted)
             failures = await self._send(journal, resume, reporter)
         except BaseException as exc:
             reporter.close()
-            result = self._join(journal, [], exc)
+            result, _ = self._join(journal, [], exc)
             if isinstance(exc, CheckpointError):  # a write failed mid-run
                 raise self._stopped(exc, [], result, journal, started) from exc
             keep_partial(result)  # Ctrl-C: the sync bridge hands it over
             raise
         reporter.close()
-        result = self._join(journal, failures)
+        result, closing_failed = self._join(journal, failures)
+        if closing_failed is not None:  # every answer is in the journal; the frame is here
+            raise self._stopped(closing_failed, failures, result, journal, started) from (
+                closing_failed
+            )
         errors = self.options.errors
         if failures and (errors == "raise" or any(ends_the_job(f.error) for f in failures)):
             error = failures[0].error
@@ -172,22 +176,22 @@ class SubmitJob:
         journal: Journal,
         failures: Sequence[ChunkFailure],
         stopped_by: BaseException | None = None,
-    ) -> pd.DataFrame:
+    ) -> tuple[pd.DataFrame, CheckpointError | None]:
         """Every handle the journal holds onto the frame, while the journal closes in a thread
-        (writing Parquet and fsyncing release the GIL)."""
+        (writing Parquet and fsyncing release the GIL); and the error closing it, if any (noted
+        on ``stopped_by`` instead when the run already failed)."""
         handles = journal.handles()
         with ThreadPoolExecutor(1, thread_name_prefix="runflow-checkpoint") as pool:
             closing = pool.submit(journal.close)
+            result = join_handles(self.frame, self.refs, handles, _error_messages(failures))
             try:
-                return join_handles(self.frame, self.refs, handles, _error_messages(failures))
-            finally:
-                try:
-                    closing.result()
-                except Exception as also:
-                    if stopped_by is None:
-                        raise
-                    # The first error is the one to see.
-                    stopped_by.add_note(f"closing the checkpoint failed too: {also!r}")
+                closing.result()
+            except CheckpointError as also:
+                if stopped_by is None:
+                    return result, also
+                # The first error is the one to see.
+                stopped_by.add_note(f"closing the checkpoint failed too: {also!r}")
+        return result, None
 
     def _stopped(
         self,

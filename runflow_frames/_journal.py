@@ -32,7 +32,8 @@ crash and is ignored; a bad frame followed by valid ones is corruption and an er
 and segments are written to a temporary file, fsync'd, renamed into place and the directory
 fsync'd, so they are whole or absent. Each run appends to a fresh journal; at start it carries
 forward the intents that are still pending, folds the done records of older journals into a
-segment and deletes those journals; a run that ends with nothing pending leaves no journal.
+segment and deletes those journals; a run that ends with nothing pending and no chunk refused
+leaves no journal.
 The same record may exist in a journal and a segment, or twice across journals, after a crash;
 records are keyed by chunk number and loading deduplicates them. Directories are created 0700
 and files 0600: they hold row data, outputs and the callback URL.
@@ -297,9 +298,12 @@ def write_manifest(directory: Path, manifest: Mapping[str, Any]) -> None:
 
 
 def fingerprint_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between two fingerprints."""
+    """Human-readable differences between two fingerprints (a callback URL's or metadata's
+    values are not shown: they often carry tokens, and messages end up in logs)."""
     return [
-        f"{name}: {recorded.get(name)!r} -> {current.get(name)!r}"
+        f"{name} (values not shown)"
+        if name in ("callback_url", "metadata")
+        else f"{name}: {recorded.get(name)!r} -> {current.get(name)!r}"
         for name in current
         if recorded.get(name) != current.get(name)
     ]
@@ -696,10 +700,6 @@ class DirectoryJournal(Journal):
     def handles(self) -> pa.Table:
         return self.state.submitted()
 
-    def pending_rows(self) -> int:
-        """Rows sent (maybe) without an answer: a resume re-sends them under their keys."""
-        return sum(len(i.refs) for i in self.state.intents.values())
-
     def close(self) -> None:
         """Fold this run's answers into a segment, keep what is pending, release the lock."""
         try:
@@ -717,6 +717,8 @@ class DirectoryJournal(Journal):
                 self._rotate()
             else:  # every record is in a segment now
                 self._log.delete(self._log.files())
+        except OSError as exc:
+            raise self._failed("closing it", exc) from exc
         finally:
             if self._writer is not None:
                 # However close ends, no segment is being written once the lock is released:
@@ -902,6 +904,21 @@ def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
         "oldest_pending_at": min((i.at for i in pending), default=None),
     }
     return df
+
+
+def job_parts(directory: Path) -> list[Path]:
+    """The checkpoints a job's outcomes are kept in: a file job's blocks, in order, else the
+    directory itself. A file job that never started a block has none to collect: refused."""
+    manifest = read_manifest(directory)
+    if manifest is None or manifest.get("kind") != "file":
+        return [directory]
+    parts = block_directories(directory)
+    if not parts:
+        raise CheckpointError(
+            f"checkpoint {directory} holds a file job that never started a block: nothing was "
+            "sent, so there is nothing to collect"
+        )
+    return parts
 
 
 def block_directories(root: Path) -> list[Path]:

@@ -37,6 +37,7 @@ from ._errors import (
     AuthenticationError,
     InsufficientCreditError,
     PermissionDeniedError,
+    ProtocolError,
     RateLimitError,
     RequestRejectedError,
 )
@@ -332,7 +333,10 @@ class _Sender:
 
         async def post() -> Handles:
             body = await self.client.create_batch(self.path, chunk.body, idempotency_key=chunk.key)
-            return verify_handles(chunk.refs, body)
+            try:
+                return verify_handles(chunk.refs, body)
+            except ProtocolError as exc:  # its text quotes the server's answer: redact it
+                raise ProtocolError(self.client.redact(str(exc)), retryable=exc.retryable) from None
 
         tries: list[APIError] = []
         try:

@@ -196,12 +196,6 @@ def check_item(item: Mapping[str, Any], *, scrub: Callable[[str], str] = redact)
     return checked
 
 
-def malformed_items(batch_id: str, items: Sequence[Any]) -> str | None:
-    """Why ``items`` cannot be filed by item id, or None: an item that is not an object or has
-    no string id, or an id that repeats (outcomes are filed by batch and item id)."""
-    return _unfiled(batch_id, items) or _repeated(batch_id, items)
-
-
 def _unfiled(batch_id: str, items: Sequence[Any]) -> str | None:
     for n, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):

@@ -92,7 +92,7 @@ class State:
         self.answered_chunks[chunk] = (len(intent.refs), intent.at, at)
 
     def absorb(self) -> None:
-        """Move answered rows into ``segments`` (in memory; :meth:`Checkpoint._compact`
+        """Move answered rows into ``segments`` (in memory; :meth:`DirectoryJournal._compact`
         writes them out)."""
         if not self.answered_chunks:
             return

@@ -49,8 +49,9 @@ def run_sync(fn: Callable[[], Awaitable[T]]) -> T:
     except KeyboardInterrupt as exc:
         if box:
             raise JobInterrupted(
-                "interrupted; .result holds every row that has a handle (re-run with the same "
-                "checkpoint to resume)",
+                "interrupted; .result holds the rows that have a handle. With a checkpoint, "
+                "re-running the same call resumes; without one, re-running sends every row "
+                "again: send only the rows without a handle",
                 result=box[-1],
             ) from exc
         raise

@@ -34,7 +34,12 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _guarded(debug: bool, job: Callable[[], T], keep: Callable[[Any], str] | None = None) -> T:
+def _guarded(
+    debug: bool,
+    job: Callable[[], T],
+    keep: Callable[[Any], str] | None = None,
+    resume: str = "re-run the same command to resume",
+) -> T:
     """Run ``job``, turning the library's errors into one line and an exit code. An error that
     carries what the job had (``.result``) hands it to ``keep`` first, which writes it and says
     where: no submitted row's handle is lost when the command fails."""
@@ -54,7 +59,7 @@ def _guarded(debug: bool, job: Callable[[], T], keep: Callable[[Any], str] | Non
         return job()
     except JobInterrupted as exc:
         kept = keep(exc.result) if keep is not None else ""
-        _fail(f"interrupted{kept}; re-run the same command to resume", EXIT_INTERRUPTED)
+        _fail(f"interrupted{kept}; {resume}", EXIT_INTERRUPTED)
     except RunflowError as exc:
         if debug:
             traceback.print_exc()
@@ -70,6 +75,8 @@ def _guarded(debug: bool, job: Callable[[], T], keep: Callable[[Any], str] | Non
         else:
             code = EXIT_API
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, CollectError):  # its own text gives advice for Python code
+            message = f"waiting for the runs stopped: {cause or exc}"
         if isinstance(exc, SubmissionError):  # its own text gives advice for Python code
             rows = exc.submitted + exc.not_submitted
             message = f"{exc.not_submitted:,} of {rows:,} rows were not submitted: {cause or exc}"
@@ -124,10 +131,14 @@ def _write(df: Any, path: Path) -> None:
 
 
 class _Sink:
-    """Frames appended to one .parquet or .csv file, one at a time."""
+    """Frames appended to one .parquet or .csv file, one at a time. They go to a temporary file
+    that replaces ``path`` only when everything was written: a collect that stops part-way
+    leaves ``path`` as it was (the submitted rows, with --wait) and what it had in ``partial``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.partial = path.with_name(f"{path.stem}.partial{path.suffix}")
+        self._tmp = path.with_name(f".{path.name}.tmp")
         self.writer: Any = None
         self.schema: Any = None
 
@@ -143,12 +154,14 @@ class _Sink:
         if self.writer is None:
             csv = self.path.suffix.lower() == ".csv"
             self.schema = table.schema
-            self.writer = (pacsv.CSVWriter if csv else pq.ParquetWriter)(self.path, self.schema)
+            self.writer = (pacsv.CSVWriter if csv else pq.ParquetWriter)(self._tmp, self.schema)
         self.writer.write_table(table.cast(self.schema))
 
-    def __exit__(self, *exc: object) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        self._tmp.replace(self.path if kind is None else self.partial)
 
 
 def _split(owner_slug: str) -> tuple[str, str]:
@@ -336,7 +349,16 @@ def _submit_frame(
         handled = int(partial["runflow_run_id"].notna().sum())
         return f" ({handled:,} rows with a handle written to {output})"
 
-    result = _guarded(debug, lambda: run_batches(df, owner, slug, wait=wait, **options), keep)
+    result = _guarded(
+        debug,
+        lambda: run_batches(df, owner, slug, wait=wait, **options),
+        keep,
+        # Without a checkpoint nothing remembers what was sent: the same command sends it all.
+        resume=(
+            "without --checkpoint, re-running sends every row again (billed twice): send only "
+            "the rows without a run id, or use --checkpoint next time"
+        ),
+    )
     _write(result, output)
     failed = int(result["runflow_error"].notna().sum())
     click.echo(
@@ -415,17 +437,15 @@ def _collect_into(
 
     from ._collect import collect as collect_outcomes
     from ._collect import summarize
-    from ._journal import block_directories, read_manifest
+    from ._journal import job_parts
 
-    manifest = _guarded(debug, lambda: read_manifest(checkpoint))
-    file_job = manifest is not None and manifest.get("kind") == "file"
-    parts = block_directories(checkpoint) if file_job else [checkpoint]
+    parts = _guarded(debug, lambda: job_parts(checkpoint))
     statuses: list[pd.Series] = []
     with _Sink(output) as sink:
 
         def keep(partial: Any) -> str:
             sink.write(partial)
-            return f" (what was collected is in {output}; collect again to finish)"
+            return f" (what was collected so far is in {sink.partial}; collect again to finish)"
 
         for part in parts:
             result = _guarded(

@@ -46,7 +46,7 @@ import pandas as pd
 from ._api import run_batches as _run_batches
 from ._cluster import ClusterGate, ensure_coordinator
 from ._collect import collect as _collect
-from ._config import Errors
+from ._config import Errors, _Secret  # the key in a task graph: pickled, never shown
 from ._errors import InputError
 from ._handles import HANDLE_SCHEMA, join_handles
 from ._pipeline import SHARED_GATE
@@ -233,19 +233,8 @@ def _collect_meta(frame: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-class _Secret:
-    """The API key inside a task graph: pickled to the workers, never shown by a repr (the
-    dashboard, a log line, an error report)."""
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "_Secret('[redacted]')"
-
-
 def _reveal(secret: _Secret | None) -> str | None:
-    return None if secret is None else secret.value
+    return None if secret is None else secret.reveal()
 
 
 class _NoRequests(httpx.AsyncBaseTransport):

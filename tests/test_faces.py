@@ -64,6 +64,7 @@ def test_an_empty_secret_is_refused_not_a_silent_pass() -> None:
     assert not verify_signature(body, forged, ["whsec_real"])
 
 
+@pytest.mark.slow
 def test_log_level_info_shows_retries_on_stderr_and_the_default_does_not(tmp_path: Path) -> None:
     df = pd.DataFrame({"id": [f"r{i}" for i in range(300)], "text": ["a"] * 300})
     df.to_csv(tmp_path / "in.csv", index=False)

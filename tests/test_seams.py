@@ -24,7 +24,7 @@ from runflow_frames import (
 )
 from runflow_frames.emulator import Emulator, Faults, Timing, serve
 
-from .conftest import API_KEY
+from .conftest import API_KEY, wait_until
 
 SCRIPT = str(Path(sys.executable).with_name("runflow-frames"))
 FAST = Timing(queued=0.01, running=0.02)
@@ -334,3 +334,141 @@ def test_a_file_jobs_checkpoint_reads_and_collects_like_a_frame_jobs(
     assert (done["runflow_status"] == "succeeded").all()
     received = {r["client_ref"]: r["run_id"] for r in emulator.received()}
     assert done["runflow_run_id"].to_dict() == received
+
+
+# -- what a review found ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_cli_without_a_checkpoint_warns_that_a_rerun_sends_everything(
+    tmp_path: Path,
+) -> None:
+    df = pd.DataFrame({"id": [f"r{i:04d}" for i in range(3000)], "text": ["a"] * 3000})
+    df.to_csv(tmp_path / "in.csv", index=False)
+    out = tmp_path / "out.parquet"
+    emulator = Emulator(timing=Timing(create_latency=0.2))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNFLOW_")}
+    env["RUNFLOW_API_KEY"] = API_KEY
+    with serve(emulator) as url:
+        child = subprocess.Popen(
+            [SCRIPT, "submit", str(tmp_path / "in.csv"), "-m", "acme/echo", "--key", "id",
+             "-o", str(out), "--base-url", url, "--concurrency", "2"],
+            stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        wait_until(lambda: emulator.accounting().batches_created >= 4, "4 creates")
+        child.send_signal(2)  # SIGINT, as Ctrl-C sends
+        _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert "re-running sends every row again" in err
+    assert "re-run the same command to resume" not in err
+    written = pd.read_parquet(out).dropna(subset=["runflow_run_id"])
+    received = {r["client_ref"]: r["run_id"] for r in emulator.received()}
+    assert dict(zip(written["id"], written["runflow_run_id"], strict=True)).items() <= (
+        received.items()
+    )
+
+
+def test_a_checkpoint_that_cannot_be_closed_still_hands_back_every_handle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runflow_frames import _journal
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    emulator = Emulator(timing=FAST)
+    df = pd.DataFrame({"text": ["a"] * 300})
+    monkeypatch.setattr(_journal.pq, "write_table", disk_full)  # the segment written at close
+    with serve(emulator) as url:
+        options = {"checkpoint": tmp_path, "api_key": API_KEY, "base_url": url}
+        with pytest.raises(SubmissionError, match="closing it failed") as info:
+            run_batches(df, "acme", "echo", **options)
+        monkeypatch.undo()
+        again = run_batches(df, "acme", "echo", **options)  # the journal kept every answer
+    assert isinstance(info.value.__cause__, CheckpointError)
+    received = {r["client_ref"]: r["run_id"] for r in emulator.received()}
+    result = info.value.result
+    assert dict(zip(result["runflow_client_ref"], result["runflow_run_id"], strict=True)) == (
+        received
+    )
+    assert_each_row_ran_once(emulator, 300)  # nothing was sent again
+    assert again["runflow_run_id"].tolist() == result["runflow_run_id"].tolist()
+
+
+def test_a_progress_callback_that_raises_releases_the_checkpoint(tmp_path: Path) -> None:
+    emulator = Emulator(timing=FAST)
+    df = pd.DataFrame({"text": ["a"] * 200})
+
+    def broken(done: int, total: int) -> None:
+        raise RuntimeError("the user's progress callback failed")
+
+    with serve(emulator) as url:
+        options = {"checkpoint": tmp_path, "api_key": API_KEY, "base_url": url}
+        run_batches(df.iloc[:100], "acme", "echo", **options)
+        with pytest.raises(RuntimeError, match="progress callback"):
+            run_batches(df, "acme", "echo", progress=broken, **options)
+        out = run_batches(df, "acme", "echo", **options)  # not "in use by another running job"
+    assert out["runflow_run_id"].notna().all()
+    assert_each_row_ran_once(emulator, 200)
+
+
+@pytest.mark.slow
+def test_a_failed_wait_in_the_cli_leaves_the_submitted_output_whole(
+    tmp_path: Path, source: Path
+) -> None:
+    emulator = Emulator(timing=Timing(queued=30, running=30))
+    out, ckpt = tmp_path / "out.parquet", tmp_path / "ck"
+    command = ["submit", str(source), "-m", "acme/echo", "--key", "id", "-o", str(out)]
+    command += ["--checkpoint", str(ckpt)]
+    with serve(emulator) as url:
+        assert cli(*command, "--base-url", url).returncode == 0
+        # Every poll is refused now (a 4xx: no retries to wait through).
+        emulator.faults = Faults(rejected=1.0, routes="all")
+        waited = cli(*command, "--base-url", url, "--wait")
+    assert waited.returncode == 1, waited.stderr  # rows not done, said in one line
+    assert "waiting for the runs stopped" in waited.stderr
+    assert ".result" not in waited.stderr  # advice for the CLI, not for Python
+    assert pd.read_parquet(out)["runflow_run_id"].notna().sum() == 500  # not shrunk
+    assert_each_row_ran_once(emulator)
+
+
+@pytest.mark.slow
+def test_collecting_a_file_job_that_never_started_a_block_says_so(
+    tmp_path: Path, source: Path
+) -> None:
+    emulator = Emulator(timing=FAST)
+    doubled = tmp_path / "doubled.csv"
+    pd.concat([pd.read_csv(source)] * 2).to_csv(doubled, index=False)  # repeated keys
+    ckpt = tmp_path / "ck"
+    with serve(emulator) as url:
+        submitted = cli(
+            "submit", str(doubled), "-m", "acme/echo", "--key", "id", "-o",
+            str(tmp_path / "o.parquet"), "--checkpoint", str(ckpt), "--base-url", url,
+        )  # fmt: skip
+        assert submitted.returncode == 3, submitted.stderr  # refused before sending
+        collected = cli(
+            "collect", str(ckpt), "-o", str(tmp_path / "c.parquet"), RUNFLOW_BASE_URL=url
+        )
+        with pytest.raises(CheckpointError, match="never started a block"):
+            collect(ckpt, api_key=API_KEY, base_url=url)
+    assert collected.returncode == 3, collected.stderr
+    assert "never started a block" in collected.stderr
+    assert emulator.accounting().requests_by_route == {}
+
+
+def test_a_malformed_create_answer_never_carries_the_key_into_a_message() -> None:
+    import httpx
+
+    def proxy(request: httpx.Request) -> httpx.Response:
+        echoed = request.headers["Authorization"]  # a proxy that echoes what it was sent
+        return httpx.Response(201, json={"id": f"echo {echoed}", "items": None})
+
+    df = pd.DataFrame({"text": ["a", "b"]})
+    with pytest.raises(SubmissionError) as info:
+        run_batches(
+            df, "acme", "echo", api_key=API_KEY, base_url="https://api.example",
+            transport=httpx.MockTransport(proxy), retry=RetryPolicy(attempts=1),
+        )  # fmt: skip
+    shown = [str(info.value), repr(info.value.__cause__), *info.value.result["runflow_error"]]
+    assert all(API_KEY not in text for text in shown)
+    assert "[redacted]" in str(info.value.__cause__)
