@@ -218,11 +218,15 @@ class SubmitJob:
         else:
             how = "to send the rest, pass df[err.result['runflow_run_id'].isna()]"
         what = f"Failed: {_summary(failures)}; first error" if failures else "Stopped by"
+        head = (
+            f"all {rows} rows were submitted, but"
+            if submitted == rows
+            else f"{rows - submitted} of {rows} rows were not submitted after "
+            f"{time.monotonic() - started:.1f} s. {what}:"
+        )
         return SubmissionError(
-            f"{rows - submitted} of {rows} rows were not submitted after "
-            f"{time.monotonic() - started:.1f} s. {what}: {cause}. The {submitted} submitted "
-            f"rows' handles are in this error's .result (runflow_error says why a row failed); "
-            f"{how}.",
+            f"{head} {cause}. The {submitted} submitted rows' handles are in this error's "
+            f".result (runflow_error says why a row failed); {how}.",
             result=result,
             submitted=submitted,
             not_submitted=rows - submitted,

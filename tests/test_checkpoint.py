@@ -525,9 +525,12 @@ def test_a_failed_mid_run_segment_write_loses_nothing(
 
     monkeypatch.setattr(_journal.pq, "write_table", disk_full)
     df = frame(20_000)
-    with pytest.raises(CheckpointError, match=r"writing a segment failed .* No space left"):
+    with pytest.raises(SubmissionError, match=r"writing a segment failed .* No space left") as info:
         run(df, tmp_path, emulator, max_concurrency=4)
+    assert isinstance(info.value.__cause__, CheckpointError)
     assert emulator.accounting().batches_created == 200  # the job went on to the end
+    assert info.value.result["runflow_run_id"].notna().all()  # and every handle came back
+    assert info.value.not_submitted == 0
 
     monkeypatch.setattr(_journal.pq, "write_table", write_table)
     out = run(df, tmp_path, emulator, max_concurrency=4)
