@@ -38,7 +38,7 @@ from ._api import submit_frame
 from ._client import model_path
 from ._config import Connection, JobOptions, fingerprint
 from ._errors import InputError
-from ._journal import Lock, atomic_write, check_manifest, new_manifest
+from ._journal import Lock, atomic_write, open_job
 from ._plan import Plan, plan_job
 from ._progress import ProgressOption, Reporter
 from ._rows import body_suffix
@@ -237,13 +237,7 @@ def _prepare(
         raise InputError(f"{out}: write .parquet or .csv")
     if src.suffix.lower() not in (".parquet", ".pq", ".csv"):
         raise InputError(f"{src}: only .csv and .parquet files can be streamed")
-    lock = Lock(root)
-    try:
-        if check_manifest(root, "file", job) is None:
-            new_manifest(root, "file", job, connection.key_fingerprint)
-    except BaseException:
-        lock.release()
-        raise
+    lock, _ = open_job(root, "file", job, connection.key_fingerprint)
     if src.suffix.lower() in (".parquet", ".pq"):
         return int(pq.ParquetFile(src).metadata.num_rows), lock
     return 0, lock

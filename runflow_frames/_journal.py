@@ -370,6 +370,25 @@ def new_manifest(
     return manifest
 
 
+def open_job(
+    directory: Path,
+    kind: Kind,
+    fingerprint: Mapping[str, Any],
+    key_fingerprint: Callable[[str], str],
+) -> tuple[Lock, dict[str, Any]]:
+    """Take the lock of the checkpoint at ``directory`` and its manifest: this job's, or a new
+    one written now. Another job's is refused (CheckpointError) with the lock released."""
+    lock = Lock(directory)
+    try:
+        manifest = check_manifest(directory, kind, fingerprint) or new_manifest(
+            directory, kind, fingerprint, key_fingerprint
+        )
+    except BaseException:
+        lock.release()
+        raise
+    return lock, manifest
+
+
 class Lock:
     """One process at a time per checkpoint directory (an flock, released when closed): two
     processes journaling one job could send a row twice."""
@@ -615,11 +634,8 @@ class DirectoryJournal(Journal):
         """Open (or create) the checkpoint of this job at ``directory``; refuses another job's
         (CheckpointError) before anything is sent."""
         path = Path(directory)
-        lock = Lock(path)
+        lock, manifest = open_job(path, kind, fingerprint, key_fingerprint)
         try:
-            manifest = check_manifest(path, kind, fingerprint) or new_manifest(
-                path, kind, fingerprint, key_fingerprint
-            )
             return cls(path, manifest, lock, key_fingerprint, max_intent_age)
         except BaseException:
             lock.release()
