@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -20,6 +23,26 @@ from runflow_frames.emulator import Emulator, create_app, serve
 API_KEY = "rf_live_test_secret_0123456789"
 # Read once, before the autouse fixture below hides it from every other test.
 LIVE_API_KEY = os.environ.get("RUNFLOW_API_KEY")
+# The console script pip installed next to this Python.
+SCRIPT = str(Path(sys.executable).with_name("runflow-frames"))
+
+
+def cli(*args: str, key: str | None = API_KEY, **env: str) -> subprocess.CompletedProcess[str]:
+    """``runflow-frames *args`` in a subprocess, with no RUNFLOW_* variable but ``env`` and the
+    API key (``key=None``: none), stdin closed (no prompt)."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNFLOW_")}
+    if key is not None:
+        environment["RUNFLOW_API_KEY"] = key
+    environment.update(env)
+    return subprocess.run(
+        [SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        check=False,
+    )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,24 +10,7 @@ import pytest
 
 from runflow_frames.emulator import Emulator
 
-from .conftest import API_KEY
-
-SCRIPT = str(Path(sys.executable).with_name("runflow-frames"))
-
-
-def cli(*args: str, key: str | None = API_KEY, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNFLOW_")}
-    if key is not None:
-        environment["RUNFLOW_API_KEY"] = key
-    environment.update(env)
-    return subprocess.run(
-        [SCRIPT, *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-    )
+from .conftest import API_KEY, cli
 
 
 @pytest.fixture

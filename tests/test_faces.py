@@ -4,9 +4,6 @@ carry refused, a signature check that cannot be switched off by an unset secret.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,9 +13,7 @@ from runflow_frames import InputError, run_batches, verify_signature
 from runflow_frames._signatures import sign
 from runflow_frames.emulator import Emulator, Faults, Timing, serve
 
-from .conftest import API_KEY
-
-SCRIPT = str(Path(sys.executable).with_name("runflow-frames"))
+from .conftest import API_KEY, cli
 
 
 def test_the_model_may_be_one_argument_as_the_cli_takes_it() -> None:
@@ -69,20 +64,11 @@ def test_log_level_info_shows_retries_on_stderr_and_the_default_does_not(tmp_pat
     df = pd.DataFrame({"id": [f"r{i}" for i in range(300)], "text": ["a"] * 300})
     df.to_csv(tmp_path / "in.csv", index=False)
     emulator = Emulator(faults=Faults(server_error=0.3, seed=4, routes="create"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNFLOW_")}
-    env["RUNFLOW_API_KEY"] = API_KEY
     with serve(emulator) as url:
         command = ["submit", str(tmp_path / "in.csv"), "-m", "acme/echo", "--key", "id"]
         command += ["--base-url", url]
         runs = [
-            subprocess.run(
-                [SCRIPT, *level, *command, "-o", str(tmp_path / f"out{n}.parquet")],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=120,
-                check=False,
-            )
+            cli(*level, *command, "-o", str(tmp_path / f"out{n}.parquet"))
             for n, level in enumerate([["--log-level", "info"], []])
         ]
     assert [r.returncode for r in runs] == [0, 0], runs[0].stderr

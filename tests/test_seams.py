@@ -24,25 +24,10 @@ from runflow_frames import (
 )
 from runflow_frames.emulator import Emulator, Faults, Timing, serve
 
-from .conftest import API_KEY, wait_until
+from .conftest import API_KEY, SCRIPT, cli, wait_until
 
-SCRIPT = str(Path(sys.executable).with_name("runflow-frames"))
 FAST = Timing(queued=0.01, running=0.02)
 FAST_POLL = (0.02, 0.1)
-
-
-def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNFLOW_")}
-    environment |= {"RUNFLOW_API_KEY": API_KEY, **env}
-    return subprocess.run(
-        [SCRIPT, *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-        check=False,
-    )
 
 
 @pytest.fixture
