@@ -1,0 +1,133 @@
+"""Admission of every try of every request: how many at once, how fast, and when to hold off.
+
+Pure: no method reads a clock or sleeps; each takes ``now``. ``_pipeline.Throttle`` is the
+async shell around it (one per job, or one per cluster on the Dask scheduler), and
+``benchmarks/throttle_sim.py`` drives it against simulated servers.
+
+Three limits, the tightest wins:
+
+- **Pace** (``_rate.RateController``): learned from 429s, nothing paced until the first.
+- **A concurrency cap learned from 429s.** A 429 to a request that left with more requests in
+  flight than any recently admitted one did is the signature of a cap on requests in flight
+  (a rate limit refuses at any level): the cap becomes the highest level admitted, and that
+  429 does not slow the pace. Without such a refusal for ``CAP_PROBE`` seconds, the cap rises
+  by one. Only once paced: the first burst of a job tells a rate from a cap by nothing.
+- **Overload** (503): the concurrency limit halves, at most once per episode, and grows back
+  by one per ``limit`` successes (AIMD, as TCP does), within ``max_concurrency``; every request
+  holds off for the wait the 503 called for. A 503 says nothing of a rate.
+
+A 429 holds off nobody but the request that got it (its own ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from ._rate import RateController
+
+Outcome = Literal["ok", "rate_limited", "overloaded", "failed"]
+
+CAP_PROBE: Final = 5.0
+CAP_EVIDENCE: Final = 3  # refusals above the most ever admitted at once, before a cap is believed
+LEVELS: Final = 100  # answers behind that judgement
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """One admitted try: when it left, and how many were in flight with it (itself included)."""
+
+    sent_at: float
+    in_flight: int
+
+
+class Admission:
+    """The admission state of one job (see the module docstring)."""
+
+    def __init__(self, max_concurrency: int, *, rate: float | None = None) -> None:
+        self.max = max_concurrency
+        self.limit = float(max_concurrency)
+        self.cap: int | None = None
+        self.pace = RateController(rate)
+        self.in_flight = 0
+        self.paused_until = -math.inf
+        self.strikes = 0  # overload episodes since the last success
+        self._levels: deque[tuple[Ticket, bool]] = deque(maxlen=LEVELS)  # (try, admitted)
+        self._capped: int | None = None  # the most in flight the server took, once capped
+        self._capped_at = -math.inf
+
+    @property
+    def rate(self) -> float | None:
+        """The pace learned, in requests per second (None: not paced)."""
+        return self.pace.rate
+
+    def allowed(self) -> int:
+        """Requests that may be in flight at once now."""
+        return max(1, min(int(self.limit), self.cap or self.max))
+
+    def wait(self, now: float) -> float | None:
+        """Seconds until a try may leave (0: now), or None: when one in flight is answered."""
+        hold = max(self.paused_until - now, self.pace.delay(now))
+        if hold > 0:
+            return hold
+        return 0.0 if self.in_flight < self.allowed() else None
+
+    def take(self, now: float) -> Ticket:
+        """A try leaves now (after ``wait`` said 0)."""
+        self.in_flight += 1
+        self.pace.sent(now)
+        return Ticket(now, self.in_flight)
+
+    def settle(self, ticket: Ticket, outcome: Outcome, now: float, wait: float | None = None) -> None:
+        """How the try went; ``wait`` is what the server asked for (a 503's pause)."""
+        self.in_flight -= 1
+        if outcome == "ok":
+            self.limit = min(float(self.max), self.limit + 1 / self.limit)
+            self.strikes = 0
+            self._levels.append((ticket, True))
+            self.pace.answered(now, ticket.sent_at, limited=False)
+            self._probe_cap(ticket, now)
+        elif outcome == "rate_limited":
+            self._levels.append((ticket, False))
+            if self._over_cap(ticket):
+                self.cap = self._capped
+                self._capped_at = now
+            else:
+                self.pace.answered(now, ticket.sent_at, limited=True)
+        elif outcome == "overloaded":
+            if now >= self.paused_until:  # the first 503 of an episode cuts; the rest echo it
+                self.limit = max(1.0, self.limit / 2)
+                self.strikes += 1
+            if wait is not None:
+                self.paused_until = max(self.paused_until, now + wait)
+
+    def _over_cap(self, ticket: Ticket) -> bool:
+        """Whether a 429 looks like a cap on requests in flight (see the module docstring)."""
+        if self._capped is not None and ticket.in_flight > self._capped:
+            return True  # a probe above the cap, refused
+        paced_since = self.pace.paced_since
+        if paced_since is None or ticket.sent_at < paced_since:
+            return False
+        paced = [(t.in_flight, ok) for t, ok in self._levels if t.sent_at >= paced_since]
+        admitted = [level for level, ok in paced if ok]
+        if len(admitted) < 3 * CAP_EVIDENCE or ticket.in_flight <= max(admitted):
+            return False
+        top = max(admitted)
+        above = sum(not ok and level > top for level, ok in paced)
+        if above < CAP_EVIDENCE or self.pace.offered(ticket.sent_at) > 1.5 * self.pace.through(
+            ticket.sent_at
+        ):
+            return False  # too few, or sent faster than anything got through: a rate explains it
+        self._capped = top
+        return True
+
+    def _probe_cap(self, ticket: Ticket, now: float) -> None:
+        """An admitted try: the server took that many at once; quiet long enough, try one more."""
+        if self._capped is None:
+            return
+        self._capped = max(self._capped, ticket.in_flight)
+        if self.cap is not None and now - self._capped_at > CAP_PROBE:
+            self.cap = None if self.cap >= self.max else self.cap + 1
+            self._capped_at = now

@@ -1,0 +1,234 @@
+"""How fast to send: a rate controller that learns a server's rate limit from its 429s.
+
+Pure: no method reads a clock; each takes ``now`` (seconds, any origin). The pipeline's
+``Throttle`` drives it in real time; ``tests/test_rate.py`` and ``benchmarks/throttle_sim.py``
+drive it against simulated servers of every limiter shape in simulated time.
+
+Until the server refuses a request, nothing is paced. From then on sends are spaced
+``1 / rate`` apart (no bursts), and the rate follows the answers:
+
+- **The first refusals** (nothing paced yet) set the rate to what got through: answers that
+  were not refused, over the last ``HORIZON`` seconds (or since the first send). Counting over
+  seconds rather than over a few tries catches a limit per window as well as a per-second one.
+- **A refusal at a paced rate** says the rate is just over the limit: the rate drops to
+  ``1 - MARGIN`` of the lower of the rate and what was really sent, and that rate is
+  remembered as ``ceiling``. A small cut, because the cut is made again on the next refusal
+  (a server that lowered its limit is followed within a few dozen requests), while a deep cut
+  would cost throughput every time the probe touches the limit. When most recent tries are
+  refused (``share > HIGH_SHARE``) the rate drops straight to what got through instead.
+- Only a refusal of a request **sent after the last cut** counts: one sent before says nothing
+  of the new rate.
+- **Quiet** (no counted refusal for ``QUIET`` seconds): the rate climbs back, half the gap to
+  just under ``ceiling`` per second, then probes beyond it slowly and ever faster (as CUBIC
+  does), so a limit that rose is found.
+- **Stray refusals**: a refusal counts only when more than ``noise`` of the last ``RECENT``
+  answers were refusals. A cut that did not lower the share of refusals (over the next
+  ``2 * RECENT`` answers) was a cut for nothing: it is undone and ``noise`` rises to the share
+  seen, so a server that refuses a few requests at random, whatever the rate, costs little.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+HORIZON: Final = 5.0  # seconds of answers behind the rate that got through
+SPAN: Final = 4  # sends behind the rate a request was sent at
+RECENT: Final = 40  # answers behind the share of refusals
+NOISE: Final = 0.03  # the share of refusals that is not a limit, until one is learned
+MAX_NOISE: Final = 0.25
+HIGH_SHARE: Final = 0.5
+MARGIN: Final = 0.03
+QUIET: Final = 1.0
+APPROACH: Final = 2.0  # of the gap to just under ``ceiling``, per second
+PROBE: Final = 0.01  # growth under the ceiling, at least, per second
+CUBIC: Final = 0.01  # beyond it: the rate is ``ceiling * (1 + PROBE + CUBIC * seconds**3)``
+MAX_CUT: Final = 0.5
+STRIKE_MEMORY: Final = 2.0  # a refusal this soon after a cut: the cut was not enough
+UNDO: Final = 0.7  # a cut is kept when the share of refusals fell below this part of its value
+MIN_RATE: Final = 0.05
+_MIN_SPAN: Final = 0.05
+
+
+@dataclass(slots=True)
+class _Trial:
+    """A cut on probation: what it replaced, and the refusals among the answers to requests
+    sent before it and after it."""
+
+    rate: float | None
+    ceiling: float
+    cut_at: float
+    before: list[int]  # [refused, answers]
+    after: list[int]
+
+    def count(self, sent_at: float, *, limited: bool) -> None:
+        tally = self.after if sent_at >= self.cut_at else self.before
+        tally[0] += limited
+        tally[1] += 1
+
+    def share(self, tally: list[int]) -> float:
+        return tally[0] / max(tally[1], 1)
+
+
+class RateController:
+    """The pacing of one job's requests (see the module docstring).
+
+    ``rate`` is None until the first counted refusal: nothing is paced. A resumed job passes
+    the rate it had learned.
+    """
+
+    def __init__(self, rate: float | None = None) -> None:
+        self.rate = rate
+        self.ceiling = math.inf if rate is None else rate / (1 - MARGIN)
+        self.noise = NOISE
+        self.paced_since: float | None = None  # the first cut
+        self._next = -math.inf
+        self._first: float | None = None
+        self._admitted = 0  # sends not refused (so far)
+        self._sends: deque[float] = deque(maxlen=64)
+        self._oks: deque[float] = deque()
+        self._recent: deque[bool] = deque(maxlen=RECENT)
+        self._cut_at = -math.inf
+        self._limited_at = -math.inf
+        self._last_ok: float | None = None
+        self._beyond_since: float | None = None  # when the rate passed the ceiling
+        self._trial: _Trial | None = None
+        self._fresh = [0, 0]  # [refused, answers] of the requests sent since the last cut
+        self._strikes = 0  # cuts in a row, each within ``STRIKE_MEMORY`` of the one before
+
+    def delay(self, now: float) -> float:
+        """Seconds until the next request may leave (0: now)."""
+        return max(0.0, self._next - now)
+
+    def sent(self, now: float) -> None:
+        """A request left at ``now``."""
+        if self._first is None:
+            self._first = now
+        self._sends.append(now)
+        self._admitted += 1
+        if self.rate is not None:
+            self._next = max(now, self._next) + 1 / self.rate
+
+    def answered(self, now: float, sent_at: float, *, limited: bool) -> None:
+        """The answer to a request sent at ``sent_at``: refused with a 429 or not."""
+        self._recent.append(limited)
+        if self._trial is not None:
+            self._trial.count(sent_at, limited=limited)
+        if sent_at >= self._cut_at:
+            self._fresh[1] += 1
+        if limited:
+            self._admitted -= 1
+            self._refused(now, sent_at)
+        else:
+            self._oks.append(now)
+            self._grow(now)
+        self._judge_trial()
+
+    def share(self) -> float:
+        """The share of refusals among the last ``RECENT`` answers (of at least half as many:
+        one refusal among the first two answers is not half of them refused)."""
+        return sum(self._recent) / max(len(self._recent), RECENT // 2)
+
+    def through(self, now: float) -> float:
+        """Answers not refused per second, over the last ``HORIZON`` seconds."""
+        return _per_second(self._oks, now, HORIZON, self._first)
+
+    def _elapsed(self, now: float) -> float:
+        return max(_MIN_SPAN, now - (now if self._first is None else self._first))
+
+    def offered(self, sent_at: float) -> float:
+        """The rate at which requests were leaving around ``sent_at``: one over the median gap
+        between the ``SPAN`` sends on either side of it (a pause before a burst does not hide
+        the burst's pace); inf when too few are remembered."""
+        at = bisect.bisect_left(self._sends, sent_at)
+        near = list(itertools.islice(self._sends, max(0, at - SPAN), at + SPAN + 1))
+        gaps = [b - a for a, b in itertools.pairwise(near)]
+        if not gaps:
+            return math.inf
+        return 1 / max(1e-3, statistics.median(gaps))
+
+    def _refused(self, now: float, sent_at: float) -> None:
+        if self.rate is not None and self._last_ok is None:  # nothing through yet: guess again
+            self.rate = max(MIN_RATE, min(self.rate, self._admitted / self._elapsed(now)))
+            return
+        if self.rate is not None and sent_at < self._cut_at + 1 / self.rate:
+            return  # sent before the last cut took effect: it says nothing of the new rate
+        self._fresh[0] += 1
+        self._beyond_since = None  # any refusal ends a probe beyond the ceiling
+        if self.share() <= self.noise:
+            return  # a stray few: no cut
+        self._limited_at = now
+        if now - self._cut_at > STRIKE_MEMORY:
+            self._strikes = 0
+        self._strikes += 1
+        offered = self.offered(sent_at)
+        if self.rate is None:  # what was not refused so far (answered or not yet)
+            self._cut(now, self._admitted / self._elapsed(now), offered)
+            return
+        ceiling = min(self.rate, offered)
+        through = self.through(now)
+        refused, answers = self._fresh
+        share = refused / answers if answers >= SPAN else self.share()
+        if share > HIGH_SHARE:  # far over: to the share that got through, or what got through
+            target = max(through, ceiling * (1 - share))
+        else:  # a little over: a small cut, deeper cut after cut, not below what got through
+            target = ceiling * (1 - min(MAX_CUT, MARGIN * 2 ** (self._strikes - 1)))
+            if self._strikes > 1:
+                target = max(through, target)
+        if target < self.rate:
+            self._cut(now, target, ceiling)
+
+    def _cut(self, now: float, target: float, ceiling: float) -> None:
+        target = max(MIN_RATE, target)
+        if self._trial is None:
+            refused = sum(self._recent)
+            self._trial = _Trial(self.rate, self.ceiling, now, [refused, len(self._recent)], [0, 0])
+        self.ceiling = ceiling
+        self.rate = target
+        self._cut_at = now
+        self._fresh = [0, 0]
+        if self.paced_since is None:
+            self.paced_since = now
+        self._next = min(self._next, now + 1 / target)
+
+    def _grow(self, now: float) -> None:
+        step = 0.0 if self._last_ok is None else min(now - self._last_ok, 1.0)
+        self._last_ok = now
+        if self.rate is None or now - self._limited_at < QUIET:
+            return
+        # Growth follows what is sent: a pace the job does not use has not been tested.
+        used = 2 * self.offered(now)
+        if math.isinf(self.ceiling):  # no rate refused yet: search, doubling per second
+            self.rate = max(self.rate, min(self.rate * (1 + step), used))
+            return
+        under = self.ceiling * (1 - MARGIN)
+        if self.rate < under:
+            gain = min(max((under - self.rate) * APPROACH, self.rate * PROBE), self.rate)
+            self.rate = min(under, self.rate + gain * step)
+            return
+        if self._beyond_since is None:
+            self._beyond_since = now
+        beyond = now - self._beyond_since
+        self.rate = max(self.rate, min(under * (1 + PROBE + CUBIC * beyond**3), used))
+
+    def _judge_trial(self) -> None:
+        trial = self._trial
+        if trial is None or trial.after[1] < 2 * RECENT:
+            return
+        self._trial = None
+        before, after = trial.share(trial.before), trial.share(trial.after)
+        if UNDO * before <= after <= MAX_NOISE:  # the cut did not lower a few refusals
+            self.rate, self.ceiling = trial.rate, trial.ceiling
+            self.noise = min(MAX_NOISE, max(self.noise, 2 * after))
+
+
+def _per_second(times: deque[float], now: float, horizon: float, first: float | None) -> float:
+    while times and times[0] <= now - horizon:
+        times.popleft()
+    start = now if first is None else first
+    return len(times) / max(_MIN_SPAN, min(horizon, now - start))
