@@ -24,11 +24,19 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, TypedDict
 
 from ._rate import RateController
 
 Outcome = Literal["ok", "rate_limited", "overloaded", "failed"]
+
+
+class Pace(TypedDict, total=False):
+    """What a job learned of the server's limits, to start its next run from."""
+
+    rate: float | None
+    cap: int | None
+
 
 CAP_PROBE: Final = 5.0
 CAP_EVIDENCE: Final = 3  # refusals above the most ever admitted at once, before a cap is believed
@@ -46,22 +54,28 @@ class Ticket:
 class Admission:
     """The admission state of one job (see the module docstring)."""
 
-    def __init__(self, max_concurrency: int, *, rate: float | None = None) -> None:
+    def __init__(
+        self, max_concurrency: int, *, rate: float | None = None, cap: int | None = None
+    ) -> None:
         self.max = max_concurrency
         self.limit = float(max_concurrency)
-        self.cap: int | None = None
         self.pace = RateController(rate)
         self.in_flight = 0
         self.paused_until = -math.inf
         self.strikes = 0  # overload episodes since the last success
         self._levels: deque[tuple[Ticket, bool]] = deque(maxlen=LEVELS)  # (try, admitted)
-        self._capped: int | None = None  # the most in flight the server took, once capped
+        # A cap learned: the most in flight the server took, and when it was last refused.
+        self.cap = self._capped = cap if cap is not None and cap < max_concurrency else None
         self._capped_at = -math.inf
 
     @property
     def rate(self) -> float | None:
         """The pace learned, in requests per second (None: not paced)."""
         return self.pace.rate
+
+    def learned(self) -> Pace:
+        """The pace and cap learned, for ``Admission(max_concurrency, **learned)``."""
+        return {"rate": self.pace.rate, "cap": self._capped}
 
     def allowed(self) -> int:
         """Requests that may be in flight at once now."""
@@ -80,7 +94,9 @@ class Admission:
         self.pace.sent(now)
         return Ticket(now, self.in_flight)
 
-    def settle(self, ticket: Ticket, outcome: Outcome, now: float, wait: float | None = None) -> None:
+    def settle(
+        self, ticket: Ticket, outcome: Outcome, now: float, wait: float | None = None
+    ) -> None:
         """How the try went; ``wait`` is what the server asked for (a 503's pause)."""
         self.in_flight -= 1
         if outcome == "ok":

@@ -2,11 +2,11 @@
 
 Partitions run as tasks on many workers, each with its own pipeline; the server's limits are
 for all of them together. So a job's ``Throttle`` (the same class a single process uses: the
-concurrency cap, AIMD, the shared pause, the rate after a 429) lives in a scheduler plugin,
-and each try of each request on any worker first takes a *lease* from it (one RPC) and hands
-it back with the outcome (one more, not awaited). A 429 seen by one worker therefore pauses
-and slows all of them, and the number of requests in flight cluster-wide never exceeds
-``max_concurrency``.
+pace and concurrency cap learned from 429s, AIMD and the shared pause on 503s) lives in a
+scheduler plugin, and each try of each request on any worker first takes a *lease* from it
+(one RPC) and hands it back with the outcome (one more, not awaited). The 429s of every worker
+therefore teach one pace that all of them keep, and the number of requests in flight
+cluster-wide never exceeds ``max_concurrency``.
 
 Leases are kept per worker: when a worker dies, the scheduler hands its leases back, so a
 killed worker does not shrink the cap for the rest of the job.
@@ -25,8 +25,9 @@ import anyio
 from distributed import get_worker
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from ._admission import Outcome, Pace, Ticket
 from ._errors import APIError
-from ._pipeline import Outcome, Throttle, outcome_of
+from ._pipeline import Throttle, outcome_of
 
 PLUGIN: Final = "runflow-frames"
 _log = logging.getLogger("runflow_frames")
@@ -39,7 +40,7 @@ class Coordinator(SchedulerPlugin):
 
     def __init__(self) -> None:
         self.throttles: dict[str, Throttle] = {}
-        self.leases: dict[str, dict[str, str]] = {}  # job -> lease -> worker address
+        self.leases: dict[str, dict[str, tuple[str, Ticket]]] = {}  # job -> lease -> holder
         self.dropped: set[str] = set()  # leases handed back before they were granted
         self.scheduler: Any = None
 
@@ -47,6 +48,7 @@ class Coordinator(SchedulerPlugin):
         self.scheduler = scheduler
         scheduler.handlers["runflow_acquire"] = self.acquire
         scheduler.handlers["runflow_release"] = self.release
+        scheduler.handlers["runflow_pace"] = self.pace
 
     async def acquire(self, job: str, max_concurrency: int, lease: str, worker: str) -> int:
         """Wait for the job's throttle to admit one more request; returns its strikes."""
@@ -55,26 +57,33 @@ class Coordinator(SchedulerPlugin):
             throttle = Throttle(max_concurrency, clock=anyio.current_time, sleep=anyio.sleep)
             self.throttles[job] = throttle
             self.leases[job] = {}
-        await throttle.acquire()
+        ticket = await throttle.acquire()
         if lease in self.dropped or worker not in self.scheduler.workers:
             # The asker gave up (cancelled) or died while it waited: nobody will hand it back.
             self.dropped.discard(lease)
-            throttle.settle("failed")
+            throttle.settle(ticket, "failed")
         else:
-            self.leases[job][lease] = worker
+            self.leases[job][lease] = (worker, ticket)
         return throttle.strikes
 
     def release(self, job: str, lease: str, outcome: Outcome, wait: float | None) -> None:
-        if self.leases.get(job, {}).pop(lease, None) is None:
+        held = self.leases.get(job, {}).pop(lease, None)
+        if held is None:
             self.dropped.add(lease)
             return
-        self.throttles[job].settle(outcome, wait)
+        self.throttles[job].settle(held[1], outcome, wait)
+
+    def pace(self, job: str) -> Pace | None:
+        """What the job's throttle learned (for the client to report or keep)."""
+        throttle = self.throttles.get(job)
+        return None if throttle is None else throttle.pace()
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:  # noqa: ARG002
         for job, leases in self.leases.items():
-            for lease in [lease for lease, holder in leases.items() if holder == worker]:
-                del leases[lease]
-                self.throttles[job].settle("failed")
+            for lease, (holder, ticket) in list(leases.items()):
+                if holder == worker:
+                    del leases[lease]
+                    self.throttles[job].settle(ticket, "failed")
 
 
 def ensure_coordinator(client: Any) -> None:
@@ -102,13 +111,12 @@ class ClusterGate:
         self._scheduler = worker.scheduler
         self._address = worker.address
         self._loop: asyncio.AbstractEventLoop = cast(Any, worker.loop).asyncio_loop
-        self._held: list[str] = []
         self.strikes = 0
 
     def _call(self, coroutine: Coroutine[Any, Any, Any]) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> str:
         lease = uuid.uuid4().hex
         call = self._scheduler.runflow_acquire(
             job=self._job, max_concurrency=self._max, lease=lease, worker=self._address
@@ -118,10 +126,10 @@ class ClusterGate:
         except BaseException:
             self._send_release(lease, "failed", None)  # cancelled while waiting: give it back
             raise
-        self._held.append(lease)
+        return lease
 
-    def release(self, error: APIError | None, wait: float | None = None) -> None:
-        self._send_release(self._held.pop(), outcome_of(error), wait)
+    def release(self, ticket: str, error: APIError | None, wait: float | None = None) -> None:
+        self._send_release(ticket, outcome_of(error), wait)
 
     def _send_release(self, lease: str, outcome: Outcome, wait: float | None) -> None:
         call = self._scheduler.runflow_release(

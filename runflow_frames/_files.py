@@ -34,11 +34,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from ._admission import Pace
 from ._api import submit_frame
 from ._client import model_path
 from ._config import Connection, JobOptions, fingerprint
 from ._errors import InputError
-from ._journal import Lock, atomic_write, open_job
+from ._journal import Lock, atomic_write, block_directories, open_job, read_pace
+from ._pipeline import SHARED_GATE, job_gate
 from ._plan import Plan, plan_job
 from ._progress import ProgressOption, Reporter
 from ._rows import body_suffix
@@ -173,6 +175,9 @@ async def _run_blocks(
     totals = {"rows": 0, "blocks": 0, "blocks_skipped": 0, "failed_rows": 0}
     blocks = _blocks(src, block_rows)
     number = -1
+    # One throttle for every block: what one block learned of the server's limits, the next
+    # starts from (and a resumed job from what the last block it ran kept).
+    gate = SHARED_GATE.set(job_gate(options.max_concurrency, _last_pace(root)))
     try:
         while (table := await anyio.to_thread.run_sync(next, blocks, None)) is not None:
             number += 1
@@ -204,9 +209,16 @@ async def _run_blocks(
                 _write_part, part, result, options.key is None, not failed
             )
     finally:
+        SHARED_GATE.reset(gate)
         reporter.close()
     await anyio.to_thread.run_sync(_concatenate, root, totals["blocks"], out)
     return totals
+
+
+def _last_pace(root: Path) -> Pace | None:
+    """The pace kept by the last block that kept one."""
+    paces = (read_pace(block) for block in reversed(block_directories(root)))
+    return next((pace for pace in paces if pace is not None), None)
 
 
 def _fingerprint(

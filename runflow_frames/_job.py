@@ -32,7 +32,7 @@ from ._config import Connection, JobOptions, fingerprint
 from ._errors import APIStatusError, CheckpointError, SubmissionError
 from ._handles import Handles, check_no_collision, join_handles
 from ._journal import DirectoryJournal, Journal, Kind, MemoryJournal, Resume
-from ._pipeline import ChunkFailure, ends_the_job, one_error, submit_chunks
+from ._pipeline import ChunkFailure, Throttle, ends_the_job, job_gate, one_error, submit_chunks
 from ._progress import ProgressOption, Reporter
 from ._rows import Chunk, body_suffix, chunk_body, client_refs, encode_rows, item_columns
 from ._sync import keep_partial
@@ -132,11 +132,15 @@ class SubmitJob:
             if not chunk.resent:
                 journal.created_nothing(chunk)
 
+        concurrency = self.options.max_concurrency
+        gate = job_gate(concurrency, journal.pace())
+
         def on_submitted(chunk: Chunk, handles: Handles) -> None:
             journal.answered(chunk, handles)
+            if isinstance(gate, Throttle):
+                journal.remember_pace(gate.pace())
             reporter.advance(len(chunk.refs))
 
-        concurrency = self.options.max_concurrency
         with one_error():
             async with self.connection.client() as client, anyio.create_task_group() as syncing:
                 syncing.start_soon(journal.keep_syncing)
@@ -152,6 +156,7 @@ class SubmitJob:
                     group=max(INTENT_GROUP, 2 * concurrency),
                     errors=self.options.errors,
                     policy=self.connection.retry,
+                    gate=gate,
                 )
                 syncing.cancel_scope.cancel()
         return failures

@@ -22,6 +22,8 @@ before anything is sent. A frame or block job's directory::
     segment-000003.parquet  done rows: written every SEGMENT_ROWS during a run, the rest at
                             close, and those of older journals at start
     results-000001.parquet  outcomes collected from finished batches (``ResultsStore``)
+    pace.json               the pace and concurrency cap learned from the server's 429s, so
+                            that a resumed job starts from them (``_admission.Pace``)
 
 A file job's directory holds its manifest, ``block-000042/`` (a block job) per block and
 ``block-000042.parquet``, the block's joined result, once every row of the block has a handle.
@@ -42,6 +44,7 @@ and files 0600: they hold row data, outputs and the callback URL.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import struct
@@ -66,6 +69,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
+from ._admission import Pace
 from ._errors import CheckpointError, StaleIntentWarning
 from ._handles import HANDLE_SCHEMA, Handles, HandleTable
 from ._rows import Chunk
@@ -73,7 +77,9 @@ from ._state import SEGMENT_SCHEMA, Intent, State, plan_resume, row_digests
 
 # 4: one manifest with a kind for every face (3: file jobs had file-job.json); xxh3 frames.
 FORMAT: Final = 4
+_logger = logging.getLogger("runflow_frames")
 MANIFEST: Final = "manifest.json"
+PACE: Final = "pace.json"
 LOCK: Final = ".lock"
 Kind = Literal["frame", "file", "block"]
 # Answered rows that, once this many wait, go to a segment during the run, in a thread: a
@@ -295,6 +301,29 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 
 def write_manifest(directory: Path, manifest: Mapping[str, Any]) -> None:
     atomic_write(directory / MANIFEST, lambda tmp: tmp.write_bytes(orjson.dumps(manifest)))
+
+
+def read_pace(directory: Path) -> Pace | None:
+    """The pace a job at ``directory`` learned, if it kept one (a damaged file is none)."""
+    try:
+        recorded = orjson.loads((directory / PACE).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    rate, cap = recorded.get("rate"), recorded.get("cap")
+    return {
+        "rate": float(rate) if isinstance(rate, int | float) and rate > 0 else None,
+        "cap": cap if isinstance(cap, int) and cap > 0 else None,
+    }
+
+
+def write_pace(directory: Path, pace: Pace) -> None:
+    """Keep ``pace`` at ``directory``: a hint for the next run, so a failure only logs."""
+    try:
+        atomic_write(directory / PACE, lambda tmp: tmp.write_bytes(orjson.dumps(pace)))
+    except OSError as exc:
+        _logger.warning("could not keep the pace learned in %s: %s", directory, exc)
 
 
 def fingerprint_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -566,6 +595,14 @@ class Journal(ABC):
     def close(self) -> None:
         """Release what the journal holds; called once the run ended, however it ended."""
 
+    def pace(self) -> Pace | None:
+        """The pace an earlier run learned, to start from."""
+        return None
+
+    def remember_pace(self, pace: Pace) -> None:  # noqa: ARG002 - nothing is kept by default
+        """The pace learned so far: kept with the next sync and at close."""
+        return None
+
 
 class MemoryJournal(Journal):
     """No checkpoint: handles are kept in memory, column by column, for the join."""
@@ -621,6 +658,7 @@ class DirectoryJournal(Journal):
         # last few: the pool and the segment being written, if any.
         self._writer: ThreadPoolExecutor | None = None
         self._writing: Future[None] | None = None
+        self._pace = self._pace_kept = read_pace(directory)
 
     @classmethod
     def open(
@@ -680,6 +718,19 @@ class DirectoryJournal(Journal):
             self._log.sync()
         except OSError as exc:
             raise self._failed("writing its journal", exc) from exc
+        self._keep_pace()
+
+    def pace(self) -> Pace | None:
+        return self._pace
+
+    def remember_pace(self, pace: Pace) -> None:
+        self._pace = pace
+
+    def _keep_pace(self) -> None:
+        pace = self._pace
+        if pace is not None and pace != self._pace_kept:
+            write_pace(self.directory, pace)
+            self._pace_kept = pace
 
     async def keep_syncing(self) -> None:
         """Answers are written with the next group's intents; when none comes for a while
@@ -729,6 +780,7 @@ class DirectoryJournal(Journal):
                     self._log.sync()
                     raise self._failed("writing a segment", failed) from failed
             self._compact()
+            self._keep_pace()
             if self.state.intents or self.state.rejected:
                 self._rotate()
             else:  # every record is in a segment now

@@ -2,11 +2,11 @@
 
 ``max_concurrency`` workers share one source of chunks; each takes the next chunk the moment its
 previous one is done, so requests stay in flight until the input runs out (no waves waiting for
-their slowest request). Every try of every request passes the ``Throttle``: it admits at most
-``limit`` requests at once, cuts ``limit`` in half when the server says "slow down" (429, 503)
-and grows it back by one per ``limit`` successes (AIMD, as TCP does), never above
-``max_concurrency``; and a 429/503 pauses every sender, not just the one that got it, until the
-wait it called for has passed.
+their slowest request). Every try of every request passes the ``Throttle``: the async shell of
+``_admission.Admission``, which paces tries once the server has refused some with 429 (the pace
+learned by ``_rate.RateController``), caps the requests in flight when the 429s come from a
+cap on them, and halves the concurrency on a 503 (AIMD, as TCP does) while everyone waits out
+the pause it called for. A 429 holds back only the request that got it (its ``Retry-After``).
 
 Chunks leave the source in groups: ``before_send`` sees each group before any of its chunks is
 handed to a worker, which is where the checkpoint makes their intents durable (one fsync per
@@ -17,7 +17,6 @@ current one is still waiting, so workers do not stall on it.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -25,11 +24,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from itertools import islice
-from typing import Final, Literal
 
 import anyio
 import anyio.abc
 
+from ._admission import Admission, Outcome, Pace, Ticket
 from ._client import AsyncRunflowClient
 from ._config import Errors
 from ._errors import (
@@ -42,11 +41,10 @@ from ._errors import (
     RequestRejectedError,
 )
 from ._handles import Handles, verify_handles
-from ._retry import Gate, RetryPolicy, not_created, retrying, slows_everyone
+from ._retry import Gate, RetryPolicy, not_created, overloaded, retrying
 from ._rows import Chunk
 
 _log = logging.getLogger("runflow_frames")
-Outcome = Literal["ok", "rate_limited", "overloaded", "failed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,106 +84,57 @@ def outcome_of(error: APIError | None) -> Outcome:
         return "ok"
     if isinstance(error, RateLimitError):
         return "rate_limited"
-    return "overloaded" if slows_everyone(error) else "failed"
+    return "overloaded" if overloaded(error) else "failed"
 
 
 class Throttle:
-    """Admission for every try of every request: a shared, adaptive limit on concurrency and,
-    once the server has rate-limited us, on rate.
+    """Admission for every try of every request of a job (``_admission.Admission``: the pace
+    learned from 429s, a concurrency cap learned from them, AIMD on 503s), on a clock.
 
-    Concurrency: at most ``limit`` requests in flight; a 429 or 503 episode halves ``limit``,
-    each success adds ``1 / limit`` (AIMD, as TCP does), never above ``max_concurrency``.
-
-    Rate: a 429 may say we send too fast, whatever our concurrency. When, over the last
-    ``RATE_WINDOW`` seconds, more than ``1 - RATE_CUT`` of at least ``RATE_SAMPLE`` tries got a
-    429, the first 429 of an episode sets ``rate`` (admissions per second) to ``RATE_CUT``
-    times the rate that got through; each success then adds ``RATE_GROWTH`` (a slow probe upward: 2% per
-    second at any rate), so against a server limit the rate settles around it, with a 429 now
-    and then rather than one per request. A stray 429 from a server that lets most tries through
-    changes no rate (cutting on those would ratchet the rate down for nothing). Admissions are
-    spaced ``1 / rate`` apart, without bursts. A 503 (overload) cuts only concurrency: a
-    measured rate says nothing about an overloaded server.
-
-    Both pause every sender for the wait the server called for (``paused_until``).
+    ``acquire`` waits until a try may leave and returns its ticket; ``release`` hands the ticket
+    back with how the try went. One Throttle serves a job; a file job's blocks share one, and a
+    Dask cluster's scheduler holds one for every worker (``_cluster``).
     """
-
-    RATE_WINDOW: Final = 2.0
-    RATE_CUT: Final = 0.9
-    RATE_GROWTH: Final = 0.02
-    RATE_SAMPLE: Final = 20  # tries in the window needed to judge a 429 (and successes >= 2)
 
     def __init__(
         self,
         max_concurrency: int,
         *,
+        pace: Pace | None = None,
         clock: Callable[[], float],
         sleep: Callable[[float], Awaitable[None]],
     ) -> None:
-        self.max = max_concurrency
-        self.limit = float(max_concurrency)
-        self.rate: float | None = None  # no rate limit until the server asks for one
-        self.in_flight = 0
-        self.paused_until = -math.inf
-        self.strikes = 0  # slow-down episodes since the last success
-        self._next_at = -math.inf  # the earliest next admission under ``rate``
-        self._tries: deque[tuple[float, Outcome]] = deque()  # (when, outcome) in the window
+        self.admission = Admission(max_concurrency, **(pace or {}))
         self._clock = clock
         self._sleep = sleep
         self._changed = anyio.Event()
 
-    async def acquire(self) -> None:
+    @property
+    def strikes(self) -> int:
+        return self.admission.strikes
+
+    def pace(self) -> Pace:
+        """What was learned, to start a resumed job from (kept in its checkpoint)."""
+        return self.admission.learned()
+
+    async def acquire(self) -> Ticket:
         while True:
-            now = self._clock()
-            if now < self.paused_until:
-                await self._sleep(self.paused_until - now)
-                continue
-            if now < self._next_at:
-                await self._sleep(self._next_at - now)
-                continue
-            if self.in_flight < int(self.limit):
-                self.in_flight += 1
-                if self.rate is not None:
-                    self._next_at = max(now, self._next_at) + 1 / self.rate
-                return
-            await self._changed.wait()
+            hold = self.admission.wait(self._clock())
+            if hold is None:
+                await self._changed.wait()
+            elif hold > 0:
+                await self._sleep(hold)
+            else:
+                return self.admission.take(self._clock())
 
-    def release(self, error: APIError | None, wait: float | None = None) -> None:
-        self.settle(outcome_of(error), wait)
+    def release(self, ticket: Ticket, error: APIError | None, wait: float | None = None) -> None:
+        self.settle(ticket, outcome_of(error), wait)
 
-    def settle(self, outcome: Outcome, wait: float | None = None) -> None:
+    def settle(self, ticket: Ticket, outcome: Outcome, wait: float | None = None) -> None:
         """``release`` by kind of outcome (what a throttle in another process is sent)."""
-        self.in_flight -= 1
-        now = self._clock()
-        self._tries.append((now, outcome))
-        while self._tries[0][0] < now - self.RATE_WINDOW:
-            self._tries.popleft()
-        if outcome == "ok":
-            self.limit = min(float(self.max), self.limit + 1 / self.limit)
-            self.strikes = 0
-            if self.rate is not None:
-                self.rate += self.RATE_GROWTH
-        elif outcome in ("rate_limited", "overloaded"):
-            if now >= self.paused_until:  # the first 429 of an episode cuts; the rest echo it
-                self.limit = max(1.0, self.limit / 2)
-                self.strikes += 1
-                if outcome == "rate_limited":
-                    self._cut_rate()
-            if wait is not None:
-                self.paused_until = max(self.paused_until, now + wait)
+        self.admission.settle(ticket, outcome, self._clock(), wait)
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
-
-    def _cut_rate(self) -> None:
-        succeeded = [when for when, outcome in self._tries if outcome == "ok"]
-        if len(self._tries) < self.RATE_SAMPLE or len(succeeded) < 2:
-            return  # too few tries to judge: the pause and the concurrency cut must do
-        if succeeded[-1] <= succeeded[0]:
-            return
-        limited = sum(outcome == "rate_limited" for _, outcome in self._tries)
-        if limited <= (1 - self.RATE_CUT) * len(self._tries):
-            return  # few tries were refused: a stray 429, not a limit we are over
-        through = (len(succeeded) - 1) / (succeeded[-1] - succeeded[0])
-        self.rate = max(through * self.RATE_CUT, 1 / self.RATE_WINDOW)
 
 
 # The gate every request made in this context passes instead of a job's own Throttle: set to a
@@ -205,12 +154,12 @@ def one_error() -> Iterator[None]:
         raise
 
 
-def job_gate(max_concurrency: int) -> Gate:
-    """The context's shared gate, else a Throttle of the job's own."""
+def job_gate(max_concurrency: int, pace: Pace | None = None) -> Gate:
+    """The context's shared gate, else a Throttle of the job's own (starting from ``pace``)."""
     shared = SHARED_GATE.get()
     if shared is not None:
         return shared
-    return Throttle(max_concurrency, clock=anyio.current_time, sleep=anyio.sleep)
+    return Throttle(max_concurrency, pace=pace, clock=anyio.current_time, sleep=anyio.sleep)
 
 
 async def submit_chunks(
@@ -227,6 +176,7 @@ async def submit_chunks(
     errors: Errors = "raise",
     policy: RetryPolicy | None = None,
     rng: random.Random | None = None,
+    gate: Gate | None = None,
 ) -> list[ChunkFailure]:
     """POST every chunk with retries; ``on_submitted`` gets verified handles (in the chunk's row
     order), ``on_failed`` each chunk that failed for good, ``on_unsent`` each chunk taken
@@ -244,7 +194,7 @@ async def submit_chunks(
         before_send=before_send,
         policy=policy or RetryPolicy(),
         rng=rng or random.Random(),  # noqa: S311 - jitter, not secrets
-        throttle=job_gate(max_concurrency),
+        throttle=gate or job_gate(max_concurrency),
     )
 
     def failed(failure: ChunkFailure) -> None:

@@ -38,19 +38,21 @@ from dataclasses import dataclass
 from typing import Final
 
 HORIZON: Final = 5.0  # seconds of answers behind the rate that got through
-SPAN: Final = 4  # sends behind the rate a request was sent at
-RECENT: Final = 40  # answers behind the share of refusals
-NOISE: Final = 0.03  # the share of refusals that is not a limit, until one is learned
+SPAN: Final = 3  # sends behind the rate a request was sent at
+RECENT: Final = 30  # answers behind the share of refusals
+NOISE: Final = 0.05  # the share of refusals that is not a limit, until one is learned
 MAX_NOISE: Final = 0.25
 HIGH_SHARE: Final = 0.5
-MARGIN: Final = 0.03
-QUIET: Final = 1.0
+LOW_SHARE: Final = 0.35
+MARGIN: Final = 0.02
+QUIET: Final = 0.5
 APPROACH: Final = 2.0  # of the gap to just under ``ceiling``, per second
-PROBE: Final = 0.01  # growth under the ceiling, at least, per second
-CUBIC: Final = 0.01  # beyond it: the rate is ``ceiling * (1 + PROBE + CUBIC * seconds**3)``
+PROBE: Final = 0.005  # growth under the ceiling, at least, per second
+CUBIC: Final = 0.005  # beyond it: the rate is ``ceiling * (1 + PROBE + CUBIC * seconds**3)``
 MAX_CUT: Final = 0.5
-STRIKE_MEMORY: Final = 2.0  # a refusal this soon after a cut: the cut was not enough
-UNDO: Final = 0.7  # a cut is kept when the share of refusals fell below this part of its value
+FLOOR: Final = 0.85  # of what got through: the deepest a series of cuts goes
+STRIKE_MEMORY: Final = 3.0  # a refusal this soon after a cut: the cut was not enough
+UNDO: Final = 0.85  # a cut is kept when the share of refusals fell below this part of its value
 MIN_RATE: Final = 0.05
 _MIN_SPAN: Final = 0.05
 
@@ -86,7 +88,7 @@ class RateController:
         self.rate = rate
         self.ceiling = math.inf if rate is None else rate / (1 - MARGIN)
         self.noise = NOISE
-        self.paced_since: float | None = None  # the first cut
+        self.paced_since = None if rate is None else -math.inf  # the first cut
         self._next = -math.inf
         self._first: float | None = None
         self._admitted = 0  # sends not refused (so far)
@@ -154,7 +156,7 @@ class RateController:
 
     def _refused(self, now: float, sent_at: float) -> None:
         if self.rate is not None and self._last_ok is None:  # nothing through yet: guess again
-            self.rate = max(MIN_RATE, min(self.rate, self._admitted / self._elapsed(now)))
+            self.rate = max(MIN_RATE, min(self.rate, max(self._admitted, 1) / self._elapsed(now)))
             return
         if self.rate is not None and sent_at < self._cut_at + 1 / self.rate:
             return  # sent before the last cut took effect: it says nothing of the new rate
@@ -165,21 +167,27 @@ class RateController:
         self._limited_at = now
         if now - self._cut_at > STRIKE_MEMORY:
             self._strikes = 0
+        elif self._strikes and self._fresh[0] == self._fresh[1]:
+            return  # none admitted since the last cut: the limit is closed for now, not too slow
         self._strikes += 1
         offered = self.offered(sent_at)
-        if self.rate is None:  # what was not refused so far (answered or not yet)
-            self._cut(now, self._admitted / self._elapsed(now), offered)
+        if self.rate is None:  # what was not refused so far (answered or not yet), or one
+            self._cut(now, max(self._admitted, 1) / self._elapsed(now), offered)
             return
-        ceiling = min(self.rate, offered)
         through = self.through(now)
+        ceiling = min(self.rate, offered)
         refused, answers = self._fresh
         share = refused / answers if answers >= SPAN else self.share()
-        if share > HIGH_SHARE:  # far over: to the share that got through, or what got through
+        if (
+            answers >= RECENT // 2 and share < LOW_SHARE
+        ):  # a little over, measured: what got through
+            target = ceiling * (1 - share) * (1 - MARGIN)
+        elif share > HIGH_SHARE:  # far over: to the share that got through, or what got through
             target = max(through, ceiling * (1 - share))
         else:  # a little over: a small cut, deeper cut after cut, not below what got through
             target = ceiling * (1 - min(MAX_CUT, MARGIN * 2 ** (self._strikes - 1)))
             if self._strikes > 1:
-                target = max(through, target)
+                target = max(through * FLOOR, target)
         if target < self.rate:
             self._cut(now, target, ceiling)
 
@@ -217,6 +225,8 @@ class RateController:
         self.rate = max(self.rate, min(under * (1 + PROBE + CUBIC * beyond**3), used))
 
     def _judge_trial(self) -> None:
+        """A cut, judged once ``2 * RECENT`` answers to requests sent after it have come:
+        undone when the refusals did not fall with the rate."""
         trial = self._trial
         if trial is None or trial.after[1] < 2 * RECENT:
             return

@@ -8,8 +8,11 @@ server replays that batch instead of creating another.
 
 The wait before a retry is the server's ``Retry-After`` (seconds or an HTTP date) or a
 ``retry_after`` field of the error body when present, capped at ``retry_after_max``; otherwise
-exponential backoff with full jitter: uniform in ``[0, min(wait_max, wait_initial * 2**n)]``.
-A request gives up after ``attempts`` tries or once ``timeout`` seconds have passed.
+exponential backoff with full jitter: uniform in ``[0, min(wait_max, wait_initial * 2**n)]``,
+except after a 429: without ``Retry-After`` it is retried as soon as the throttle's pace allows
+(the throttle learns the pace from the 429s; see ``_admission``). A request gives up after
+``attempts`` tries that failed for another reason than a 429, or once ``timeout`` seconds have
+passed.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class RetryPolicy:
     Parameters
     ----------
     attempts : int, default 10
-        Tries per request, the first included.
+        Tries per request, the first included. A try refused with a 429 does not count: the
+        server took nothing, and the throttle paces the next one (``timeout`` still bounds it).
     timeout : float, default 600
         Seconds one request may take in all, waits included, before it gives up.
     wait_initial : float, default 0.5
@@ -98,11 +102,10 @@ def not_created(error: APIError) -> bool:
     )
 
 
-def slows_everyone(error: APIError) -> bool:
-    """A 429 or 503 is the server asking every caller to back off, not just this request."""
-    return isinstance(error, RateLimitError) or (
-        isinstance(error, ServerError) and error.status_code == 503
-    )
+def overloaded(error: APIError) -> bool:
+    """A 503 is the server asking every caller to back off, not just this request (a 429 is
+    a limit the gate learns to pace under, see ``_admission``)."""
+    return isinstance(error, ServerError) and error.status_code == 503
 
 
 def parse_retry_after(header: str | None, body: Any, now: float) -> float | None:
@@ -134,18 +137,20 @@ def parse_retry_after(header: str | None, body: Any, now: float) -> float | None
 
 
 class Gate(Protocol):
-    """Admission to send a request (the shared throttle, in the pipeline).
+    """Admission to send a request (the shared throttle, in the pipeline): ``acquire`` returns
+    a ticket, handed back to ``release`` with how the try went.
 
-    ``strikes`` counts the slow-down episodes (429/503) since the last success: the backoff of
-    a shared pause grows with it, not with one request's own retries, so one unlucky request
+    ``strikes`` counts the overload episodes (503) since the last success: the backoff of a
+    shared pause grows with it, not with one request's own retries, so one unlucky request
     cannot stall everyone for long while others are getting through.
     """
 
-    strikes: int
+    @property
+    def strikes(self) -> int: ...
 
-    async def acquire(self) -> None: ...
+    async def acquire(self) -> Any: ...
 
-    def release(self, error: APIError | None, wait: float | None = None) -> None:
+    def release(self, ticket: Any, error: APIError | None, wait: float | None = None) -> None:
         """How the try went; ``wait`` is the retry's wait, when there will be one."""
 
 
@@ -161,29 +166,44 @@ async def retrying(
 ) -> T:
     """``await call()`` until it succeeds, a non-retryable error, or the policy gives up.
 
-    Each try passes ``gate`` first; the gate hears how it went. Waits that slow everyone
-    (429, 503) are the gate's to impose; other waits are this request's own.
+    Each try passes ``gate`` first; the gate hears how it went. A 503's wait is the gate's to
+    impose on everyone (``overloaded``); a 429's is this request's own: its
+    ``Retry-After``, else none (the gate paces the retry). A 429 does not count against
+    ``attempts``: the server took nothing, and the gate decides when to try again; ``timeout``
+    still bounds it.
     """
     started = clock()
-    retry = 0
+    retry = 0  # tries that failed for another reason than a 429
     while True:
-        await gate.acquire()
+        ticket = await gate.acquire()
         try:
             result = await call()
         except APIError as error:
+            limited = isinstance(error, RateLimitError)
             wait: float | None = None
-            if retryable(error) and retry + 1 < policy.attempts:
-                wait = policy.wait(gate.strikes if slows_everyone(error) else retry, error, rng)
+            if retryable(error) and (limited or retry + 1 < policy.attempts):
+                wait = _wait(policy, error, retry, gate.strikes, rng)
                 if clock() + wait - started > policy.timeout:
                     wait = None
-            gate.release(error, wait)
+            gate.release(ticket, error, wait)
             if wait is None:
                 raise
             if on_retry is not None:
                 on_retry(error, wait)
-            if not slows_everyone(error):
+            if wait > 0 and not overloaded(error):
                 await sleep(wait)
-            retry += 1
+            retry += not limited
             continue
-        gate.release(None)
+        gate.release(ticket, None)
         return result
+
+
+def _wait(
+    policy: RetryPolicy, error: APIError, retry: int, strikes: int, rng: random.Random
+) -> float:
+    """The wait before the next try: a 429's own ``Retry-After`` (0 without: the gate paces),
+    a 503's backoff by the gate's strikes, any other error's by this request's retries."""
+    if isinstance(error, RateLimitError):
+        asked = error.retry_after
+        return 0.0 if asked is None else float(min(asked, policy.retry_after_max))
+    return policy.wait(strikes if overloaded(error) else retry, error, rng)

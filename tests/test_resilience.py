@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from runflow_frames import (
 from runflow_frames._pipeline import Throttle
 from runflow_frames._retry import parse_retry_after, retryable, retrying
 from runflow_frames.emulator import Emulator, Faults, serve
+from runflow_frames.emulator._limits import TokenBucket
 
 from .conftest import API_KEY
 
@@ -158,13 +160,22 @@ def test_backoff_is_exponential_with_full_jitter_exact_waits() -> None:
 def test_retry_after_is_honoured_and_capped() -> None:
     time = FakeTime()
     policy = RetryPolicy(attempts=4, retry_after_max=10.0)
-    throttle = Throttle(4, clock=time.clock, sleep=time.sleep)
     call = script(
         status(RateLimitError, 429, retry_after=3.0), status(ServerError, 500, retry_after=60.0)
     )
-    assert run_retrying(call, policy, time, throttle=throttle) == "ok"
-    # The 429's wait is imposed by the shared throttle (a pause); the 500's is the request's own.
+    assert run_retrying(call, policy, time) == "ok"
+    # Each wait is the request's own: the 429's as asked, the 500's capped.
     assert time.sleeps == [3.0, 10.0]
+
+
+def test_a_429_is_retried_without_backoff_and_does_not_use_up_the_attempts() -> None:
+    time = FakeTime()
+    call = script(*[status(RateLimitError, 429)] * 5, APIConnectionError("x"))
+    assert run_retrying(call, RetryPolicy(attempts=2, wait_initial=1.0), time) == "ok"
+    assert len(call.calls) == 7
+    # The 429s wait for nothing but the throttle's pace (set by them, a few tries a second);
+    # the connection error backs off on its own, up to 1 s.
+    assert sum(time.sleeps) < 1.0 + 5 * 0.5
 
 
 @pytest.mark.parametrize("code", [400, 401, 402, 403, 404, 409, 422])
@@ -192,31 +203,31 @@ def test_attempts_and_time_budget_bound_the_retries() -> None:
     assert len(call.calls) == 3
 
 
-def test_throttle_halves_once_per_episode_pauses_everyone_and_grows_back() -> None:
+def test_a_503_halves_concurrency_once_per_episode_pauses_everyone_and_grows_back() -> None:
     time = FakeTime()
     throttle = Throttle(8, clock=time.clock, sleep=time.sleep)
+    admission = throttle.admission
 
     async def main() -> None:
-        for _ in range(8):
-            await throttle.acquire()
-        assert throttle.in_flight == 8
-        # Five 429s of one episode: one cut, one pause.
+        tickets = [await throttle.acquire() for _ in range(8)]
+        assert admission.in_flight == 8
+        # Five 503s of one episode: one cut, one pause.
         for wait in (2.0, 1.0, 2.0, 0.5, 1.5):
-            throttle.release(status(RateLimitError, 429), wait=wait)
-        assert throttle.limit == 4.0
-        assert throttle.paused_until == 1002.0
-        await throttle.acquire()  # 3 in flight < 4, but it must wait out the pause first
-        assert time.sleeps == [2.0]
+            throttle.release(tickets.pop(), status(ServerError, 503), wait=wait)
+        assert admission.limit == 4.0
+        assert admission.paused_until == 1002.0
+        tickets.append(await throttle.acquire())  # 4 in flight < 4? no: 3 + this one
+        assert time.sleeps == [2.0]  # it waited out the pause first
         # A later episode cuts again.
-        throttle.release(status(ServerError, 503), wait=1.0)
-        assert throttle.limit == 2.0
-        while throttle.in_flight:
-            throttle.release(None)
+        throttle.release(tickets.pop(), status(ServerError, 503), wait=1.0)
+        assert admission.limit == 2.0
+        assert throttle.pace()["rate"] is None  # a 503 says nothing of a rate
+        while tickets:
+            throttle.release(tickets.pop(), None)
         # Additive increase: about +1 per `limit` successes, up to the maximum.
         for _ in range(60):
-            await throttle.acquire()
-            throttle.release(None)
-        assert throttle.limit == 8.0
+            throttle.release(await throttle.acquire(), None)
+        assert admission.limit == 8.0
 
     anyio.run(main)
 
@@ -228,10 +239,10 @@ def test_the_throttle_admits_no_more_than_its_limit() -> None:
 
     async def main() -> None:
         async def one() -> None:
-            await throttle.acquire()
-            admitted.append(throttle.in_flight)
+            ticket = await throttle.acquire()
+            admitted.append(ticket.in_flight)
             await anyio.sleep(0.01)
-            throttle.release(None)
+            throttle.release(ticket, None)
 
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
@@ -244,62 +255,49 @@ def test_the_throttle_admits_no_more_than_its_limit() -> None:
 
 
 def tries(throttle: Throttle, time: FakeTime, outcomes: str) -> Any:
-    """Try once per 0.05 s: "." succeeds, "x" gets a 429 (no Retry-After)."""
+    """One try per 0.05 s (or as the pace allows): "." succeeds, "x" gets a 429."""
 
     async def main() -> None:
         for outcome in outcomes:
-            await throttle.acquire()
-            throttle.release(None if outcome == "." else status(RateLimitError, 429))
+            ticket = await throttle.acquire()
             time.now += 0.05
+            throttle.release(ticket, None if outcome == "." else status(RateLimitError, 429))
 
     return main
 
 
-def test_a_rate_limit_sets_a_rate_under_what_got_through_which_then_creeps_up() -> None:
+def test_a_rate_limit_paces_the_tries_and_holds_nobody_back() -> None:
     time = FakeTime()
     throttle = Throttle(4, clock=time.clock, sleep=time.sleep)
-    # 24 tries in 1.2 s, 3 of them refused (12.5%): a limit we are over. 21 got through, the
-    # first and the last 1.1 s apart: 20 / 1.1 s.
-    anyio.run(tries(throttle, time, ".......x.......x.......x"))
-    assert throttle.rate == pytest.approx(0.9 * 20 / 1.1)
-    rate = throttle.rate
-
-    async def more() -> None:
-        time.sleeps.clear()
-        for _ in range(3):
-            await throttle.acquire()
-            throttle.release(None)
-
-    anyio.run(more)
-    # Admissions are spaced 1/rate apart, without a burst; each success adds 0.02/s.
-    assert time.sleeps == pytest.approx([1 / rate, 1 / (rate + 0.02)])
-    assert throttle.rate == pytest.approx(rate + 0.06)
-
-
-def test_a_stray_429_sets_no_rate() -> None:
-    time = FakeTime()
-    throttle = Throttle(4, clock=time.clock, sleep=time.sleep)
-    # One 429 in 24 tries (a flaky server, not a limit): slowing down for good would not help.
-    anyio.run(tries(throttle, time, "." * 23 + "x"))
-    assert throttle.rate is None
-    assert throttle.limit == 2.0  # the concurrency cut and the shared pause still apply
-
-
-def test_a_503_cuts_concurrency_but_sets_no_rate() -> None:
-    time = FakeTime()
-    throttle = Throttle(4, clock=time.clock, sleep=time.sleep)
+    bucket = TokenBucket(20, 1)  # strict spacing: 20 a second, 1/20 s apart
+    admitted: list[bool] = []
 
     async def main() -> None:
-        for _ in range(10):
-            await throttle.acquire()
-            throttle.release(None)
-            time.now += 0.1
-        await throttle.acquire()
-        throttle.release(status(ServerError, 503), wait=1.0)
-        assert throttle.limit == 2.0
-        assert throttle.rate is None
+        for _ in range(400):  # one request at a time, answered in 1 ms
+            ticket = await throttle.acquire()
+            refused = bucket.admit(time.now)
+            time.now += 0.001
+            throttle.release(ticket, None if refused is None else status(RateLimitError, 429))
+            admitted.append(refused is None)
 
     anyio.run(main)
+    rate = throttle.pace()["rate"]
+    assert rate is not None
+    assert 17 < rate < 21
+    assert admitted[200:].count(False) <= 10  # at most 5% refused once learned
+    assert throttle.admission.limit == 4.0  # a 429 does not cut the concurrency
+    assert throttle.admission.paused_until < time.now  # nor pause anyone
+    # Admissions are spaced about 1/rate apart, without a burst.
+    assert statistics.median(time.sleeps[-100:]) == pytest.approx(1 / rate - 0.001, rel=0.1)
+
+
+def test_a_stray_429_sets_no_pace() -> None:
+    time = FakeTime()
+    throttle = Throttle(4, clock=time.clock, sleep=time.sleep)
+    # One 429 in 40 tries (a flaky server, not a limit): slowing down for good would not help.
+    anyio.run(tries(throttle, time, "." * 39 + "x"))
+    assert throttle.pace() == {"rate": None, "cap": None}
+    assert throttle.admission.limit == 4.0
 
 
 def test_other_errors_neither_cut_nor_pause() -> None:
@@ -307,9 +305,8 @@ def test_other_errors_neither_cut_nor_pause() -> None:
     throttle = Throttle(4, clock=time.clock, sleep=time.sleep)
 
     async def main() -> None:
-        await throttle.acquire()
-        throttle.release(status(ServerError, 500), wait=5.0)
-        assert throttle.limit == 4.0
+        throttle.release(await throttle.acquire(), status(ServerError, 500), wait=5.0)
+        assert throttle.admission.limit == 4.0
         await throttle.acquire()
         assert time.sleeps == []
 
@@ -512,12 +509,12 @@ def test_a_shared_pause_grows_with_episodes_not_with_one_requests_retries() -> N
 
     async def pause_while_others_succeed(seconds: float) -> None:
         await time.sleep(seconds)
-        throttle.in_flight += 1
-        throttle.release(None)  # another request got through during the pause
+        # another request got through during the pause
+        throttle.release(throttle.admission.take(time.now), None)
 
     throttle = Throttle(4, clock=time.clock, sleep=pause_while_others_succeed)
     policy = RetryPolicy(attempts=10, wait_initial=1.0, wait_max=100.0)
-    call = script(*[status(RateLimitError, 429)] * 4)
+    call = script(*[status(ServerError, 503)] * 4)
 
     async def main() -> str:
         return await retrying(
@@ -538,7 +535,7 @@ def test_a_shared_pause_grows_with_episodes_not_with_one_requests_retries() -> N
 
     time = FakeTime()
     throttle = Throttle(4, clock=time.clock, sleep=time.sleep)  # nobody else succeeds
-    call = script(*[status(RateLimitError, 429)] * 4)
+    call = script(*[status(ServerError, 503)] * 4)
     assert anyio.run(main) == "ok"
     rng = random.Random(3)
     assert time.sleeps == pytest.approx([rng.uniform(0, 2.0**n) for n in range(4)])

@@ -1,0 +1,155 @@
+"""A submit job against a limiter shape in simulated time: hundreds of seconds in milliseconds.
+
+The throttle's policy (``runflow_frames._admission.Admission``) is pure, and so are the limiter
+shapes (``_limits``): this discrete-event simulation drives one with the other, the way the
+pipeline and the emulator do over HTTP. ``concurrency`` workers each send a create when the
+admission allows; the limiter admits it (answered after ``latency``, varying by about 20% as a
+network's does) or refuses it (answered after a round trip: a limiter does no work), with a
+``Retry-After`` that is absent, exact, or rounded up to whole seconds; a refused create waits
+its ``Retry-After``, if any, then goes back in line (what ``_retry.retrying`` does).
+
+Used by ``tests/test_rate.py`` (the throttle reaches each shape's limit) and by
+``benchmarks/throttle_sim.py`` (the table of every shape).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Final
+
+from .._admission import Admission, Ticket
+from ._limits import Limiter
+
+ROUND_TRIP: Final = 0.003
+
+
+class Flaky:
+    """A server that refuses a share of requests at random, whatever the rate (no limit)."""
+
+    def __init__(self, share: float, seed: int = 1) -> None:
+        self.share, self.rng = share, random.Random(seed)  # noqa: S311 - a simulation
+
+    def admit(self, now: float) -> float | None:  # noqa: ARG002 - time does not matter here
+        return 0.0 if self.rng.random() < self.share else None
+
+    def done(self, now: float) -> None:  # noqa: ARG002 - nothing is held
+        return None
+
+
+@dataclass(frozen=True)
+class Job:
+    """What is simulated: ``creates`` requests by ``concurrency`` workers."""
+
+    creates: int = 200
+    concurrency: int = 16
+    latency: float = 0.1  # seconds to answer an admitted create
+    retry_after: str = "none"  # "none", "exact" or "ceil" (whole seconds, rounded up)
+    seed: int = 0
+
+
+@dataclass
+class Outcome:
+    """Every answer ``(time, admitted)`` and the job's length."""
+
+    answers: list[tuple[float, bool]] = field(default_factory=list)
+    duration: float = 0.0
+
+    def fraction(self, allowed: float) -> float:
+        """Creates per second over the whole job, as a fraction of ``allowed``."""
+        return self.creates() / allowed / self.duration
+
+    def steady(self, allowed: float) -> float:
+        """The same over the job's second half."""
+        half = self.duration / 2
+        late = sum(ok for at, ok in self.answers if at >= half)
+        return late / allowed / (self.duration - half)
+
+    def refused_share(self) -> float:
+        """The share of answers that were 429s, over the job's second half."""
+        half = self.duration / 2
+        late = [ok for at, ok in self.answers if at >= half]
+        return late.count(False) / max(1, len(late))
+
+    def creates(self) -> int:
+        return sum(ok for _, ok in self.answers)
+
+
+def simulate(limiter: Limiter, job: Job, admission: Admission | None = None) -> Outcome:
+    """Run ``job`` against ``limiter`` through ``admission`` (a fresh one by default)."""
+    return _Run(limiter, job, admission or Admission(job.concurrency)).run()
+
+
+class _Run:
+    def __init__(self, limiter: Limiter, job: Job, admission: Admission) -> None:
+        self.limiter, self.job, self.admission = limiter, job, admission
+        self.rng = random.Random(job.seed)  # noqa: S311 - a simulation
+        self.events: list[tuple[float, int, str, int, Ticket | None]] = []
+        self.count = 0
+        self.waits: list[float] = [0.0] * job.concurrency  # each worker's Retry-After
+        self.parked: list[int] = []  # workers waiting for an answer to free a place
+        self.outcome = Outcome()
+
+    def run(self) -> Outcome:
+        remaining = self.job.creates
+        for worker in range(min(self.job.concurrency, remaining)):
+            remaining -= 1
+            self.push(0.0, "ready", worker)
+        now = 0.0
+        while self.events:
+            now, _, kind, worker, ticket = heapq.heappop(self.events)
+            if kind == "ready":
+                self.ready(now, worker)
+                continue
+            assert ticket is not None
+            admitted = self.answer(now, kind, ticket)
+            if not admitted:
+                self.push(now + self.waits[worker], "ready", worker)
+            elif remaining:
+                remaining -= 1
+                self.push(now, "ready", worker)
+        self.outcome.duration = now
+        return self.outcome
+
+    def push(self, at: float, kind: str, worker: int, ticket: Ticket | None = None) -> None:
+        self.count += 1
+        heapq.heappush(self.events, (at, self.count, kind, worker, ticket))
+
+    def ready(self, now: float, worker: int) -> None:
+        hold = self.admission.wait(now)
+        if hold is None:
+            self.parked.append(worker)
+        elif hold > 0:
+            self.push(now + hold, "ready", worker)
+        else:
+            ticket = self.admission.take(now)
+            refused = self.limiter.admit(now)
+            if refused is None:
+                self.push(now + self.after(self.job.latency), "ok", worker, ticket)
+            else:
+                self.waits[worker] = self.retry_after(refused)
+                self.push(
+                    now + self.after(min(self.job.latency, ROUND_TRIP)), "429", worker, ticket
+                )
+
+    def answer(self, now: float, kind: str, ticket: Ticket) -> bool:
+        admitted = kind == "ok"
+        if admitted:
+            self.limiter.done(now)
+        self.admission.settle(ticket, "ok" if admitted else "rate_limited", now)
+        self.outcome.answers.append((now, admitted))
+        while self.parked:
+            self.push(now, "ready", self.parked.pop())
+        return admitted
+
+    def after(self, mean: float) -> float:
+        return mean * self.rng.lognormvariate(0.0, 0.2)
+
+    def retry_after(self, wait: float) -> float:
+        if self.job.retry_after == "exact":
+            return wait
+        if self.job.retry_after == "ceil":
+            return max(1.0, math.ceil(wait))
+        return 0.0
