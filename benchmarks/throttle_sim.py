@@ -57,7 +57,7 @@ def cases() -> Iterator[tuple[str, float, str, dict[str, float]]]:
                 runs = []
                 for seed in range(SEEDS):
                     job = Job(round(seconds(name) * allowed), 16, latency, retry_after, seed)
-                    runs.append(simulate(make(random.Random(seed)), job))  # noqa: S311
+                    runs.append(simulate(make(random.Random(seed)), job))
                 figures = {
                     "overall": statistics.median(r.fraction(allowed) for r in runs),
                     "steady": statistics.median(r.steady(allowed) for r in runs),

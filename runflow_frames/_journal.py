@@ -601,7 +601,7 @@ class Journal(ABC):
 
     def remember_pace(self, pace: Pace) -> None:  # noqa: ARG002 - nothing is kept by default
         """The pace learned so far: kept with the next sync and at close."""
-        return None
+        return
 
 
 class MemoryJournal(Journal):
