@@ -19,6 +19,8 @@ class Accounting:
     idempotent_replays: int
     max_creates_in_flight: int
     faults: dict[str, int]
+    # (time.monotonic(), created) of every batch created and every create refused by a limit
+    timeline: list[tuple[float, bool]] = field(default_factory=list)
 
     def duplicate_refs(self) -> dict[str, int]:
         """client_refs that got more than one run."""
@@ -44,6 +46,7 @@ class Ledger:
     creates_in_flight: int = 0
     max_creates_in_flight: int = 0
     faults_struck: Counter[str] = field(default_factory=Counter)
+    timeline: list[tuple[float, bool]] = field(default_factory=list)
 
     def create_started(self) -> None:
         self.creates_in_flight += 1
@@ -59,4 +62,5 @@ class Ledger:
             idempotent_replays=self.replays,
             max_creates_in_flight=self.max_creates_in_flight,
             faults=dict(self.faults_struck),
+            timeline=list(self.timeline),
         )

@@ -145,6 +145,8 @@ class Emulator:
         """A fault struck (``limited`` for a server-side limit)."""
         with self._lock:
             self._ledger.faults_struck[name] += 1
+            if name == "limited":
+                self._ledger.timeline.append((time.monotonic(), False))
 
     def create_started(self) -> None:
         """A create request arrived (its body may still be on its way)."""
@@ -215,6 +217,7 @@ class Emulator:
             if run.client_ref is not None:
                 self._ledger.runs_by_ref[run.client_ref] += 1
         self._ledger.batches_created += 1
+        self._ledger.timeline.append((time.monotonic(), True))
 
     def get_batch(self, token: str, batch_id: str) -> Answer:
         with self._lock:
