@@ -41,6 +41,7 @@ class Pace(TypedDict, total=False):
 CAP_PROBE: Final = 5.0
 CAP_EVIDENCE: Final = 3  # refusals above the most ever admitted at once, before a cap is believed
 LEVELS: Final = 100  # answers behind that judgement
+CAP_NOISE: Final = 0.2  # refusals under a cap, admissions over it, that the judgement forgives
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +105,7 @@ class Admission:
             self.strikes = 0
             self._levels.append((ticket, True))
             self.pace.answered(now, ticket.sent_at, limited=False)
-            self._probe_cap(ticket, now)
+            self._probe_cap(now)
         elif outcome == "rate_limited":
             self._levels.append((ticket, False))
             if self._over_cap(ticket):
@@ -126,24 +127,38 @@ class Admission:
         paced_since = self.pace.paced_since
         if paced_since is None or ticket.sent_at < paced_since:
             return False
+        if self.pace.offered(ticket.sent_at) > 1.5 * self.pace.through(ticket.sent_at):
+            return False  # sent faster than anything got through: a rate explains it as well
         paced = [(t.in_flight, ok) for t, ok in self._levels if t.sent_at >= paced_since]
-        admitted = [level for level, ok in paced if ok]
-        if len(admitted) < 3 * CAP_EVIDENCE or ticket.in_flight <= max(admitted):
+        cap = _cap_in(paced, below=ticket.in_flight)
+        if cap is None:
             return False
-        top = max(admitted)
-        above = sum(not ok and level > top for level, ok in paced)
-        if above < CAP_EVIDENCE or self.pace.offered(ticket.sent_at) > 1.5 * self.pace.through(
-            ticket.sent_at
-        ):
-            return False  # too few, or sent faster than anything got through: a rate explains it
-        self._capped = top
+        self._capped = cap
         return True
 
-    def _probe_cap(self, ticket: Ticket, now: float) -> None:
-        """An admitted try: the server took that many at once; quiet long enough, try one more."""
-        if self._capped is None:
+    def _probe_cap(self, now: float) -> None:
+        """Quiet for ``CAP_PROBE`` seconds: the probe one above the cap held (it becomes the
+        cap), and the next probe starts."""
+        if self._capped is None or self.cap is None or now - self._capped_at <= CAP_PROBE:
             return
-        self._capped = max(self._capped, ticket.in_flight)
-        if self.cap is not None and now - self._capped_at > CAP_PROBE:
-            self.cap = None if self.cap >= self.max else self.cap + 1
-            self._capped_at = now
+        self._capped = self.cap
+        self.cap = None if self.cap >= self.max else self.cap + 1
+        self._capped_at = now
+
+
+def _cap_in(answers: list[tuple[int, bool]], below: int) -> int | None:
+    """The lowest level under ``below`` with few refusals at or under it and mostly refusals
+    above it, seen enough: a cap on requests in flight (the client counts a few more in flight
+    than the server does, those on their way, so the line is not sharp)."""
+    for level in range(1, below):
+        under = [ok for n, ok in answers if n <= level]
+        over = [ok for n, ok in answers if n > level]
+        refused_over = over.count(False)
+        if (
+            len(under) >= 3 * CAP_EVIDENCE
+            and under.count(False) <= CAP_NOISE * len(under)
+            and refused_over >= CAP_EVIDENCE
+            and refused_over >= (1 - CAP_NOISE) * len(over)
+        ):
+            return level
+    return None

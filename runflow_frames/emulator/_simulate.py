@@ -3,8 +3,9 @@
 The throttle's policy (``runflow_frames._admission.Admission``) is pure, and so are the limiter
 shapes (``_limits``): this discrete-event simulation drives one with the other, the way the
 pipeline and the emulator do over HTTP. ``concurrency`` workers each send a create when the
-admission allows; the limiter admits it (answered after ``latency``, varying by about 20% as a
-network's does) or refuses it (answered after a round trip: a limiter does no work), with a
+admission allows; it reaches the server half a round trip later, give or take (the spacing the
+client kept is not quite the spacing the server sees), where the limiter admits it (answered
+``latency`` later, varying by about 20% as a server's does) or refuses it at once, with a
 ``Retry-After`` that is absent, exact, or rounded up to whole seconds; a refused create waits
 its ``Retry-After``, if any, then goes back in line (what ``_retry.retrying`` does).
 
@@ -104,6 +105,9 @@ class _Run:
                 self.ready(now, worker)
                 continue
             assert ticket is not None
+            if kind == "arrive":
+                self.arrive(now, worker, ticket)
+                continue
             admitted = self.answer(now, kind, ticket)
             if not admitted:
                 self.push(now + self.waits[worker], "ready", worker)
@@ -123,16 +127,17 @@ class _Run:
             self.parked.append(worker)
         elif hold > 0:
             self.push(now + hold, "ready", worker)
-        else:
+        else:  # it reaches the server half a round trip later, give or take
             ticket = self.admission.take(now)
-            refused = self.limiter.admit(now)
-            if refused is None:
-                self.push(now + self.after(self.job.latency), "ok", worker, ticket)
-            else:
-                self.waits[worker] = self.retry_after(refused)
-                self.push(
-                    now + self.after(min(self.job.latency, ROUND_TRIP)), "429", worker, ticket
-                )
+            self.push(now + self.after(ROUND_TRIP / 2, 0.5), "arrive", worker, ticket)
+
+    def arrive(self, now: float, worker: int, ticket: Ticket) -> None:
+        refused = self.limiter.admit(now)
+        if refused is None:
+            self.push(now + self.after(self.job.latency), "ok", worker, ticket)
+        else:  # a limiter does no work: the 429 is back after the other half
+            self.waits[worker] = self.retry_after(refused)
+            self.push(now + self.after(ROUND_TRIP / 2, 0.5), "429", worker, ticket)
 
     def answer(self, now: float, kind: str, ticket: Ticket) -> bool:
         admitted = kind == "ok"
@@ -144,8 +149,8 @@ class _Run:
             self.push(now, "ready", self.parked.pop())
         return admitted
 
-    def after(self, mean: float) -> float:
-        return mean * self.rng.lognormvariate(0.0, 0.2)
+    def after(self, median: float, sigma: float = 0.2) -> float:
+        return median * self.rng.lognormvariate(0.0, sigma)
 
     def retry_after(self, wait: float) -> float:
         if self.job.retry_after == "exact":
