@@ -1,0 +1,178 @@
+"""The throttle against every limiter shape: in simulated time (the pure policy against the
+emulator's own limiter shapes, hundreds of seconds in milliseconds), and one short job per shape
+over HTTP against the emulator.
+
+The bounds are issue 14's goals (steady state >= 0.95 of the allowed rate, >= 0.85 overall,
+<= 5% of the creates refused in steady state) where the throttle meets them, and what it reaches
+where it does not yet, said so next to the bound: strict spacing loses a few percent to the
+jitter between when the client sends and when the server counts; a whole-second Retry-After
+holds a refused request up to a second longer than needed; a window of 5 s is longer than the
+throttle's memory of refusals, so about one create in ten is refused there.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from runflow_frames import run_batches
+from runflow_frames._admission import Admission
+from runflow_frames._rate import RateController
+from runflow_frames.emulator import Emulator, Faults, serve
+from runflow_frames.emulator._limits import (
+    ConcurrencyCap,
+    FixedWindow,
+    Limiter,
+    SlidingWindow,
+    TokenBucket,
+)
+from runflow_frames.emulator._records import Timing
+from runflow_frames.emulator._simulate import Flaky, Job, Outcome, simulate
+
+from .conftest import API_KEY
+
+Make = Callable[[random.Random], Limiter]
+# name: (limiter, allowed creates/s, seconds of job at that rate)
+SHAPES: dict[str, tuple[Make, float, float]] = {
+    "strict": (lambda _: TokenBucket(20, 1), 20.0, 10.0),
+    "bucket": (lambda _: TokenBucket(20, 20), 20.0, 10.0),
+    "fixed": (lambda rng: FixedWindow(20, 1.0, start=rng.uniform(0, 1)), 20.0, 10.0),
+    "sliding": (lambda _: SlidingWindow(20, 1.0), 20.0, 10.0),
+    "window-5s": (lambda rng: FixedWindow(100, 5.0, start=rng.uniform(0, 5)), 20.0, 30.0),
+    "cap": (lambda _: ConcurrencyCap(8), 80.0, 10.0),
+}
+GOAL = {"overall": 0.85, "steady": 0.95, "share": 0.05}
+# Where the throttle does not meet a goal yet: what it does reach (see the module docstring).
+SHORT_OF_GOAL: dict[tuple[str, str], dict[str, float]] = {
+    ("strict", "none"): {"steady": 0.88},
+    ("strict", "exact"): {"steady": 0.88},
+    ("strict", "ceil"): {"steady": 0.78, "overall": 0.68, "share": 0.06},
+    ("bucket", "ceil"): {"steady": 0.85},
+    ("fixed", "ceil"): {"steady": 0.84, "share": 0.06},
+    ("sliding", "exact"): {"steady": 0.93},
+    ("sliding", "ceil"): {"steady": 0.86},
+    ("window-5s", "none"): {"share": 0.16},
+    ("window-5s", "exact"): {"share": 0.11},
+    ("window-5s", "ceil"): {"share": 0.11},
+    ("cap", "none"): {"steady": 0.92},
+    ("cap", "exact"): {"steady": 0.92},
+    ("cap", "ceil"): {"steady": 0.89},
+}
+
+
+def run_shape(name: str, latency: float, form: str, seeds: int = 3) -> dict[str, float]:
+    make, allowed, seconds = SHAPES[name]
+    if name == "cap":
+        allowed = 8 / latency
+    runs: list[Outcome] = []
+    for seed in range(seeds):
+        job = Job(round(seconds * allowed), 16, latency, form, seed)
+        runs.append(simulate(make(random.Random(seed)), job))  # noqa: S311 - a simulation
+    return {
+        "overall": statistics.median(r.fraction(allowed) for r in runs),
+        "steady": statistics.median(r.steady(allowed) for r in runs),
+        "share": statistics.median(r.refused_share() for r in runs),
+    }
+
+
+CASES = [
+    (name, latency, form)
+    for name in SHAPES
+    for latency in (0.003, 0.1)
+    for form in ("none", "exact", "ceil")
+    if not (name == "cap" and latency < 0.01)  # at no latency a cap of 8 binds nothing
+]
+
+
+@pytest.mark.parametrize(("name", "latency", "form"), CASES)
+def test_the_throttle_reaches_each_limit_in_simulated_time(
+    name: str, latency: float, form: str
+) -> None:
+    got = run_shape(name, latency, form)
+    bound = {**GOAL, **SHORT_OF_GOAL.get((name, form), {})}
+    assert got["overall"] >= bound["overall"], got
+    assert got["steady"] >= bound["steady"], got
+    assert got["share"] <= bound["share"], got
+
+
+def test_stray_429s_barely_slow_a_job_down() -> None:
+    # 5% of the requests refused at random (a flaky server, no limit): 16 workers at 100 ms.
+    runs = [simulate(Flaky(0.05, seed), Job(1600, 16, 0.1, "none", seed)) for seed in range(3)]
+    assert statistics.median(r.fraction(160) for r in runs) >= 0.9
+
+
+def test_a_resumed_job_starts_at_the_pace_it_learned() -> None:
+    fresh = simulate(TokenBucket(20, 1), Job(100, 16, 0.1, "none", 1))
+    learned = Admission(16, rate=19.0)
+    resumed = simulate(TokenBucket(20, 1), Job(100, 16, 0.1, "none", 1), learned)
+
+    def refused_first_second(outcome: Outcome) -> int:
+        return sum(not ok for at, ok in outcome.answers if at < 1.0)
+
+    assert refused_first_second(fresh) >= 10  # sixteen at once: fifteen refused
+    assert refused_first_second(resumed) <= 2
+    assert resumed.fraction(20) > fresh.fraction(20)
+
+
+def test_the_pace_cuts_a_little_when_a_little_over_and_climbs_back() -> None:
+    pace = RateController(rate=20.0)
+    now = 0.0
+    for _ in range(60):  # 3 s at 20/s, all admitted: it probes upward
+        pace.sent(now)
+        now += 0.05
+        pace.answered(now, now - 0.05, limited=False)
+    probed = pace.rate
+    assert probed is not None and probed > 20.0
+    for limited in [True, False] * 3:  # half refused: over a strict limit
+        pace.sent(now)
+        now += 1 / probed
+        pace.answered(now, now - 1 / probed, limited=limited)
+    assert pace.rate is not None
+    assert 0.8 * probed < pace.rate < probed  # a cut, not a collapse
+
+
+def test_a_cap_on_requests_in_flight_is_learned_as_a_cap_not_a_rate() -> None:
+    admission = Admission(16)
+    outcome = simulate(ConcurrencyCap(8), Job(800, 16, 0.1, "none", 2), admission)
+    assert admission.learned()["cap"] in (7, 8)
+    assert outcome.steady(80) >= 0.9
+    assert outcome.refused_share() <= 0.05
+
+
+# -- over HTTP, against the emulator -------------------------------------------------------------
+
+HTTP_SHAPES = {
+    "strict": "rate_limit=40,burst=1",
+    "bucket": "rate_limit=40,burst=40",
+    "fixed": "window_limit=40,window=1",
+    "sliding": "window_limit=40,window=1,window_kind=sliding",
+    "cap": "concurrency_limit=4",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(HTTP_SHAPES))
+def test_a_job_over_http_meets_each_shape(name: str) -> None:
+    """120 creates (12,000 rows) at 40 a second (3 s), or under a cap of 4 at 50 ms: every row
+    gets one run, at most of the allowed rate."""
+    faults = Faults.parse(f"{HTTP_SHAPES[name]},routes=create")
+    emulator = Emulator(faults=faults, timing=Timing(create_latency=0.05))
+    df = pd.DataFrame({"x": np.arange(12_000)}, index=[f"r{i}" for i in range(12_000)])
+    with serve(emulator) as url:
+        run_batches(df, "acme/echo", base_url=url, api_key=API_KEY, max_concurrency=16)
+    seen = emulator.accounting()
+    assert seen.runs_by_client_ref == dict.fromkeys(df.index, 1)
+    start, end = seen.timeline[0][0], seen.timeline[-1][0]
+    created = [t for t, ok in seen.timeline if ok]
+    allowed = 4 / 0.05 if name == "cap" else 40.0
+    # A job of 3 s is mostly learning (the simulated-time tests hold the steady state to its
+    # goals): it gets most of the allowed rate, without a storm of 429s.
+    assert len(created) / (end - start) >= 0.6 * allowed
+    assert seen.faults.get("limited", 0) <= len(created)
+    if name == "cap":
+        assert seen.max_creates_in_flight <= 4
