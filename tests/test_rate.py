@@ -72,7 +72,7 @@ def run_shape(name: str, latency: float, form: str, seeds: int = 3) -> dict[str,
     runs: list[Outcome] = []
     for seed in range(seeds):
         job = Job(round(seconds * allowed), 16, latency, form, seed)
-        runs.append(simulate(make(random.Random(seed)), job))  # noqa: S311 - a simulation
+        runs.append(simulate(make(random.Random(seed)), job))
     return {
         "overall": statistics.median(r.fraction(allowed) for r in runs),
         "steady": statistics.median(r.steady(allowed) for r in runs),
@@ -127,7 +127,8 @@ def test_the_pace_cuts_a_little_when_a_little_over_and_climbs_back() -> None:
         now += 0.05
         pace.answered(now, now - 0.05, limited=False)
     probed = pace.rate
-    assert probed is not None and probed > 20.0
+    assert probed is not None
+    assert probed > 20.0
     for limited in [True, False] * 3:  # half refused: over a strict limit
         pace.sent(now)
         now += 1 / probed
