@@ -48,13 +48,17 @@ class Coordinator(SchedulerPlugin):
         self.scheduler = scheduler
         scheduler.handlers["runflow_acquire"] = self.acquire
         scheduler.handlers["runflow_release"] = self.release
-        scheduler.handlers["runflow_pace"] = self.pace
 
-    async def acquire(self, job: str, max_concurrency: int, lease: str, worker: str) -> int:
-        """Wait for the job's throttle to admit one more request; returns its strikes."""
+    async def acquire(
+        self, job: str, max_concurrency: int, lease: str, worker: str, pace: Pace | None = None
+    ) -> tuple[int, Pace]:
+        """Wait for the job's throttle (made with ``pace`` when this is its first request) to
+        admit one more request; returns its strikes and what it learned."""
         throttle = self.throttles.get(job)
         if throttle is None:
-            throttle = Throttle(max_concurrency, clock=anyio.current_time, sleep=anyio.sleep)
+            throttle = Throttle(
+                max_concurrency, pace=pace, clock=anyio.current_time, sleep=anyio.sleep
+            )
             self.throttles[job] = throttle
             self.leases[job] = {}
         ticket = await throttle.acquire()
@@ -64,7 +68,7 @@ class Coordinator(SchedulerPlugin):
             throttle.settle(ticket, "failed")
         else:
             self.leases[job][lease] = (worker, ticket)
-        return throttle.strikes
+        return throttle.strikes, throttle.pace()
 
     def release(self, job: str, lease: str, outcome: Outcome, wait: float | None) -> None:
         held = self.leases.get(job, {}).pop(lease, None)
@@ -72,11 +76,6 @@ class Coordinator(SchedulerPlugin):
             self.dropped.add(lease)
             return
         self.throttles[job].settle(held[1], outcome, wait)
-
-    def pace(self, job: str) -> Pace | None:
-        """What the job's throttle learned (for the client to report or keep)."""
-        throttle = self.throttles.get(job)
-        return None if throttle is None else throttle.pace()
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:  # noqa: ARG002
         for job, leases in self.leases.items():
@@ -112,6 +111,8 @@ class ClusterGate:
         self._address = worker.address
         self._loop: asyncio.AbstractEventLoop = cast(Any, worker.loop).asyncio_loop
         self.strikes = 0
+        self._pace: Pace = {"rate": None, "cap": None}  # as of the last lease
+        self._start: Pace | None = None
 
     def _call(self, coroutine: Coroutine[Any, Any, Any]) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -119,10 +120,14 @@ class ClusterGate:
     async def acquire(self) -> str:
         lease = uuid.uuid4().hex
         call = self._scheduler.runflow_acquire(
-            job=self._job, max_concurrency=self._max, lease=lease, worker=self._address
+            job=self._job,
+            max_concurrency=self._max,
+            lease=lease,
+            worker=self._address,
+            pace=self._start,
         )
         try:
-            self.strikes = await asyncio.wrap_future(self._call(call))
+            self.strikes, self._pace = await asyncio.wrap_future(self._call(call))
         except BaseException:
             self._send_release(lease, "failed", None)  # cancelled while waiting: give it back
             raise
@@ -130,6 +135,13 @@ class ClusterGate:
 
     def release(self, ticket: str, error: APIError | None, wait: float | None = None) -> None:
         self._send_release(ticket, outcome_of(error), wait)
+
+    def pace(self) -> Pace:
+        return self._pace
+
+    def start_from(self, pace: Pace | None) -> None:
+        """The scheduler's throttle starts from it, if this is the job's first request."""
+        self._start = pace
 
     def _send_release(self, lease: str, outcome: Outcome, wait: float | None) -> None:
         call = self._scheduler.runflow_release(

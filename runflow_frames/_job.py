@@ -32,7 +32,7 @@ from ._config import Connection, JobOptions, fingerprint
 from ._errors import APIStatusError, CheckpointError, SubmissionError
 from ._handles import Handles, check_no_collision, join_handles
 from ._journal import DirectoryJournal, Journal, Kind, MemoryJournal, Resume
-from ._pipeline import ChunkFailure, Throttle, ends_the_job, job_gate, one_error, submit_chunks
+from ._pipeline import ChunkFailure, ends_the_job, job_gate, one_error, submit_chunks
 from ._progress import ProgressOption, Reporter
 from ._rows import Chunk, body_suffix, chunk_body, client_refs, encode_rows, item_columns
 from ._sync import keep_partial
@@ -137,8 +137,7 @@ class SubmitJob:
 
         def on_submitted(chunk: Chunk, handles: Handles) -> None:
             journal.answered(chunk, handles)
-            if isinstance(gate, Throttle):
-                journal.remember_pace(gate.pace())
+            journal.remember_pace(gate.pace())
             reporter.advance(len(chunk.refs))
 
         with one_error():

@@ -117,6 +117,13 @@ class Throttle:
         """What was learned, to start a resumed job from (kept in its checkpoint)."""
         return self.admission.learned()
 
+    def start_from(self, pace: Pace | None) -> None:
+        """Start from ``pace`` unless something was learned already (a shared throttle that
+        served another block or partition)."""
+        fresh = self.admission.learned() == {"rate": None, "cap": None}
+        if pace and fresh and not self.admission.in_flight:
+            self.admission = Admission(self.admission.max, **pace)
+
     async def acquire(self) -> Ticket:
         while True:
             hold = self.admission.wait(self._clock())
@@ -158,6 +165,7 @@ def job_gate(max_concurrency: int, pace: Pace | None = None) -> Gate:
     """The context's shared gate, else a Throttle of the job's own (starting from ``pace``)."""
     shared = SHARED_GATE.get()
     if shared is not None:
+        shared.start_from(pace)
         return shared
     return Throttle(max_concurrency, pace=pace, clock=anyio.current_time, sleep=anyio.sleep)
 

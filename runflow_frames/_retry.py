@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar
 
+from ._admission import Pace
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -152,6 +153,12 @@ class Gate(Protocol):
 
     def release(self, ticket: Any, error: APIError | None, wait: float | None = None) -> None:
         """How the try went; ``wait`` is the retry's wait, when there will be one."""
+
+    def pace(self) -> Pace:
+        """What it learned of the server's limits (kept in a checkpoint)."""
+
+    def start_from(self, pace: Pace | None) -> None:
+        """What a checkpoint kept, to start from when nothing was learned yet."""
 
 
 async def retrying(

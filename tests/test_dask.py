@@ -99,9 +99,11 @@ def test_a_429_slows_every_worker_and_the_rate_settles_under_the_limit(
     assert out["runflow_run_id"].notna().all()
     assert seen.runs_by_client_ref == dict.fromkeys(out.index, 1)
     # 120 creates against 40/s (the bucket starts full): the throttle learns the rate once
-    # for the whole cluster instead of each partition hitting the limit on its own.
-    # (Measured: 14 to 16 with the cluster-wide throttle, 34 to 38 with one per partition.)
-    assert seen.faults.get("limited", 0) <= 24
+    # for the whole cluster instead of each partition hitting the limit on its own. In a job
+    # of 3 s that is mostly learning: about one 429 for every two creates (measured 40 to 56;
+    # the old throttle, which paused everyone on each 429, 14 to 16, but ran at 0.13 of a
+    # strictly spaced limit). Steady state is held to its goals in test_rate.py.
+    assert seen.faults.get("limited", 0) <= 80
 
 
 def test_a_worker_killed_mid_job_costs_no_duplicate_run(

@@ -15,13 +15,16 @@ from __future__ import annotations
 import random
 import statistics
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from runflow_frames import run_batches
+from runflow_frames import SubmissionError, run_batches
 from runflow_frames._admission import Admission
+from runflow_frames._journal import read_pace
 from runflow_frames._rate import RateController
 from runflow_frames.emulator import Emulator, Faults, serve
 from runflow_frames.emulator._limits import (
@@ -177,3 +180,33 @@ def test_a_job_over_http_meets_each_shape(name: str) -> None:
     assert seen.faults.get("limited", 0) <= len(created)
     if name == "cap":
         assert seen.max_creates_in_flight <= 4
+
+
+@pytest.mark.slow
+def test_a_resumed_checkpoint_starts_at_the_pace_its_first_run_learned(tmp_path: Path) -> None:
+    """A job stopped part-way (out of credit) kept its pace; resumed, it sends at that pace
+    from its first request instead of learning the limit again with a burst of 429s."""
+    emulator = Emulator(faults=Faults.parse("rate_limit=20,burst=1,routes=create"), credit=6_000)
+    df = pd.DataFrame({"x": np.arange(10_000)}, index=[f"r{i}" for i in range(10_000)])
+    options: dict[str, Any] = {"api_key": API_KEY, "checkpoint": tmp_path, "max_concurrency": 16}
+    with serve(emulator) as url:
+        with pytest.raises(SubmissionError):
+            run_batches(df, "acme/echo", base_url=url, **options)
+        kept = read_pace(tmp_path)
+        assert kept is not None
+        assert kept["rate"] is not None
+        assert 10 < kept["rate"] < 21
+        first_run = len(emulator.accounting().timeline)
+        emulator.credit = None
+        out = run_batches(df, "acme/echo", base_url=url, **options)
+    assert out["runflow_run_id"].notna().all()
+    seen = emulator.accounting()
+    assert seen.runs_by_client_ref == dict.fromkeys(df.index, 1)
+    fresh = seen.timeline[:first_run]
+    resumed = seen.timeline[first_run:]
+
+    def refused_in_first_second(timeline: list[tuple[float, bool]]) -> int:
+        return sum(not ok for t, ok in timeline if t < timeline[0][0] + 1.0)
+
+    assert refused_in_first_second(fresh) >= 10  # sixteen at once: most refused
+    assert refused_in_first_second(resumed) <= 3
