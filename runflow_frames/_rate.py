@@ -1,29 +1,35 @@
 """How fast to send: a rate controller that learns a server's rate limit from its 429s.
 
 Pure: no method reads a clock; each takes ``now`` (seconds, any origin). The pipeline's
-``Throttle`` drives it in real time; ``tests/test_rate.py`` and ``benchmarks/throttle_sim.py``
-drive it against simulated servers of every limiter shape in simulated time.
+``Throttle`` drives it in real time (through ``_admission``); ``tests/test_rate.py`` and
+``benchmarks/throttle_sim.py`` drive it against every limiter shape in simulated time. The
+constants were tuned there, against all the shapes at once.
 
-Until the server refuses a request, nothing is paced. From then on sends are spaced
-``1 / rate`` apart (no bursts), and the rate follows the answers:
+Until the server refuses a request, nothing is paced. From then on requests leave ``1 / rate``
+apart (no bursts), and the rate follows the answers:
 
-- **The first refusals** (nothing paced yet) set the rate to what got through: answers that
-  were not refused, over the last ``HORIZON`` seconds (or since the first send). Counting over
-  seconds rather than over a few tries catches a limit per window as well as a per-second one.
-- **A refusal at a paced rate** says the rate is just over the limit: the rate drops to
-  ``1 - MARGIN`` of the lower of the rate and what was really sent, and that rate is
-  remembered as ``ceiling``. A small cut, because the cut is made again on the next refusal
-  (a server that lowered its limit is followed within a few dozen requests), while a deep cut
-  would cost throughput every time the probe touches the limit. When most recent tries are
-  refused (``share > HIGH_SHARE``) the rate drops straight to what got through instead.
-- Only a refusal of a request **sent after the last cut** counts: one sent before says nothing
-  of the new rate.
-- **Quiet** (no counted refusal for ``QUIET`` seconds): the rate climbs back, half the gap to
-  just under ``ceiling`` per second, then probes beyond it slowly and ever faster (as CUBIC
-  does), so a limit that rose is found.
+- **The first refusal** sets the rate to what was not refused so far, per second; until
+  something gets through at that pace, further refusals only lower that guess.
+- **A refusal at a paced rate** is judged by the requests sent since the last cut (a request
+  sent before the cut took effect says nothing of the new rate):
+
+  - a few of many refused (under ``LOW_SHARE``): over a limit that lets the rest through, by
+    that share: the rate drops to the share that got through, ``MARGIN`` under it;
+  - most refused (over ``HIGH_SHARE``): far over: to what got through, or the share that did;
+  - otherwise (few answers yet, or strict spacing, which refuses about half the requests when
+    a little over): a cut of ``MARGIN``, doubled with each cut within ``STRIKE_MEMORY`` of the
+    one before, but not below ``FLOOR`` of what got through lately;
+  - none admitted since the last cut: the limit is closed for now (a window spent): no cut.
+
+  The rate cut from, or the rate requests really left at if lower (``offered``: a pause before
+  a burst does not hide the burst's pace), is remembered as ``ceiling``.
+- **Quiet** (no counted refusal for ``QUIET`` seconds): the rate climbs back quickly to just
+  under ``ceiling`` (``APPROACH`` of the gap per second), then beyond it slowly and ever faster,
+  ``ceiling * (1 + PROBE + CUBIC * seconds**3)`` (TCP CUBIC's shape), so a limit that rose is
+  found; never above twice the rate requests really leave at (an unused pace is untested).
 - **Stray refusals**: a refusal counts only when more than ``noise`` of the last ``RECENT``
-  answers were refusals. A cut that did not lower the share of refusals (over the next
-  ``2 * RECENT`` answers) was a cut for nothing: it is undone and ``noise`` rises to the share
+  answers were refusals. A cut after which the next ``2 * RECENT`` answers were refused about
+  as often as before was a cut for nothing: it is undone and ``noise`` rises to twice the share
   seen, so a server that refuses a few requests at random, whatever the rate, costs little.
 """
 
@@ -178,9 +184,7 @@ class RateController:
         ceiling = min(self.rate, offered)
         refused, answers = self._fresh
         share = refused / answers if answers >= SPAN else self.share()
-        if (
-            answers >= RECENT // 2 and share < LOW_SHARE
-        ):  # a little over, measured: what got through
+        if answers >= RECENT // 2 and share < LOW_SHARE:  # a little over, by that share
             target = ceiling * (1 - share) * (1 - MARGIN)
         elif share > HIGH_SHARE:  # far over: to the share that got through, or what got through
             target = max(through, ceiling * (1 - share))
