@@ -239,6 +239,11 @@ def outcome(item: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+# Rounds the oldest unfinished batch may be seen running before the younger ones are swept
+# all the same (a batch stuck behind one slow item must not hold back every other one).
+STUCK_ROUNDS: Final = 3
+
+
 @dataclass(frozen=True)
 class PollPolicy:
     """How collection polls: intervals that grow from ``initial`` to ``max`` seconds, at most
@@ -270,7 +275,10 @@ async def collect_items(
     ``GET /v1/batches/{id}``). Once it is over, the others are swept in order through their item
     lists, ``max_concurrency`` at a time; a batch whose items have all ended is collected by that
     same request, and the sweep stops at the first window in which none had. A finished batch
-    thus costs one request (a page of up to 500 items), plus one poll per waiting round.
+    thus costs one request (a page of up to 500 items), plus one poll per waiting round. When
+    the oldest is still running after ``STUCK_ROUNDS`` rounds, the younger ones are swept all
+    the same, each round; at the deadline every batch is looked at once more, so every row that
+    finished is returned.
 
     ``statuses`` receives the last seen status of each batch. ``expected`` gives the item ids we
     hold for a batch: pages that lack one (a cursor that repeats, a page that goes missing) are
@@ -294,19 +302,23 @@ async def collect_items(
     )
     started = time.monotonic()
     interval = poll.initial
-    probe_over = False
+    waited = 0  # rounds the oldest batch has been seen running
     while pending:
-        if not probe_over:
-            probe_over = await sweeper.probe(pending[0])
-        if probe_over:
+        if await sweeper.probe(pending[0]):
+            waited = 0
             done = set(await sweeper.sweep_all(pending))
-            pending = [b for b in pending if b not in done]
-            probe_over = False
-            if not pending:
-                break
-        left = math.inf if poll.deadline is None else poll.deadline - (time.monotonic() - started)
-        if left <= 0:
+        elif (waited := waited + 1) >= STUCK_ROUNDS:
+            # The oldest runs on: the younger ones may be done all the same.
+            done = set(await sweeper.sweep_all(pending[1:]))
+        else:
+            done = set()
+        pending = [b for b in pending if b not in done]
+        if not pending:
             break
+        left = math.inf if poll.deadline is None else poll.deadline - (time.monotonic() - started)
+        if left <= 0:  # a last look at every batch: every row that finished is returned
+            done = set(await sweeper.sweep_all(pending, until_idle=False))
+            return [b for b in pending if b not in done]
         await anyio.sleep(min(interval, left))
         interval = min(poll.max, interval * poll.growth)
     return pending
@@ -350,9 +362,9 @@ class _Sweeper:
         self.seen[batch_id] = str(batch.get("status_code"))
         return batch_is_over(batch)
 
-    async def sweep_all(self, pending: list[str]) -> list[str]:
+    async def sweep_all(self, pending: list[str], *, until_idle: bool = True) -> list[str]:
         """Sweep ``pending`` in order, ``max_concurrency`` at a time, up to the first window in
-        which no batch was done; returns the batches done."""
+        which no batch was done (or through all of them); returns the batches done."""
         finished: list[str] = []
         size = self.poll.max_concurrency
         for start in range(0, len(pending), size):
@@ -362,7 +374,7 @@ class _Sweeper:
                     tg.start_soon(self.sweep, batch_id, finished)
             if self.errors:
                 raise self.errors[0]
-            if len(finished) == before:
+            if until_idle and len(finished) == before:
                 break  # a whole window still running: the rest is younger, wait
         return finished
 

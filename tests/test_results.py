@@ -284,6 +284,45 @@ def test_a_deadline_returns_what_was_collected() -> None:
     assert partial["runflow_output"].isna().all()
 
 
+class OneRunsOn(httpx.AsyncBaseTransport):
+    """The emulator in-process, with one batch that never ends (its items keep running)."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.inner = httpx.ASGITransport(app=create_app(emulator))
+        self.stuck: str | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if self.stuck is None or f"/batches/{self.stuck}" not in request.url.path:
+            return response
+        body = orjson.loads(await response.aread())
+        for item in body.get("items", [body]):
+            item.update(status_code="running", status="running", completed_at=None, output=None)
+        if "items_total" in body:  # the batch itself: running
+            body.update(status_code="running", completed_at=None, items_succeeded=0)
+            body.update(items_failed=0, items_cancelled=0)
+        return httpx.Response(200, content=orjson.dumps(body))
+
+
+def test_one_batch_that_runs_on_holds_back_none_of_the_others() -> None:
+    emulator = Emulator(timing=Timing(queued=0, dispatching=0, running=0))
+    transport = OneRunsOn(emulator)
+    options: dict[str, Any] = {"api_key": API_KEY, "base_url": LOCAL, "transport": transport}
+    out = run_batches(mixed(1000), "acme", "uppercase", **options)
+    transport.stuck = str(out["runflow_batch_id"].iloc[0])  # the oldest of ten
+    with pytest.raises(DeadlineExceeded) as info:
+        collect(out, deadline=1.0, poll_interval=FAST_POLL, **options)
+    partial = info.value.result
+    stuck = partial["runflow_batch_id"] == transport.stuck
+    assert stuck.sum() == 100
+    assert partial.loc[stuck, "runflow_status"].eq("running").all()
+    # The other 900 rows ended, and each has its outcome.
+    ended = partial.loc[~stuck]
+    assert ended["runflow_status"].isin(["succeeded", "failed"]).all()
+    done = ended["runflow_status"] == "succeeded"
+    assert ended.loc[done, "runflow_output"].notna().all()
+
+
 def test_collect_needs_handles() -> None:
     with pytest.raises(InputError, match="lacks"):
         collect(pd.DataFrame({"v": [1]}), api_key=API_KEY, base_url=LOCAL)
