@@ -214,14 +214,14 @@ run_batches = sync_twin(arun_batches)
 
 
 async def aretry_failed(
-    df: pd.DataFrame,
+    df: Any,
     owner: str,
     slug: str | None = None,
     *,
     checkpoint: str | os.PathLike[str] | None = None,
     wait: bool = False,
     **options: Any,
-) -> pd.DataFrame:
+) -> Any:
     """Submit again, as new items, only the rows whose runs failed.
 
     Takes a collected frame (``collect`` or ``wait=True``); rows whose ``runflow_status`` is
@@ -236,6 +236,7 @@ async def aretry_failed(
     >>> done = run_batches(df, "acme", "uppercase", checkpoint="ckpt", wait=True)  # doctest: +SKIP
     >>> fixed = retry_failed(done, "acme", "uppercase", checkpoint="ckpt", wait=True)  # doctest: +SKIP
     """
+    df, back = to_pandas(df)  # pandas, polars or Arrow: the same comes back
     if "runflow_status" not in df.columns:
         raise InputError("retry_failed needs a collected frame (collect() or wait=True first)")
     failed = df["runflow_status"].isin(FAILED_STATUSES).to_numpy()
@@ -247,7 +248,7 @@ async def aretry_failed(
     out = df.copy()
     out["runflow_attempt"] = attempts
     if not failed.any():
-        return out
+        return back(out)
     attempt = int(attempts[failed].max()) + 1
     inputs = df.loc[failed, [c for c in df.columns if not str(c).startswith("runflow_")]]
     # Each attempt is its own exactly-once job, with its own sub-checkpoint: calling this again
@@ -262,7 +263,7 @@ async def aretry_failed(
         if column not in out.columns:
             out[column] = pd.Series(pd.NA, index=out.index, dtype=again[column].dtype)
         out.loc[failed, column] = again[column].to_numpy()
-    return out
+    return back(out)
 
 
 retry_failed = sync_twin(aretry_failed)

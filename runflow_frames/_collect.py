@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from ._config import DEFAULT_TIMEOUT, Connection
 from ._errors import APIError, CollectError, DeadlineExceeded, InputError, ProtocolError
+from ._frames import to_pandas
 from ._journal import ResultsStore, job_parts, read_checkpoint, read_manifest
 from ._polling import (
     STORED_COLUMNS,
@@ -80,7 +81,7 @@ class Summary:
         return f"<table class='runflow-summary'>{rows}</table>"
 
 
-def summarize(df: pd.DataFrame) -> Summary:
+def summarize(df: Any) -> Summary:
     """The summary of a collected frame: rows by status, total cost, failures by code, and the
     time and API requests the collection took.
 
@@ -93,6 +94,7 @@ def summarize(df: pd.DataFrame) -> Summary:
     total cost             1.980
       failed: INPUT_VALIDATION_FAILED  10
     """
+    df, _ = to_pandas(df)
     none = pd.Series(pd.NA, index=df.index, dtype="string")
     status = df.get("runflow_status", none).fillna("not collected")
     costs = [c for c in df.get("runflow_cost", []) if isinstance(c, Decimal)]
@@ -190,9 +192,17 @@ async def acollect(
         transport=transport,
         retry=retry,
     )
-    if isinstance(source, pd.DataFrame):
-        return await collect_frame(
-            source, connection, checkpoint=checkpoint, poll=poll, flatten=flatten, progress=progress
+    if not isinstance(source, str | os.PathLike):  # a frame: pandas, polars or Arrow
+        frame, back = to_pandas(source)
+        return back(  # type: ignore[no-any-return]
+            await collect_frame(
+                frame,
+                connection,
+                checkpoint=checkpoint,
+                poll=poll,
+                flatten=flatten,
+                progress=progress,
+            )
         )
     manifest = read_manifest(Path(source))
     if manifest is not None and manifest.get("kind") == "file":

@@ -494,3 +494,33 @@ def test_a_polars_frame_in_gives_a_polars_frame_out(emulator: Emulator, base_url
     assert out["runflow_client_ref"].to_list() == ["0", "1", "2"]
     assert out["runflow_status"].to_list() == ["succeeded"] * 3
     assert [o["text"] for o in out["runflow_output"].to_list()] == ["A", "BB", "CCC"]
+
+
+@pytest.mark.parametrize("kind", ["arrow", "polars"])
+def test_summarize_collect_and_retry_failed_take_and_give_polars_and_arrow(
+    kind: str, emulator: Emulator, asgi: httpx.ASGITransport
+) -> None:
+    import polars as pl
+    import pyarrow as pa
+
+    from runflow_frames import collect, retry_failed, summarize
+
+    # The last row's output would pass 64 KiB: its run fails.
+    frame: Any = pa.table({"text": ["a", "b", "c", "d" * 1000], "repeat": [1, 2, 3, 100]})
+    kind_of: type = pa.Table
+    if kind == "polars":
+        frame, kind_of = pl.from_arrow(frame), pl.DataFrame
+    options: dict[str, Any] = {"api_key": API_KEY, "base_url": LOCAL, "transport": asgi}
+    out = run_batches(frame, "acme", "uppercase", **options)
+    done = collect(out, poll_interval=(0.01, 0.05), **options)
+    assert isinstance(done, kind_of)
+    summary = summarize(done)
+    assert (summary.rows, summary.by_status) == (4, {"succeeded": 3, "failed": 1})
+    assert summary.total_cost > 0
+    again = retry_failed(done, "acme", "uppercase", **options)
+    assert isinstance(again, kind_of)
+    attempts = again["runflow_attempt"]
+    assert (attempts.to_pylist() if kind == "arrow" else attempts.to_list()) == [1, 1, 1, 2]
+    # Only the failed row was sent again.
+    runs = emulator.accounting().runs_by_client_ref
+    assert sorted(runs.values()) == [1, 1, 1, 2]
