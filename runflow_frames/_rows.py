@@ -243,12 +243,26 @@ def column_values(series: pd.Series, name: str, refs: Sequence[str]) -> list[Any
             f"{dtype} values have no faithful JSON form; convert them first, e.g. s.astype(str)",
         )
     try:
-        # Extension dtypes (Int64, boolean, Float64, string, Arrow types): Arrow gives us
-        # Python values with None for missing ones; _each then normalises them.
-        values = pa.array(series, from_pandas=True).to_pylist()
+        array = pa.array(series, from_pandas=True)
     except (pa.ArrowException, TypeError, ValueError):
-        values = series.tolist()
+        return _each(series.tolist(), name, refs)
+    # Extension dtypes (Int64, boolean, Float64, string, Arrow types): Arrow gives us Python
+    # values with None for missing ones; _each then normalises them. An Arrow map (at any
+    # depth) is a JSON object, not a list of pairs; one that repeats a key is refused.
+    try:
+        values = array.to_pylist(maps_as_pydicts="strict")
+    except KeyError:
+        bad = [refs[i] for i, value in enumerate(array) if _repeats_a_key(value)]
+        raise _refusal(name, bad, "a map repeats a key, which a JSON object cannot") from None
     return _each(values, name, refs)
+
+
+def _repeats_a_key(value: pa.Scalar) -> bool:
+    try:
+        value.as_py(maps_as_pydicts="strict")
+    except KeyError:
+        return True
+    return False
 
 
 def _numpy_values(series: pd.Series, name: str, refs: Sequence[str]) -> list[Any]:

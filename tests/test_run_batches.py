@@ -524,3 +524,28 @@ def test_summarize_collect_and_retry_failed_take_and_give_polars_and_arrow(
     # Only the failed row was sent again.
     runs = emulator.accounting().runs_by_client_ref
     assert sorted(runs.values()) == [1, 1, 1, 2]
+
+
+def test_an_arrow_map_goes_out_as_an_object_and_a_repeated_key_is_refused(
+    emulator: Emulator, asgi: httpx.ASGITransport
+) -> None:
+    import pyarrow as pa
+
+    scores = pa.map_(pa.string(), pa.int64())
+    table = pa.table(
+        {
+            "id": ["a", "b", "c"],
+            "scores": pa.array([[("x", 1), ("y", 2)], [], None], scores),
+            "nested": pa.array([[{"m": [("k", 1)]}], [], []], pa.list_(pa.struct([("m", scores)]))),
+        }
+    )
+    options: dict[str, Any] = {"api_key": API_KEY, "base_url": LOCAL, "transport": asgi}
+    run_batches(table, "acme", "echo", key="id", **options)
+    received = server_view(emulator)
+    assert received["a"]["input"] == {"scores": {"x": 1, "y": 2}, "nested": [{"m": {"k": 1}}]}
+    assert received["b"]["input"] == {"scores": {}, "nested": []}
+    assert received["c"]["input"] == {"nested": []}  # a missing map: omitted, like any value
+    twice = pa.table({"id": ["d"], "scores": pa.array([[("x", 1), ("x", 2)]], scores)})
+    with pytest.raises(InputError, match=r"column 'scores'.*repeats a key.*'d'"):
+        run_batches(twice, "acme", "echo", key="id", **options)
+    assert len(server_view(emulator)) == 3  # nothing more was sent
