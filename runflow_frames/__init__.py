@@ -1,5 +1,6 @@
 """runflow-frames: push a dataframe through Runflow's batch API, exactly once, joined back."""
 
+from ._accessor import RunflowAccessor
 from ._api import aretry_failed, arun_batches, retry_failed, run_batches
 from ._client import AsyncRunflowClient
 from ._collect import Summary, acollect, collect, summarize
@@ -50,6 +51,7 @@ __all__ = [
     "RateLimitError",
     "RequestRejectedError",
     "RetryPolicy",
+    "RunflowAccessor",
     "RunflowError",
     "ServerError",
     "StaleIntentWarning",

@@ -34,6 +34,7 @@ def test_public_names() -> None:
             "RateLimitError",
             "RequestRejectedError",
             "RetryPolicy",
+            "RunflowAccessor",
             "RunflowError",
             "ServerError",
             "StaleIntentWarning",

@@ -549,3 +549,20 @@ def test_an_arrow_map_goes_out_as_an_object_and_a_repeated_key_is_refused(
     with pytest.raises(InputError, match=r"column 'scores'.*repeats a key.*'d'"):
         run_batches(twice, "acme", "echo", key="id", **options)
     assert len(server_view(emulator)) == 3  # nothing more was sent
+
+
+def test_the_pandas_accessor_runs_collects_retries_and_summarizes(
+    emulator: Emulator, asgi: httpx.ASGITransport
+) -> None:
+    options: dict[str, Any] = {"api_key": API_KEY, "base_url": LOCAL, "transport": asgi}
+    df = pd.DataFrame(
+        {"text": ["a", "b", "c" * 1000], "repeat": [1, 2, 100]}, index=["x", "y", "z"]
+    )
+    out = df.runflow.run("acme/uppercase", **options)
+    assert out["runflow_run_id"].notna().all()
+    done = out.runflow.collect(poll_interval=(0.01, 0.05), **options)
+    assert done.loc["x", "runflow_output"] == {"text": "A"}
+    assert done.runflow.summary().by_status == {"succeeded": 2, "failed": 1}
+    again = done.runflow.retry_failed("acme/uppercase", **options)
+    assert again["runflow_attempt"].tolist() == [1, 1, 2]
+    assert emulator.accounting().runs_by_client_ref == {"x": 1, "y": 1, "z": 2}
