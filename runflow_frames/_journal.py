@@ -940,7 +940,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
         One row per recorded row, indexed by ``client_ref``: ``state`` (``"submitted"``, or
         ``"pending"`` for an intent whose response is unknown), ``chunk``, the handle columns,
         ``intent_at`` and ``submitted_at`` (UTC timestamps). ``df.attrs["progress"]`` summarises
-        the job: kind, model, server, rows submitted and pending, chunks, created_at.
+        the job: kind, model, server, rows submitted and pending, chunks, created_at, a file
+        job's ``rows_in_source`` (when its Parquet metadata says), ``outcomes`` (rows by
+        status, as collected so far) and the ``pace`` learned from the server's 429s.
 
     Examples
     --------
@@ -970,8 +972,39 @@ def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
         "chunks_submitted": int(df.loc[df["state"] == "submitted", "chunk"].nunique()),
         "chunks_pending": len(pending),
         "oldest_pending_at": min((i.at for i in pending), default=None),
+        "rows_in_source": _source_rows(manifest),
+        "outcomes": _outcomes(parts),
+        "pace": next((p for p in map(read_pace, reversed(parts)) if p is not None), None),
     }
     return df
+
+
+def _source_rows(manifest: Mapping[str, Any]) -> int | None:
+    """A file job's row count, when its source says it cheaply (Parquet metadata)."""
+    path = manifest.get("source", {}).get("path")
+    if not path or not str(path).endswith(".parquet"):
+        return None
+    try:
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def _outcomes(parts: Sequence[Path]) -> dict[str, int]:
+    """Rows by outcome, as collected so far (later results files win)."""
+    latest: dict[str, str] = {}
+    for part in parts:
+        for _, path in _numbered(part, _RESULTS_RE):
+            try:
+                table = pq.read_table(path, columns=["item_key", "runflow_status"])
+            except (pa.ArrowException, OSError) as exc:
+                raise CheckpointError(f"checkpoint results {path} cannot be read: {exc}") from exc
+            keys, statuses = table.column(0).to_pylist(), table.column(1).to_pylist()
+            latest.update(zip(keys, statuses, strict=True))
+    counts: dict[str, int] = {}
+    for status in latest.values():
+        counts[str(status)] = counts.get(str(status), 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def job_parts(directory: Path) -> list[Path]:

@@ -373,14 +373,70 @@ def _submit_frame(
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="one JSON object (the keys of the README)")
 @click.option("--debug", is_flag=True)
-def status(checkpoint: Path, debug: bool) -> None:
+def status(checkpoint: Path, as_json: bool, debug: bool) -> None:
     """Show a checkpoint's progress (a frame job's or a file job's), sending nothing."""
+    import json
+
     from ._journal import read_checkpoint
 
-    recorded = _guarded(debug, lambda: read_checkpoint(checkpoint))
-    for name, value in recorded.attrs["progress"].items():
-        click.echo(f"{name:<18} {value}")
+    progress = _guarded(debug, lambda: read_checkpoint(checkpoint)).attrs["progress"]
+    if as_json:
+        click.echo(json.dumps(progress, sort_keys=True))
+        return
+    for name, value in _status_lines(progress):
+        click.echo(f"{name:<16} {value}")
+
+
+def _status_lines(p: dict[str, Any]) -> list[tuple[str, str]]:
+    """``status`` for people: totals, percentages, outcomes, times as dates and ages."""
+    submitted, pending, total = p["rows_submitted"], p["rows_pending"], p["rows_in_source"]
+    of = f" of {total:,} ({submitted / total:.0%})" if total else ""
+    lines = [
+        ("job", f"{p['kind']} job, model {p['model']}, server {p['base_url']}"),
+        ("started", _when(p["created_at"])),
+        ("submitted", f"{submitted:,} rows{of} in {p['chunks_submitted']:,} chunks"),
+    ]
+    if pending:
+        lines.append(
+            (
+                "pending",
+                f"{pending:,} rows in {p['chunks_pending']:,} chunks, sent {_when(p['oldest_pending_at'])}"
+                " with no answer kept: a resume re-sends them under their keys (nothing twice)",
+            )
+        )
+    outcomes = p["outcomes"]
+    collected = sum(outcomes.values())
+    if collected:
+        counts = ", ".join(f"{n:,} {status}" for status, n in outcomes.items())
+        lines.append(("collected", f"{collected:,} of {submitted:,} rows: {counts}"))
+    else:
+        lines.append(("collected", "nothing yet (runflow-frames collect)"))
+    pace = p["pace"] or {}
+    if pace.get("rate") or pace.get("cap"):
+        learned = [f"{pace['rate']:.1f} requests/s" if pace.get("rate") else "", ""]
+        if pace.get("cap"):
+            learned[1] = f"at most {pace['cap']} in flight"
+        lines.append(("server limit", " and ".join(x for x in learned if x) + " (learned)"))
+    return lines
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    import datetime as dt
+
+    at = dt.datetime.fromtimestamp(epoch, dt.UTC)
+    age = time.time() - epoch
+    ago = (
+        f"{age:.0f} s"
+        if age < 120
+        else f"{age / 60:.0f} min"
+        if age < 7200
+        else f"{age / 3600:.1f} h"
+    )
+    return f"{at:%Y-%m-%d %H:%M:%S} UTC ({ago} ago)"
 
 
 @main.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 
@@ -51,7 +52,8 @@ def test_submit_then_status_then_collect(
 
     status = cli("status", str(ckpt))
     assert status.returncode == 0
-    assert "rows_submitted     450" in status.stdout
+    assert "submitted        450 rows in 5 chunks" in status.stdout
+    assert "collected        nothing yet" in status.stdout
 
     collected = tmp_path / "collected.csv"
     result = cli("collect", str(ckpt), "-o", str(collected), RUNFLOW_BASE_URL=base_url)
@@ -61,6 +63,16 @@ def test_submit_then_status_then_collect(
     table = pd.read_csv(collected)
     assert (table["runflow_status"] == "failed").sum() == bad_rows
     assert (table["runflow_status"] == "succeeded").sum() == 450 - bad_rows
+
+    # After collect, status counts the outcomes; --json says the same for a program.
+    status = cli("status", str(ckpt))
+    assert f"collected        450 of 450 rows: {450 - bad_rows} succeeded, {bad_rows} failed" in (
+        status.stdout
+    )
+    as_json = orjson.loads(cli("status", str(ckpt), "--json").stdout)
+    assert as_json["rows_submitted"] == 450
+    assert as_json["outcomes"] == {"succeeded": 450 - bad_rows, "failed": int(bad_rows)}
+    assert as_json["kind"] == "file"
 
 
 @pytest.mark.slow
