@@ -31,6 +31,7 @@ import anyio
 import anyio.to_thread
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -57,8 +58,9 @@ def _blocks(source: Path, block_rows: int) -> Iterator[pa.Table]:
             batch_size=block_rows
         )
     elif suffix == ".csv":
-        # Empty fields are missing values, as pandas.read_csv has them.
-        convert = pacsv.ConvertOptions(strings_can_be_null=True)
+        # Empty fields and pandas.read_csv's null markers (NA, N/A, null, NaN...) are missing
+        # values; the column types are settled over the whole file first.
+        convert = pacsv.ConvertOptions(strings_can_be_null=True, column_types=csv_types(source))
         batches = iter(pacsv.open_csv(source, convert_options=convert))
     else:
         raise InputError(f"{source}: only .csv and .parquet files can be streamed")
@@ -74,6 +76,50 @@ def _blocks(source: Path, block_rows: int) -> Iterator[pa.Table]:
             pending, count = rest.to_batches(), rest.num_rows
     if count:
         yield pa.Table.from_batches(pending).combine_chunks()
+
+
+def csv_types(source: Path) -> dict[str, pa.DataType]:
+    """A CSV file's column types, settled over the whole file before anything is sent: what
+    pyarrow infers from the first block, widened where a later row does not fit (an integer
+    column that turns decimal becomes float64; any other misfit, text). Inferring from the
+    first block alone failed mid-job, after rows were billed, at the first row that did not
+    fit. One extra streaming pass over the file, in bounded memory."""
+    try:
+        reader = pacsv.open_csv(
+            source, convert_options=pacsv.ConvertOptions(strings_can_be_null=True)
+        )
+        types = {field.name: field.type for field in reader.schema}
+        reader.close()
+        as_text = pacsv.ConvertOptions(
+            strings_can_be_null=True, column_types=dict.fromkeys(types, pa.string())
+        )
+        for batch in pacsv.open_csv(source, convert_options=as_text):
+            for name, current in types.items():
+                types[name] = _widened(batch.column(name), current)
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"{source}: not a CSV file pyarrow can read ({exc})") from exc
+    return types
+
+
+def _widened(text: pa.Array, current: pa.DataType) -> pa.DataType:
+    """``current``, or the narrowest wider type every value of ``text`` fits."""
+    if text.null_count == len(text):
+        return current
+    if pa.types.is_null(current):
+        candidates = [pa.int64(), pa.float64(), pa.bool_()]
+    elif pa.types.is_integer(current):
+        candidates = [current, pa.float64()]
+    else:
+        candidates = [current]
+    for candidate in candidates:
+        if pa.types.is_string(candidate):
+            return candidate
+        try:
+            pc.cast(text, candidate)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+        return candidate
+    return pa.string()
 
 
 def _block_frame(table: pa.Table, number: int, block_rows: int) -> pd.DataFrame:

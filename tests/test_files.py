@@ -95,6 +95,40 @@ def test_csv_in_and_out_keyed_by_position(
     assert received["1999"] == {"text": "t1999"}
 
 
+def test_a_csv_column_whose_type_changes_late_is_settled_before_anything_is_sent(
+    tmp_path: Path, emulator: Emulator, base_url: str
+) -> None:
+    # Integers for 3,000 rows, then text; whole numbers, then a decimal. pyarrow infers from
+    # the first block: before, the job failed at row 3,000, after 30 creates were billed, on
+    # every re-run. CSV null markers are pandas.read_csv's: the field is missing.
+    rows = 3_100
+    code = [str(i) for i in range(rows - 100)] + [f"x{i}" for i in range(100)]
+    size = ["2"] * (rows - 1) + ["2.5"]
+    note = ["NA", "null", "ok"] * (rows // 3) + ["ok"]
+    source = tmp_path / "late.csv"
+    pad = ["p" * 500] * rows  # 1.5 MB: past pyarrow's first block of 1 MB
+    pd.DataFrame({"id": range(rows), "code": code, "size": size, "note": note, "pad": pad}).to_csv(
+        source, index=False
+    )
+    run_batches_file(
+        source,
+        "acme",
+        "echo",
+        output=tmp_path / "out.parquet",
+        checkpoint=tmp_path / "ckpt",
+        key="id",
+        columns=["code", "size", "note"],
+        block_rows=1000,
+        base_url=base_url,
+        api_key=API_KEY,
+    )
+    received = {r["client_ref"]: r["input"] for r in emulator.received()}
+    assert len(received) == rows
+    assert received["0"] == {"code": "0", "size": 2.0}  # "NA": missing, so omitted
+    assert received["3099"] == {"code": "x99", "size": 2.5, "note": "ok"}
+    assert received["2"]["note"] == "ok"
+
+
 def test_a_changed_source_is_refused(tmp_path: Path, emulator: Emulator, base_url: str) -> None:
     source = write_source(tmp_path / "in.parquet", 500)
     options = {
