@@ -504,11 +504,16 @@ def _collect_into(
             return f" (what was collected so far is in {sink.partial}; collect again to finish)"
 
         for part in parts:
+            # A file job's block: its joined result (the input columns and the handles, as
+            # `submit -o` writes them) gets the outcomes, so both commands write one layout.
+            joined = part.with_name(f"{part.name}.parquet")
+            source = pd.read_parquet(joined) if part != checkpoint and joined.is_file() else part
             result = _guarded(
                 debug,
                 functools.partial(
                     collect_outcomes,
-                    part,
+                    source,
+                    checkpoint=None if source is part else part,
                     flatten=flatten,
                     deadline=deadline,
                     progress=progress,

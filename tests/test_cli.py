@@ -63,6 +63,13 @@ def test_submit_then_status_then_collect(
     table = pd.read_csv(collected)
     assert (table["runflow_status"] == "failed").sum() == bad_rows
     assert (table["runflow_status"] == "succeeded").sum() == 450 - bad_rows
+    # The layout `submit -o` writes (the input columns, then the handles), outcomes added.
+    assert list(table.columns[:3]) == ["id", "text", "repeat"]
+    assert set(submitted.columns) <= set(table.columns)
+    assert table["id"].tolist() == submitted["id"].tolist()
+    assert table["runflow_run_id"].tolist() == submitted["runflow_run_id"].tolist()
+    ok = table[table["runflow_status"] == "succeeded"].iloc[0]
+    assert orjson.loads(ok["runflow_output"]) == {"text": str(ok["text"]).upper() * ok["repeat"]}
 
     # After collect, status counts the outcomes; --json says the same for a program.
     status = cli("status", str(ckpt))
