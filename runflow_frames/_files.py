@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -50,8 +51,11 @@ from ._sync import sync_twin
 DEFAULT_BLOCK_ROWS: Final = 100_000
 
 
-def _blocks(source: Path, block_rows: int) -> Iterator[pa.Table]:
-    """The file as consecutive tables of exactly ``block_rows`` rows (the last one shorter)."""
+def _blocks(
+    source: Path, block_rows: int, types: dict[str, pa.DataType] | None = None
+) -> Iterator[pa.Table]:
+    """The file as consecutive tables of exactly ``block_rows`` rows (the last one shorter);
+    a CSV file's column ``types`` as ``csv_layout`` settles them (computed when not given)."""
     suffix = source.suffix.lower()
     if suffix in (".parquet", ".pq"):
         batches: Iterator[pa.RecordBatch] = pq.ParquetFile(source).iter_batches(
@@ -60,7 +64,9 @@ def _blocks(source: Path, block_rows: int) -> Iterator[pa.Table]:
     elif suffix == ".csv":
         # Empty fields and pandas.read_csv's null markers (NA, N/A, null, NaN...) are missing
         # values; the column types are settled over the whole file first.
-        convert = pacsv.ConvertOptions(strings_can_be_null=True, column_types=csv_types(source))
+        if types is None:
+            types, _ = csv_layout(source)
+        convert = pacsv.ConvertOptions(strings_can_be_null=True, column_types=types)
         batches = iter(pacsv.open_csv(source, convert_options=convert))
     else:
         raise InputError(f"{source}: only .csv and .parquet files can be streamed")
@@ -78,12 +84,14 @@ def _blocks(source: Path, block_rows: int) -> Iterator[pa.Table]:
         yield pa.Table.from_batches(pending).combine_chunks()
 
 
-def csv_types(source: Path) -> dict[str, pa.DataType]:
-    """A CSV file's column types, settled over the whole file before anything is sent: what
-    pyarrow infers from the first block, widened where a later row does not fit (an integer
-    column that turns decimal becomes float64; any other misfit, text). Inferring from the
-    first block alone failed mid-job, after rows were billed, at the first row that did not
-    fit. One extra streaming pass over the file, in bounded memory."""
+def csv_layout(source: Path) -> tuple[dict[str, pa.DataType], int]:
+    """A CSV file's column types, settled over the whole file before anything is sent, and
+    its row count (for the progress bar's total): what pyarrow infers from the first block,
+    widened where a later row does not fit (an integer column that turns decimal becomes
+    float64; any other misfit, text). Inferring from the first block alone failed mid-job,
+    after rows were billed, at the first row that did not fit. One extra streaming pass over
+    the file, in bounded memory."""
+    rows = 0
     try:
         reader = pacsv.open_csv(
             source, convert_options=pacsv.ConvertOptions(strings_can_be_null=True)
@@ -94,11 +102,12 @@ def csv_types(source: Path) -> dict[str, pa.DataType]:
             strings_can_be_null=True, column_types=dict.fromkeys(types, pa.string())
         )
         for batch in pacsv.open_csv(source, convert_options=as_text):
+            rows += batch.num_rows
             for name, current in types.items():
                 types[name] = _widened(batch.column(name), current)
     except pa.ArrowInvalid as exc:
         raise InputError(f"{source}: not a CSV file pyarrow can read ({exc})") from exc
-    return types
+    return types, rows
 
 
 def _widened(text: pa.Array, current: pa.DataType) -> pa.DataType:
@@ -192,12 +201,12 @@ async def arun_batches_file(
     src, out, root = Path(source), Path(output), Path(checkpoint)
     # File work runs in a worker thread, so an async caller's loop is never blocked by it.
     job_print = _fingerprint(src, block_rows, model, opts, connection)
-    size, lock = await anyio.to_thread.run_sync(
+    size, types, lock = await anyio.to_thread.run_sync(
         _prepare, src, out, root, block_rows, job_print, connection
     )
     try:
         return await _run_blocks(
-            src, out, root, block_rows, model, opts, connection, progress, size
+            _Source(src, size, types), out, root, block_rows, model, opts, connection, progress
         )
     finally:
         lock.release()
@@ -206,8 +215,17 @@ async def arun_batches_file(
 run_batches_file = sync_twin(arun_batches_file)
 
 
+@dataclass(frozen=True)
+class _Source:
+    """The file a job reads: its path, row count and (CSV) settled column types."""
+
+    path: Path
+    rows: int
+    types: dict[str, pa.DataType] | None
+
+
 async def _run_blocks(
-    src: Path,
+    src: _Source,
     out: Path,
     root: Path,
     block_rows: int,
@@ -215,11 +233,13 @@ async def _run_blocks(
     options: JobOptions,
     connection: Connection,
     progress: ProgressOption,
-    size: int,
 ) -> dict[str, int]:
-    reporter = Reporter(progress, total=size, desc="submitted")
+    # One bar for the whole file, its total known from the start; the blocks an earlier run
+    # finished count as done, not as speed.
+    done_before = await anyio.to_thread.run_sync(_rows_done, root)
+    reporter = Reporter(progress, total=src.rows, desc="submitted", initial=done_before)
     totals = {"rows": 0, "blocks": 0, "blocks_skipped": 0, "failed_rows": 0}
-    blocks = _blocks(src, block_rows)
+    blocks = _blocks(src.path, block_rows, src.types)
     number = -1
     # One throttle for every block: what one block learned of the server's limits, the next
     # starts from (and a resumed job from what the last block it ran kept).
@@ -232,7 +252,6 @@ async def _run_blocks(
             totals["blocks"] += 1
             if await anyio.to_thread.run_sync(_complete, part):
                 totals["blocks_skipped"] += 1
-                reporter.advance(table.num_rows)
                 continue
             start = reporter.done
 
@@ -286,19 +305,27 @@ def _fingerprint(
 
 def _prepare(
     src: Path, out: Path, root: Path, block_rows: int, job: dict[str, Any], connection: Connection
-) -> tuple[int, Lock]:
-    """Check the call, then open (or create) the file job's checkpoint: its lock, and the row
-    count when the file says it (Parquet)."""
+) -> tuple[int, dict[str, pa.DataType] | None, Lock]:
+    """Check the call, then open (or create) the file job's checkpoint: the row count, a CSV
+    file's settled column types (``csv_layout``, before anything is sent) and the lock."""
     if not isinstance(block_rows, int) or block_rows < 1:
         raise InputError(f"block_rows must be a positive integer, got {block_rows!r}")
     if out.suffix.lower() not in (".parquet", ".pq", ".csv"):
         raise InputError(f"{out}: write .parquet or .csv")
     if src.suffix.lower() not in (".parquet", ".pq", ".csv"):
         raise InputError(f"{src}: only .csv and .parquet files can be streamed")
+    if src.suffix.lower() == ".csv":
+        types, rows = csv_layout(src)
+    else:
+        types, rows = None, int(pq.ParquetFile(src).metadata.num_rows)
     lock, _ = open_job(root, "file", job, connection.key_fingerprint)
-    if src.suffix.lower() in (".parquet", ".pq"):
-        return int(pq.ParquetFile(src).metadata.num_rows), lock
-    return 0, lock
+    return rows, types, lock
+
+
+def _rows_done(root: Path) -> int:
+    """Rows in the blocks an earlier run finished."""
+    parts = (root / f"{block.name}.parquet" for block in block_directories(root))
+    return sum(pq.read_metadata(part).num_rows for part in parts if _complete(part))
 
 
 def _complete(part: Path) -> bool:

@@ -26,9 +26,11 @@ def _in_notebook() -> bool:
 class Reporter:
     """Counts rows done out of ``total`` and reports them as ``progress`` asks."""
 
-    def __init__(self, progress: ProgressOption, *, total: int, desc: str) -> None:
+    def __init__(
+        self, progress: ProgressOption, *, total: int, desc: str, initial: int = 0
+    ) -> None:
         self.total = total
-        self.done = 0
+        self.done = initial  # done before this run (a resumed job): counted, not timed
         self._callback = progress if callable(progress) else None
         self._bar: Any = None
         show = progress is True or (progress is None and (_in_notebook() or sys.stderr.isatty()))
@@ -36,7 +38,12 @@ class Reporter:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(
-                total=total, desc=desc, unit="row", unit_scale=True, dynamic_ncols=True
+                total=total or None,
+                initial=initial,
+                desc=desc,
+                unit="row",
+                unit_scale=True,
+                dynamic_ncols=True,
             )
 
     def advance(self, rows: int) -> None:

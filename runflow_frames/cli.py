@@ -488,45 +488,89 @@ def _collect_into(
     deadline: float | None = None,
 ) -> int:
     """Collect a checkpoint (a file job block by block, so memory holds one block's outcomes)
-    into ``output``; the exit code."""
+    into ``output``, with one progress bar and one summary for the whole job; the exit code."""
     import pandas as pd
 
-    from ._collect import collect as collect_outcomes
     from ._collect import summarize
     from ._journal import job_parts
+    from ._progress import Reporter
 
     parts = _guarded(debug, lambda: job_parts(checkpoint))
-    statuses: list[pd.Series] = []
+    sources = [_collect_source(part, checkpoint) for part in parts]
+    total = sum(len(s) for s in sources if isinstance(s, pd.DataFrame))
+    reporter = Reporter(progress, total=total, desc="collected")
+    summary: list[pd.DataFrame] = []  # what the summary needs of each block, not its outputs
     with _Sink(output) as sink:
 
         def keep(partial: Any) -> str:
             sink.write(partial)
             return f" (what was collected so far is in {sink.partial}; collect again to finish)"
 
-        for part in parts:
-            # A file job's block: its joined result (the input columns and the handles, as
-            # `submit -o` writes them) gets the outcomes, so both commands write one layout.
-            joined = part.with_name(f"{part.name}.parquet")
-            source = pd.read_parquet(joined) if part != checkpoint and joined.is_file() else part
-            result = _guarded(
-                debug,
-                functools.partial(
-                    collect_outcomes,
-                    source,
-                    checkpoint=None if source is part else part,
-                    flatten=flatten,
-                    deadline=deadline,
-                    progress=progress,
-                    api_key=api_key,
-                    base_url=base_url,
-                    org_id=org_id,
-                ),
-                keep,
-            )
-            sink.write(result)
-            statuses.append(result["runflow_status"])
-            click.echo(repr(summarize(result)), err=True)
-    return 0 if _all_done(pd.concat(statuses)) else EXIT_FAILED_ROWS
+        try:
+            for part, source in zip(parts, sources, strict=True):
+                result = _guarded(
+                    debug,
+                    functools.partial(
+                        _collect_part,
+                        part,
+                        source,
+                        reporter,
+                        flatten,
+                        deadline,
+                        api_key,
+                        base_url,
+                        org_id,
+                    ),
+                    keep,
+                )
+                sink.write(result)
+                summary.append(result[[c for c in _SUMMARY_COLUMNS if c in result.columns]])
+        finally:
+            reporter.close()
+    collected = pd.concat(summary)
+    click.echo(repr(summarize(collected)), err=True)
+    return 0 if _all_done(collected["runflow_status"]) else EXIT_FAILED_ROWS
+
+
+_SUMMARY_COLUMNS = ("runflow_status", "runflow_cost", "runflow_failure_code")
+
+
+def _collect_source(part: Path, checkpoint: Path) -> Any:
+    """What to collect for ``part``: a file job's block as its joined result (the input
+    columns and the handles, the layout `submit -o` writes), else the checkpoint itself."""
+    import pandas as pd
+
+    joined = part.with_name(f"{part.name}.parquet")
+    return pd.read_parquet(joined) if part != checkpoint and joined.is_file() else part
+
+
+def _collect_part(
+    part: Path,
+    source: Any,
+    reporter: Any,
+    flatten: bool,
+    deadline: float | None,
+    api_key: str | None,
+    base_url: str | None,
+    org_id: str | None,
+) -> Any:
+    from ._collect import collect as collect_outcomes
+
+    start = reporter.done
+
+    def advance(done: int, _total: int) -> None:
+        reporter.advance(start + done - reporter.done)
+
+    return collect_outcomes(
+        source,
+        checkpoint=None if source is part else part,
+        flatten=flatten,
+        deadline=deadline,
+        progress=advance,
+        api_key=api_key,
+        base_url=base_url,
+        org_id=org_id,
+    )
 
 
 def _all_done(statuses: Any) -> bool:

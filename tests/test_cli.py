@@ -162,3 +162,26 @@ def test_errors_are_one_line_with_meaningful_codes(source: Path, tmp_path: Path)
     assert denied.stderr.count("\n") == 1
     assert API_KEY not in denied.stderr
     assert "Traceback" in traced.stderr
+
+
+@pytest.mark.slow
+def test_collect_on_a_file_job_of_several_blocks_says_one_summary(
+    tmp_path: Path, base_url: str, emulator: Emulator
+) -> None:
+    from runflow_frames import run_batches_file
+
+    source = tmp_path / "in.parquet"
+    pd.DataFrame({"text": [f"t{i}" for i in range(2500)]}).to_parquet(source)
+    ckpt = tmp_path / "ckpt"
+    options = {"block_rows": 1000, "base_url": base_url, "api_key": API_KEY, "progress": False}
+    run_batches_file(
+        source, "acme/uppercase", output=tmp_path / "s.parquet", checkpoint=ckpt, **options
+    )
+    out = tmp_path / "c.parquet"
+    done = cli("collect", str(ckpt), "-o", str(out), "--no-progress", RUNFLOW_BASE_URL=base_url)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("succeeded") == 1  # one summary for the three blocks
+    assert "2,500" in done.stderr
+    table = pd.read_parquet(out)
+    assert table["text"].tolist() == [f"t{i}" for i in range(2500)]
+    assert (table["runflow_status"] == "succeeded").all()

@@ -204,3 +204,27 @@ def test_a_killed_file_job_resumes_to_the_same_results(
     assert dict(zip(resumed["id"], resumed["runflow_run_id"], strict=True)) == first
     counts = emulator.accounting().runs_by_client_ref
     assert set(counts.values()) == {2}  # once for the resumed job, once for the straight run
+
+
+def test_a_csv_job_reports_progress_against_the_files_row_count_from_the_start(
+    tmp_path: Path, emulator: Emulator, base_url: str
+) -> None:
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"text": [f"t{i}" for i in range(2500)]}).to_csv(source, index=False)
+    seen: list[tuple[int, int]] = []
+    options = {
+        "output": tmp_path / "out.parquet",
+        "checkpoint": tmp_path / "ckpt",
+        "block_rows": 1000,
+        "base_url": base_url,
+        "api_key": API_KEY,
+    }
+    run_batches_file(source, "acme", "echo", progress=lambda d, t: seen.append((d, t)), **options)
+    assert seen[0][1] == 2500  # the total, known before the first block is sent
+    assert {t for _, t in seen} == {2500}
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert seen[-1][0] == 2500
+    # Finished: a re-run reports no progress (nothing is sent; no burst of "speed").
+    seen.clear()
+    run_batches_file(source, "acme", "echo", progress=lambda d, t: seen.append((d, t)), **options)
+    assert seen == []
