@@ -396,6 +396,8 @@ def plan_file(
             total.rows += plan.rows
             total.chunks += plan.chunks
             total.refused += plan.refused
+            for name, n in plan.empty.items():
+                total.empty[name] = total.empty.get(name, 0) + n
     if total is None:
         raise InputError(f"{src}: the file has no rows")
     return total

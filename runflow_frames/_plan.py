@@ -33,6 +33,7 @@ class Plan:
     chunks: int
     item_fields: list[str]
     refused: list[tuple[str | None, str, list[Any]]] = field(default_factory=list)
+    empty: dict[str, int] = field(default_factory=dict)  # rows missing a value, by field
 
     @property
     def ok(self) -> bool:
@@ -45,6 +46,12 @@ class Plan:
             f"item fields  {', '.join(self.item_fields) or '(none)'}",
             f"requests     {self.chunks:,} (one per chunk, before retries)",
         ]
+        empty = {name: n for name, n in self.empty.items() if n}
+        if empty:
+            counts = ", ".join(f"{name} {n:,}" for name, n in empty.items())
+            lines.append(
+                f"empty        {counts} row(s): left out of their items (missing='null': sent as null)"
+            )
         if self.ok:
             lines.append("refused      none: every row would be sent")
         for column, reason, keys in self.refused:
@@ -85,4 +92,5 @@ def plan_job(
         except InputError as exc:
             refused.append((name, str(exc).split(": ", 1)[-1], exc.keys))
     chunks = -(-len(df) // chunk_size)
-    return Plan(model, len(df), chunks, fields, refused)
+    empty = {name: int(df[name].isna().sum()) for name in fields}
+    return Plan(model, len(df), chunks, fields, refused, empty)

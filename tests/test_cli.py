@@ -108,6 +108,12 @@ def test_dry_run_sends_nothing_and_lists_every_refusal(
     )
     assert good.returncode == 0
     assert "requests     1" in good.stdout
+    # A CSV's empty fields and null markers are counted per column.
+    csv = tmp_path / "gaps.csv"
+    csv.write_text("id,text,n\na,x,1\nb,,2\nc,NA,\nd,y,4\n")
+    gaps = cli("submit", str(csv), "-m", "acme/echo", "--key", "id", "--dry-run", key=None)
+    assert gaps.returncode == 0
+    assert "empty        text 2, n 1 row(s)" in gaps.stdout
     assert emulator.accounting().requests_by_route == {}
 
 
