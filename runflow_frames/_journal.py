@@ -969,7 +969,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
         "created_at": manifest["created_at"],
         "rows_submitted": int((df["state"] == "submitted").sum()),
         "rows_pending": int((df["state"] == "pending").sum()),
-        "chunks_submitted": int(df.loc[df["state"] == "submitted", "chunk"].nunique()),
+        # Chunk numbers are per block job: counted block by block.
+        "chunks_submitted": sum(
+            int(f.loc[f["state"] == "submitted", "chunk"].nunique()) for f in frames
+        ),
         "chunks_pending": len(pending),
         "oldest_pending_at": min((i.at for i in pending), default=None),
         "rows_in_source": _source_rows(manifest),
