@@ -13,60 +13,23 @@ benchmark (``bench_ratelimits.py``) confirms it.
 
 from __future__ import annotations
 
-import random
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Final
 
-from runflow_frames.emulator._limits import (
-    ConcurrencyCap,
-    FixedWindow,
-    Limiter,
-    SlidingWindow,
-    TokenBucket,
-)
-from runflow_frames.emulator._simulate import Flaky, Job, simulate
+from runflow_frames.emulator._simulate import SHAPES, Flaky, Job, figures, simulate
 
-Make = Callable[[random.Random], Limiter]
-SHAPES: Final[list[tuple[str, Make, float]]] = [
-    ("token bucket 20/s, burst 1", lambda _: TokenBucket(20, 1), 20.0),
-    ("token bucket 20/s, burst 20", lambda _: TokenBucket(20, 20), 20.0),
-    ("fixed window 20 per 1 s", lambda rng: FixedWindow(20, 1.0, start=rng.uniform(0, 1)), 20.0),
-    ("sliding window 20 per 1 s", lambda _: SlidingWindow(20, 1.0), 20.0),
-    ("fixed window 100 per 5 s", lambda rng: FixedWindow(100, 5.0, start=rng.uniform(0, 5)), 20.0),
-]
-CAP: Final = ("concurrency cap 8", lambda _: ConcurrencyCap(8))
 SEEDS: Final = 5
-
-
-def seconds(shape: str) -> float:
-    """How long a job runs at the allowed rate: 10 s (20,000 rows at 20 creates/s), or six
-    windows where the window is longer (one or two windows measure where their boundaries
-    fall, not the throttle)."""
-    return 30.0 if "per 5 s" in shape else 10.0
 
 
 def cases() -> Iterator[tuple[str, float, str, dict[str, float]]]:
     """Every shape x latency x Retry-After form: the median of ``SEEDS`` runs of each figure."""
     for latency in (0.003, 0.1):
-        rows = list(SHAPES)
-        if latency > 0.01:  # at no latency a cap of 8 does not bind 16 workers' pace
-            rows.append((*CAP, 8 / latency))
-        for name, make, allowed in rows:
+        for shape in SHAPES.values():
+            if shape.cap is not None and latency < 0.01:
+                continue  # at no latency a cap of 8 does not bind 16 workers' pace
             for retry_after in ("none", "exact", "ceil"):
-                runs = []
-                for seed in range(SEEDS):
-                    job = Job(round(seconds(name) * allowed), 16, latency, retry_after, seed)
-                    runs.append(simulate(make(random.Random(seed)), job))
-                figures = {
-                    "overall": statistics.median(r.fraction(allowed) for r in runs),
-                    "steady": statistics.median(r.steady(allowed) for r in runs),
-                    "per_create": statistics.median(
-                        sum(not ok for _, ok in r.answers) / r.creates() for r in runs
-                    ),
-                    "share": statistics.median(r.refused_share() for r in runs),
-                }
-                yield name, latency, retry_after, figures
+                yield shape.name, latency, retry_after, figures(shape, latency, retry_after, SEEDS)
 
 
 def main() -> None:

@@ -12,9 +12,7 @@ throttle's memory of refusals, so about one create in ten is refused there.
 
 from __future__ import annotations
 
-import random
 import statistics
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +25,12 @@ from runflow_frames._admission import Admission
 from runflow_frames._journal import read_pace
 from runflow_frames._rate import RateController
 from runflow_frames.emulator import Emulator, Faults, serve
-from runflow_frames.emulator._limits import (
-    ConcurrencyCap,
-    FixedWindow,
-    Limiter,
-    SlidingWindow,
-    TokenBucket,
-)
+from runflow_frames.emulator._limits import ConcurrencyCap, TokenBucket
 from runflow_frames.emulator._records import Timing
-from runflow_frames.emulator._simulate import Flaky, Job, Outcome, simulate
+from runflow_frames.emulator._simulate import SHAPES, Flaky, Job, Outcome, figures, simulate
 
 from .conftest import API_KEY
 
-Make = Callable[[random.Random], Limiter]
-# name: (limiter, allowed creates/s, seconds of job at that rate)
-SHAPES: dict[str, tuple[Make, float, float]] = {
-    "strict": (lambda _: TokenBucket(20, 1), 20.0, 10.0),
-    "bucket": (lambda _: TokenBucket(20, 20), 20.0, 10.0),
-    "fixed": (lambda rng: FixedWindow(20, 1.0, start=rng.uniform(0, 1)), 20.0, 10.0),
-    "sliding": (lambda _: SlidingWindow(20, 1.0), 20.0, 10.0),
-    "window-5s": (lambda rng: FixedWindow(100, 5.0, start=rng.uniform(0, 5)), 20.0, 30.0),
-    "cap": (lambda _: ConcurrencyCap(8), 80.0, 10.0),
-}
 GOAL = {"overall": 0.85, "steady": 0.95, "share": 0.05}
 # Where the throttle does not meet a goal yet: what it does reach (see the module docstring).
 SHORT_OF_GOAL: dict[tuple[str, str], dict[str, float]] = {
@@ -69,18 +51,7 @@ SHORT_OF_GOAL: dict[tuple[str, str], dict[str, float]] = {
 
 
 def run_shape(name: str, latency: float, form: str, seeds: int = 3) -> dict[str, float]:
-    make, allowed, seconds = SHAPES[name]
-    if name == "cap":
-        allowed = 8 / latency
-    runs: list[Outcome] = []
-    for seed in range(seeds):
-        job = Job(round(seconds * allowed), 16, latency, form, seed)
-        runs.append(simulate(make(random.Random(seed)), job))
-    return {
-        "overall": statistics.median(r.fraction(allowed) for r in runs),
-        "steady": statistics.median(r.steady(allowed) for r in runs),
-        "share": statistics.median(r.refused_share() for r in runs),
-    }
+    return figures(SHAPES[name], latency, form, seeds)
 
 
 CASES = [
@@ -88,7 +59,7 @@ CASES = [
     for name in SHAPES
     for latency in (0.003, 0.1)
     for form in ("none", "exact", "ceil")
-    if not (name == "cap" and latency < 0.01)  # at no latency a cap of 8 binds nothing
+    if not (SHAPES[name].cap and latency < 0.01)  # at no latency a cap of 8 binds nothing
 ]
 
 

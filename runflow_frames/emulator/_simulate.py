@@ -18,11 +18,13 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
 from .._admission import Admission, Ticket
-from ._limits import Limiter
+from ._limits import ConcurrencyCap, FixedWindow, Limiter, SlidingWindow, TokenBucket
 
 ROUND_TRIP: Final = 0.003
 
@@ -158,3 +160,55 @@ class _Run:
         if self.job.retry_after == "ceil":
             return max(1.0, math.ceil(wait))
         return 0.0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A limiter shape to simulate: how to make it, the rate it allows (creates per second;
+    for a cap on requests in flight, ``cap / latency``) and how long a job runs at that rate:
+    10 s (20,000 rows at 20 creates/s), or six windows where the window is longer (one or two
+    windows measure where their boundaries fall, not the throttle)."""
+
+    name: str
+    make: Callable[[random.Random], Limiter]
+    allowed: float
+    seconds: float = 10.0
+    cap: int | None = None
+
+    def allowed_at(self, latency: float) -> float:
+        return self.cap / latency if self.cap is not None else self.allowed
+
+
+SHAPES: Final = {
+    "strict": Shape("token bucket 20/s, burst 1", lambda _: TokenBucket(20, 1), 20.0),
+    "bucket": Shape("token bucket 20/s, burst 20", lambda _: TokenBucket(20, 20), 20.0),
+    "fixed": Shape(
+        "fixed window 20 per 1 s", lambda rng: FixedWindow(20, 1.0, start=rng.uniform(0, 1)), 20.0
+    ),
+    "sliding": Shape("sliding window 20 per 1 s", lambda _: SlidingWindow(20, 1.0), 20.0),
+    "window-5s": Shape(
+        "fixed window 100 per 5 s",
+        lambda rng: FixedWindow(100, 5.0, start=rng.uniform(0, 5)),
+        20.0,
+        seconds=30.0,
+    ),
+    "cap": Shape("concurrency cap 8", lambda _: ConcurrencyCap(8), 0.0, cap=8),
+}
+
+
+def figures(shape: Shape, latency: float, retry_after: str, seeds: int) -> dict[str, float]:
+    """The medians over ``seeds`` jobs of 16 workers: the fraction of the allowed rate overall
+    and in steady state, the share of 429s in steady state and the 429s per create."""
+    allowed = shape.allowed_at(latency)
+    runs = []
+    for seed in range(seeds):
+        job = Job(round(shape.seconds * allowed), 16, latency, retry_after, seed)
+        runs.append(simulate(shape.make(random.Random(seed)), job))  # noqa: S311
+    return {
+        "overall": statistics.median(r.fraction(allowed) for r in runs),
+        "steady": statistics.median(r.steady(allowed) for r in runs),
+        "share": statistics.median(r.refused_share() for r in runs),
+        "per_create": statistics.median(
+            sum(not ok for _, ok in r.answers) / r.creates() for r in runs
+        ),
+    }
