@@ -7,11 +7,14 @@ async shell around it (one per job, or one per cluster on the Dask scheduler), a
 Three limits, the tightest wins:
 
 - **Pace** (``_rate.RateController``): learned from 429s, nothing paced until the first.
-- **A concurrency cap learned from 429s.** A 429 to a request that left with more requests in
-  flight than any recently admitted one did is the signature of a cap on requests in flight
-  (a rate limit refuses at any level): the cap becomes the highest level admitted, and that
-  429 does not slow the pace. Without such a refusal for ``CAP_PROBE`` seconds, the cap rises
-  by one. Only once paced: the first burst of a job tells a rate from a cap by nothing.
+- **A concurrency cap learned from 429s.** Each try is counted with the number of requests in
+  flight when it left. When, over the last ``LEVELS`` answers, the tries that left with up to
+  some level were admitted and nearly all those above it refused, that is a cap on requests in
+  flight (a rate limit refuses at any level): the cap becomes that level, and such 429s do
+  not slow the pace. Only once paced, and only when the refused tries were not sent faster than
+  anything got through (then a rate explains them as well): the first burst of a job tells a
+  rate from a cap by nothing. After ``CAP_PROBE`` seconds without a refusal above it, the cap
+  rises by one; a refusal of that probe puts it back.
 - **Overload** (503): the concurrency limit halves, at most once per episode, and grows back
   by one per ``limit`` successes (AIMD, as TCP does), within ``max_concurrency``; every request
   holds off for the wait the 503 called for. A 503 says nothing of a rate.
@@ -65,7 +68,8 @@ class Admission:
         self.paused_until = -math.inf
         self.strikes = 0  # overload episodes since the last success
         self._levels: deque[tuple[Ticket, bool]] = deque(maxlen=LEVELS)  # (try, admitted)
-        # A cap learned: the most in flight the server took, and when it was last refused.
+        # A cap learned (``cap``, one more while probing; ``_capped``, the one confirmed) and
+        # when a request over it was last refused, or the last probe began.
         self.cap = self._capped = cap if cap is not None and cap < max_concurrency else None
         self._capped_at = -math.inf
 
