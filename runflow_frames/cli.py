@@ -684,12 +684,20 @@ def emulator(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--faults") from exc
     shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-    click.echo(f"Runflow emulator on http://{shown}:{port} (any bearer token is accepted)")
-    if not is_loopback(host):
-        click.echo("warning: its /_emulator/ routes have no access control", err=True)
-    if injected is not None:
-        click.echo(f"injecting {injected}")
-    run_forever(Emulator(timing=timing, faults=injected), host=host, port=port)
+
+    def ready(bound: int) -> None:
+        click.echo(f"Runflow emulator on http://{shown}:{bound} (any bearer token is accepted)")
+        if not is_loopback(host):
+            click.echo("warning: its /_emulator/ routes have no access control", err=True)
+        if injected is not None:
+            click.echo(f"injecting {injected}")
+
+    try:
+        run_forever(Emulator(timing=timing, faults=injected), host=host, port=port, on_ready=ready)
+    except OSError as exc:
+        _fail(
+            f"cannot serve on {shown}:{port}: {exc.strerror or exc}; try another --port", EXIT_USAGE
+        )
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ carry refused, a signature check that cannot be switched off by an unset secret.
 from __future__ import annotations
 
 import math
+import socket
 from pathlib import Path
 
 import pandas as pd
@@ -76,3 +77,17 @@ def test_log_level_info_shows_retries_on_stderr_and_the_default_does_not(tmp_pat
     assert "with the same Idempotency-Key" in runs[0].stderr
     assert API_KEY not in runs[0].stderr
     assert "trying again" not in runs[1].stderr
+
+
+def test_a_busy_port_is_one_line_and_exit_2_not_a_traceback() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = cli("emulator", "--port", str(port))
+    assert done.returncode == 2
+    assert done.stdout == ""  # no address announced that nothing serves
+    assert done.stderr.strip().splitlines() == [
+        f"runflow-frames: error: cannot serve on 127.0.0.1:{port}: Address already in use; "
+        "try another --port"
+    ]

@@ -6,7 +6,7 @@ import ipaddress
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -118,13 +118,20 @@ def serve(emulator: Emulator | None = None, *, port: int = 0) -> Iterator[str]:
 
 
 def run_forever(
-    emulator: Emulator | None = None, *, host: str = "127.0.0.1", port: int = 8080
+    emulator: Emulator | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    on_ready: Callable[[int], None] | None = None,
 ) -> None:
-    """Serve in the foreground until interrupted (what ``runflow-frames emulator`` runs).
+    """Serve in the foreground until interrupted (what ``runflow-frames emulator`` runs);
+    ``on_ready`` hears the port once it is bound (an OSError when it cannot be).
 
     The ``/_emulator/`` routes have no access control: ``runflow-frames emulator`` refuses a
     ``host`` that :func:`is_loopback` does not accept unless given ``--allow-remote``."""
     emulator = emulator if emulator is not None else Emulator()
     server = _server(emulator)
     with _bind(host, port) as sock, _callbacks(emulator):
+        if on_ready is not None:
+            on_ready(sock.getsockname()[1])
         server.run(sockets=[sock])
