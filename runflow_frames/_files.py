@@ -23,6 +23,7 @@ block (checking across blocks would hold every key in memory).
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,16 @@ from ._admission import Pace
 from ._api import submit_frame
 from ._client import model_path
 from ._config import Connection, JobOptions, fingerprint
-from ._errors import InputError
-from ._journal import Lock, atomic_write, block_directories, open_job, read_pace
+from ._errors import CheckpointError, InputError
+from ._journal import (
+    MANIFEST,
+    Lock,
+    atomic_write,
+    block_directories,
+    open_job,
+    read_checkpoint,
+    read_pace,
+)
 from ._pipeline import SHARED_GATE, job_gate
 from ._plan import Plan, plan_job
 from ._progress import ProgressOption, Reporter
@@ -318,8 +327,32 @@ def _prepare(
         types, rows = csv_layout(src)
     else:
         types, rows = None, int(pq.ParquetFile(src).metadata.num_rows)
-    lock, _ = open_job(root, "file", job, connection.key_fingerprint)
+    try:
+        lock, _ = open_job(root, "file", job, connection.key_fingerprint)
+    except CheckpointError as exc:
+        if not exc.changes or not _take_over(root):
+            raise
+        lock, _ = open_job(root, "file", job, connection.key_fingerprint)
     return rows, types, lock
+
+
+def _take_over(root: Path) -> bool:
+    """Clear a file job's checkpoint that holds nothing the server may have: no row submitted
+    and no intent pending. An earlier run refused before sending (a duplicate key) or refused
+    by the server (a mistyped model) binds nothing: the fixed job takes its directory over."""
+    guard = Lock(root)
+    try:
+        progress = read_checkpoint(root).attrs["progress"]
+        if progress["kind"] != "file" or progress["rows_submitted"] or progress["rows_pending"]:
+            return False
+        for block in block_directories(root):
+            shutil.rmtree(block)
+        for part in root.glob("block-*.parquet"):
+            part.unlink()
+        (root / MANIFEST).unlink()
+        return True
+    finally:
+        guard.release()
 
 
 def _rows_done(root: Path) -> int:

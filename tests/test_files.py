@@ -228,3 +228,27 @@ def test_a_csv_job_reports_progress_against_the_files_row_count_from_the_start(
     seen.clear()
     run_batches_file(source, "acme", "echo", progress=lambda d, t: seen.append((d, t)), **options)
     assert seen == []
+
+
+def test_a_job_refused_before_sending_anything_does_not_hold_its_checkpoint(
+    tmp_path: Path, emulator: Emulator, base_url: str
+) -> None:
+    from runflow_frames import InputError, SubmissionError
+
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"id": ["a", "b", "b"], "text": ["x", "y", "z"]}).to_csv(source, index=False)
+    options = {
+        "output": tmp_path / "out.parquet",
+        "checkpoint": tmp_path / "ckpt",
+        "base_url": base_url,
+        "api_key": API_KEY,
+        "errors": "raise",
+    }
+    with pytest.raises(InputError, match="not unique"):
+        run_batches_file(source, "acme/echo", key="id", **options)
+    with pytest.raises(SubmissionError):  # a mistyped model: refused by the server
+        run_batches_file(source, "acme/ehco", **options)
+    # Fixed (the file, the model): the same checkpoint takes the job; nothing was sent before.
+    pd.DataFrame({"id": ["a", "b", "c"], "text": ["x", "y", "z"]}).to_csv(source, index=False)
+    run_batches_file(source, "acme/echo", key="id", **options)
+    assert emulator.accounting().runs_by_client_ref == {"a": 1, "b": 1, "c": 1}
