@@ -27,11 +27,37 @@ T = TypeVar("T")
 
 EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_REFUSED, EXIT_ACCESS, EXIT_API = 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130  # as a shell reports a SIGINT
+JSON_HELP = "also print one JSON object on stdout as it exits (its keys are in the README)"
 
 
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"runflow-frames: error: {message}", err=True)
+    _report(error=message)
+    _exit(code)
+
+
+def _report(**fields: Any) -> None:
+    """Facts for ``--json``: kept in the command's context, printed once as it exits."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta.setdefault("runflow_report", {}).update(fields)
+
+
+def _exit(code: int) -> NoReturn:
+    """Exit with ``code``; with ``--json``, after one JSON object on stdout (what the command
+    did, ``exit_code`` included): the human lines stay on stderr."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get("runflow_json"):
+        import json
+
+        report = {**ctx.meta.get("runflow_report", {}), "exit_code": code}
+        click.echo(json.dumps(report, sort_keys=True, default=str))
     sys.exit(code)
+
+
+def _json_option(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    ctx.meta["runflow_json"] = value
+    return value
 
 
 def _guarded(
@@ -209,6 +235,7 @@ def main(log_level: str) -> None:
 @click.option("--base-url", envvar="RUNFLOW_BASE_URL")
 @click.option("--org-id", envvar="RUNFLOW_ORG_ID")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: on a tty)")
+@click.option("--json", "as_json", is_flag=True, callback=_json_option, help=JSON_HELP)
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def submit(
     source: Path,
@@ -227,6 +254,7 @@ def submit(
     base_url: str | None,
     org_id: str | None,
     progress: bool | None,
+    as_json: bool,  # noqa: ARG001 - read through the context (_exit)
     debug: bool,
 ) -> None:
     """Submit every row of SOURCE (.csv or .parquet) and write the joined result to --output."""
@@ -251,8 +279,8 @@ def submit(
         "org_id": org_id,
     }
     if checkpoint is not None:
-        sys.exit(_submit_file(source, owner, slug, output, checkpoint, wait, debug, options))
-    sys.exit(_submit_frame(source, owner, slug, output, wait, debug, options))
+        _exit(_submit_file(source, owner, slug, output, checkpoint, wait, debug, options))
+    _exit(_submit_frame(source, owner, slug, output, wait, debug, options))
 
 
 def _metadata(text: str | None) -> dict[str, Any] | None:
@@ -314,11 +342,23 @@ def _submit_file(
             source, owner, slug, output=output, checkpoint=checkpoint, **options
         ),
     )
+    seconds = round(time.monotonic() - started, 1)
+    submitted = counts["rows"] - counts["failed_rows"]
     click.echo(
-        f"{counts['rows']:,} rows -> {output} in {time.monotonic() - started:.1f} s; "
-        f"{counts['rows'] - counts['failed_rows']:,} submitted, {counts['failed_rows']:,} "
-        f"failed ({counts['blocks_skipped']} of {counts['blocks']} blocks done before)",
+        f"{counts['rows']:,} rows -> {output} in {seconds:.1f} s; {submitted:,} submitted, "
+        f"{counts['failed_rows']:,} failed ({counts['blocks_skipped']} of {counts['blocks']} "
+        "blocks done before)",
         err=True,
+    )
+    _report(
+        rows=counts["rows"],
+        submitted=submitted,
+        failed=counts["failed_rows"],
+        blocks=counts["blocks"],
+        blocks_done_before=counts["blocks_skipped"],
+        output=str(output),
+        checkpoint=str(checkpoint),
+        submit_seconds=seconds,
     )
     if wait:
         connection = {k: options[k] for k in ("api_key", "base_url", "org_id")}
@@ -361,11 +401,22 @@ def _submit_frame(
     )
     _write(result, output)
     failed = int(result["runflow_error"].notna().sum())
+    seconds = round(time.monotonic() - started, 1)
     click.echo(
-        f"{len(result):,} rows -> {output} in {time.monotonic() - started:.1f} s; "
+        f"{len(result):,} rows -> {output} in {seconds:.1f} s; "
         f"{len(result) - failed:,} submitted, {failed:,} failed",
         err=True,
     )
+    _report(
+        rows=len(result),
+        submitted=len(result) - failed,
+        failed=failed,
+        output=str(output),
+        checkpoint=None,
+        submit_seconds=seconds,
+    )
+    if wait:
+        _report_outcomes(result)
     if wait and not _all_done(result["runflow_status"]):
         return EXIT_FAILED_ROWS
     return EXIT_FAILED_ROWS if failed else 0
@@ -447,6 +498,7 @@ def _when(epoch: float | None) -> str:
 @click.option("--base-url", envvar="RUNFLOW_BASE_URL", help="must be the checkpoint's server")
 @click.option("--org-id", envvar="RUNFLOW_ORG_ID")
 @click.option("--progress/--no-progress", default=None)
+@click.option("--json", "as_json", is_flag=True, callback=_json_option, help=JSON_HELP)
 @click.option("--debug", is_flag=True)
 def collect(
     checkpoint: Path,
@@ -456,11 +508,12 @@ def collect(
     base_url: str | None,
     org_id: str | None,
     progress: bool | None,
+    as_json: bool,  # noqa: ARG001 - read through the context (_exit)
     debug: bool,
 ) -> None:
     """Wait for a checkpoint's runs and write every row's outcome to --output."""
     api_key = _api_key()
-    sys.exit(
+    _exit(
         _collect_into(
             checkpoint,
             output,
@@ -529,7 +582,21 @@ def _collect_into(
             reporter.close()
     collected = pd.concat(summary)
     click.echo(repr(summarize(collected)), err=True)
+    _report(output=str(output))
+    _report_outcomes(collected)
     return 0 if _all_done(collected["runflow_status"]) else EXIT_FAILED_ROWS
+
+
+def _report_outcomes(collected: Any) -> None:
+    from ._collect import summarize
+
+    done = summarize(collected)
+    _report(
+        rows=done.rows,
+        outcomes=done.by_status,
+        total_cost=str(done.total_cost),
+        failures_by_code=done.failures_by_code,
+    )
 
 
 _SUMMARY_COLUMNS = ("runflow_status", "runflow_cost", "runflow_failure_code")

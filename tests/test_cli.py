@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,30 @@ def test_collect_on_a_file_job_of_several_blocks_says_one_summary(
     table = pd.read_parquet(out)
     assert table["text"].tolist() == [f"t{i}" for i in range(2500)]
     assert (table["runflow_status"] == "succeeded").all()
+
+
+@pytest.mark.slow
+def test_submit_and_collect_print_one_json_object_with_json(
+    tmp_path: Path, source: Path, base_url: str, emulator: Emulator
+) -> None:
+    out, ckpt = tmp_path / "out.parquet", tmp_path / "ckpt"
+    args = ["-m", "acme/uppercase", "--key", "id", "-o", str(out), "--base-url", base_url]
+    done = cli("submit", str(source), *args, "--checkpoint", str(ckpt), "--json")
+    report = orjson.loads(done.stdout)  # stdout holds the JSON object and nothing else
+    assert report["exit_code"] == done.returncode == 0
+    assert (report["rows"], report["submitted"], report["failed"]) == (450, 450, 0)
+    assert report["checkpoint"] == str(ckpt)
+    collected = cli(
+        "collect", str(ckpt), "-o", str(tmp_path / "c.csv"), "--json", RUNFLOW_BASE_URL=base_url
+    )
+    report = orjson.loads(collected.stdout)
+    assert report["exit_code"] == collected.returncode == 1  # the rows without text failed
+    assert sum(report["outcomes"].values()) == 450
+    assert report["failures_by_code"] == {"INPUT_VALIDATION_FAILED": report["outcomes"]["failed"]}
+    assert Decimal(report["total_cost"]) > 0
+    # An error is in the object too: another model on the same checkpoint.
+    other = ["-m", "acme/echo", "--key", "id", "-o", str(out), "--base-url", base_url]
+    refused = cli("submit", str(source), *other, "--checkpoint", str(ckpt), "--json")
+    report = orjson.loads(refused.stdout)
+    assert report["exit_code"] == refused.returncode == 3
+    assert "different job" in report["error"]
