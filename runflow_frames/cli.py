@@ -149,11 +149,10 @@ def _for_files(df: Any) -> Any:
 
 
 def _write(df: Any, path: Path) -> None:
-    out = _for_files(df)
-    if path.suffix.lower() == ".csv":
-        out.to_csv(path)
-    else:
-        out.to_parquet(path)
+    """``df`` to ``path`` as every command writes files (``_Sink``): one layout, one timestamp
+    format, no positional index column."""
+    with _Sink(path) as sink:
+        sink.write(df)
 
 
 class _Sink:

@@ -219,3 +219,16 @@ def test_submit_and_collect_print_one_json_object_with_json(
     report = orjson.loads(refused.stdout)
     assert report["exit_code"] == refused.returncode == 3
     assert "different job" in report["error"]
+
+
+@pytest.mark.slow
+def test_with_or_without_a_checkpoint_submit_writes_one_layout(
+    tmp_path: Path, source: Path, base_url: str
+) -> None:
+    args = ["-m", "acme/echo", "--key", "id", "--base-url", base_url]
+    with_ckpt, without = tmp_path / "a.csv", tmp_path / "b.csv"
+    cli("submit", str(source), *args, "-o", str(with_ckpt), "--checkpoint", str(tmp_path / "ck"))
+    cli("submit", str(source), *args, "-o", str(without))
+    first, second = pd.read_csv(with_ckpt), pd.read_csv(without)
+    assert list(first.columns) == list(second.columns)  # no stray index column either
+    assert list(first.columns[:3]) == ["id", "text", "repeat"]
