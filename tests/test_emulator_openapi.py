@@ -281,10 +281,12 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_document(case: C
 def served(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """What `runflow-frames emulator` would have served (nothing is bound)."""
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(
-        "runflow_frames.emulator._serve.run_forever",
-        lambda emulator, **kwargs: calls.append(kwargs),
-    )
+
+    def run_forever(emulator: Any, *, on_ready: Any, **kwargs: Any) -> None:
+        calls.append(kwargs)
+        on_ready(kwargs["port"])  # as if bound
+
+    monkeypatch.setattr("runflow_frames.emulator._serve.run_forever", run_forever)
     return calls
 
 
