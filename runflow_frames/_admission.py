@@ -19,7 +19,9 @@ Three limits, the tightest wins:
   by one per ``limit`` successes (AIMD, as TCP does), within ``max_concurrency``; every request
   holds off for the wait the 503 called for. A 503 says nothing of a rate.
 
-A 429 holds off nobody but the request that got it (its own ``Retry-After``).
+A 429 holds off nobody but the request that got it (its own ``Retry-After``), unless its
+``Retry-After`` is precise (to a fraction of a second) and ``HOLD_AFTER`` or longer: then it says
+when a closed window opens again, and nobody goes sooner.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Final, Literal, TypedDict
+from typing import Final, Literal, TypedDict, TypeGuard
 
 from ._rate import RateController
 
@@ -42,6 +44,9 @@ class Pace(TypedDict, total=False):
 
 
 CAP_PROBE: Final = 5.0
+# A precise Retry-After at least this long holds everyone: a closed window, not the next slot
+# (shorter waits are the pace's to keep).
+HOLD_AFTER: Final = 1.0
 CAP_EVIDENCE: Final = 3  # refusals above the most ever admitted at once, before a cap is believed
 LEVELS: Final = 100  # answers behind that judgement
 CAP_NOISE: Final = 0.2  # refusals under a cap, admissions over it, that the judgement forgives
@@ -102,7 +107,8 @@ class Admission:
     def settle(
         self, ticket: Ticket, outcome: Outcome, now: float, wait: float | None = None
     ) -> None:
-        """How the try went; ``wait`` is what the server asked for (a 503's pause)."""
+        """How the try went; ``wait`` is what everyone waits for: a 503's pause, a 429's
+        precise ``Retry-After``."""
         self.in_flight -= 1
         if outcome == "ok":
             self.limit = min(float(self.max), self.limit + 1 / self.limit)
@@ -112,6 +118,8 @@ class Admission:
             self._probe_cap(now)
         elif outcome == "rate_limited":
             self._levels.append((ticket, False))
+            if _precise(wait):  # the server says when it admits again: nobody goes sooner
+                self.paused_until = max(self.paused_until, now + wait)
             if self._over_cap(ticket):
                 self.cap = self._capped
                 self._capped_at = now
@@ -166,3 +174,10 @@ def _cap_in(answers: list[tuple[int, bool]], below: int) -> int | None:
         ):
             return level
     return None
+
+
+def _precise(wait: float | None) -> TypeGuard[float]:
+    """A 429's wait for everyone: the throttle is given one only for a precise ``Retry-After``
+    (``_pipeline.hold_of``); one in whole seconds (rounded up, or an HTTP date) says little
+    more than "later", and holds back only the request that got it."""
+    return wait is not None and wait >= HOLD_AFTER

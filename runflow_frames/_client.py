@@ -367,7 +367,8 @@ def _status_error(what: str, response: httpx.Response, *, key: str | None = None
         cls = ServerError
     else:
         cls = RequestRejectedError
-    retry_after = parse_retry_after(response.headers.get("retry-after"), body, time.time())
+    header = response.headers.get("retry-after")
+    retry_after = parse_retry_after(header, body, time.time())
     return cls(
         text,
         status_code=status,
@@ -375,6 +376,8 @@ def _status_error(what: str, response: httpx.Response, *, key: str | None = None
         errors=errors,
         request_id=request_id,
         retry_after=retry_after,
+        retry_after_precise=bool(header)
+        and re.fullmatch(r"\s*\d*\.\d*[1-9]\d*\s*", header) is not None,
     )
 
 

@@ -27,7 +27,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from ._admission import Outcome, Pace, Ticket
 from ._errors import APIError
-from ._pipeline import Throttle, outcome_of
+from ._pipeline import Throttle, hold_of, outcome_of
 
 PLUGIN: Final = "runflow-frames"
 _log = logging.getLogger("runflow_frames")
@@ -134,7 +134,7 @@ class ClusterGate:
         return lease
 
     def release(self, ticket: str, error: APIError | None, wait: float | None = None) -> None:
-        self._send_release(ticket, outcome_of(error), wait)
+        self._send_release(ticket, outcome_of(error), hold_of(error, wait))
 
     def pace(self) -> Pace:
         return self._pace

@@ -107,6 +107,9 @@ class APIStatusError(APIError):
         The request id header of the response, for support tickets.
     retry_after : float or None
         Seconds the server asked to wait (``Retry-After`` or a ``retry_after`` body field).
+    retry_after_precise : bool
+        The wait was given to a fraction of a second (``Retry-After: 2.345``), not in whole
+        seconds or as an HTTP date: it says when the server admits again.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class APIStatusError(APIError):
         errors: list[Any] | None = None,
         request_id: str | None = None,
         retry_after: float | None = None,
+        retry_after_precise: bool = False,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -125,6 +129,7 @@ class APIStatusError(APIError):
         self.errors = errors
         self.request_id = request_id
         self.retry_after = retry_after
+        self.retry_after_precise = retry_after_precise
 
 
 class AuthenticationError(APIStatusError):

@@ -78,6 +78,14 @@ def ends_the_job(error: APIError) -> bool:
     )
 
 
+def hold_of(error: APIError | None, wait: float | None) -> float | None:
+    """The wait a throttle imposes on everyone after ``error``: a 503's, and a 429's only when
+    its ``Retry-After`` is precise (see ``_admission``)."""
+    if isinstance(error, RateLimitError):
+        return error.retry_after if error.retry_after_precise else None
+    return wait
+
+
 def outcome_of(error: APIError | None) -> Outcome:
     """What a throttle needs to know of how a try went."""
     if error is None:
@@ -135,7 +143,7 @@ class Throttle:
                 return self.admission.take(self._clock())
 
     def release(self, ticket: Ticket, error: APIError | None, wait: float | None = None) -> None:
-        self.settle(ticket, outcome_of(error), wait)
+        self.settle(ticket, outcome_of(error), hold_of(error, wait))
 
     def settle(self, ticket: Ticket, outcome: Outcome, wait: float | None = None) -> None:
         """``release`` by kind of outcome (what a throttle in another process is sent)."""

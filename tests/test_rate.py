@@ -42,7 +42,6 @@ SHORT_OF_GOAL: dict[tuple[str, str], dict[str, float]] = {
     ("sliding", "exact"): {"steady": 0.93},
     ("sliding", "ceil"): {"steady": 0.86},
     ("window-5s", "none"): {"share": 0.16},
-    ("window-5s", "exact"): {"share": 0.11},
     ("window-5s", "ceil"): {"share": 0.11},
     ("cap", "none"): {"steady": 0.92},
     ("cap", "exact"): {"steady": 0.92},

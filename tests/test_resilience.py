@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from runflow_frames import (
     APIConnectionError,
     APIError,
+    AsyncRunflowClient,
     AuthenticationError,
     InsufficientCreditError,
     ProtocolError,
@@ -539,3 +541,39 @@ def test_a_shared_pause_grows_with_episodes_not_with_one_requests_retries() -> N
     assert anyio.run(main) == "ok"
     rng = random.Random(3)
     assert time.sleeps == pytest.approx([rng.uniform(0, 2.0**n) for n in range(4)])
+
+
+@pytest.mark.parametrize(("precise", "held"), [(True, True), (False, False)])
+def test_a_precise_long_retry_after_holds_everyone_a_whole_second_one_only_its_request(
+    precise: bool, held: bool
+) -> None:
+    # "Retry-After: 2.5" says when a closed window opens: nobody goes sooner. "Retry-After: 3"
+    # (whole seconds, rounded up) or a date says little more than "later".
+    time = FakeTime()
+    throttle = Throttle(4, clock=time.clock, sleep=time.sleep)
+    refused = RateLimitError("429", status_code=429, retry_after=2.5, retry_after_precise=precise)
+
+    async def main() -> None:
+        first = await throttle.acquire()
+        throttle.release(first, refused, wait=2.5)
+        await throttle.acquire()  # another request
+
+    anyio.run(main)
+    assert (time.now >= 1002.5) is held
+
+
+def test_the_client_tells_a_precise_retry_after_from_whole_seconds_and_dates() -> None:
+    answers = {"2.345": True, "3": False, "3.0": False, "Thu, 01 Jan 2099 00:00:02 GMT": False}
+    for header, precise in answers.items():
+        transport = httpx.MockTransport(
+            lambda request, h=header: httpx.Response(429, headers={"Retry-After": h}, json={})
+        )
+        client = AsyncRunflowClient(api_key=API_KEY, base_url="https://x.test", transport=transport)
+
+        async def create(c: AsyncRunflowClient = client) -> None:
+            async with c:
+                await c.create_batch("acme/echo", b'{"input":[{}]}', idempotency_key="k")
+
+        with pytest.raises(RateLimitError) as info:
+            anyio.run(create)
+        assert info.value.retry_after_precise is precise, header

@@ -110,7 +110,7 @@ class _Run:
             if kind == "arrive":
                 self.arrive(now, worker, ticket)
                 continue
-            admitted = self.answer(now, kind, ticket)
+            admitted = self.answer(now, kind, ticket, worker)
             if not admitted:
                 self.push(now + self.waits[worker], "ready", worker)
             elif remaining:
@@ -141,11 +141,13 @@ class _Run:
             self.waits[worker] = self.retry_after(refused)
             self.push(now + self.after(ROUND_TRIP / 2, 0.5), "429", worker, ticket)
 
-    def answer(self, now: float, kind: str, ticket: Ticket) -> bool:
+    def answer(self, now: float, kind: str, ticket: Ticket, worker: int) -> bool:
         admitted = kind == "ok"
         if admitted:
             self.limiter.done(now)
-        self.admission.settle(ticket, "ok" if admitted else "rate_limited", now)
+        precise = self.job.retry_after == "exact"  # what _pipeline.hold_of passes on
+        wait = self.waits[worker] if precise and not admitted else None
+        self.admission.settle(ticket, "ok" if admitted else "rate_limited", now, wait)
         self.outcome.answers.append((now, admitted))
         while self.parked:
             self.push(now, "ready", self.parked.pop())
