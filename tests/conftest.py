@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,13 @@ API_KEY = "rf_live_test_secret_0123456789"
 LIVE_API_KEY = os.environ.get("RUNFLOW_API_KEY")
 # The console script pip installed next to this Python.
 SCRIPT = str(Path(sys.executable).with_name("runflow-frames"))
+
+
+def interruptible() -> None:
+    """``preexec_fn`` of a child a test sends SIGINT to: a shell that runs the suite in the
+    background (``cmd &``, nohup) hands its children SIGINT ignored, and Python then installs
+    no KeyboardInterrupt handler; Ctrl-C at a terminal is what the test means."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli(*args: str, key: str | None = API_KEY, **env: str) -> subprocess.CompletedProcess[str]:

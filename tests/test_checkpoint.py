@@ -30,7 +30,7 @@ from runflow_frames import (
 from runflow_frames._journal import Lock, _read_journal, load_state
 from runflow_frames.emulator import Emulator, Timing, create_app
 
-from .conftest import API_KEY, await_until, wait_until
+from .conftest import API_KEY, await_until, interruptible, wait_until
 
 LOCAL = "http://localhost"
 # One try per request: a lost answer then ends the run, as a crash would.
@@ -451,10 +451,9 @@ def test_keyboard_interrupt_in_a_subprocess_leaves_a_checkpoint_that_resumes(
     import subprocess
     import sys
 
-    # 60 creates, 4 at a time, 0.2 s each: the job would run for 3 s. The interrupt lands
-    # once the emulator has seen the 6th create (4 answered, 2 or more in flight), with over
-    # two seconds of work left, even on a busy machine (with 30 creates a loaded run once
-    # finished before the signal came).
+    # 30 creates, 4 at a time, 0.2 s each: the job would run for 1.5 s. The interrupt lands
+    # once the emulator has seen the 6th create (4 answered, 2 or more in flight), with over a
+    # second of work left whatever the machine's load.
     emulator.timing = Timing(create_latency=0.2)
     script = Path(__file__).with_name("crash_job.py")
     env = {**os.environ, "RUNFLOW_API_KEY": API_KEY}
@@ -463,10 +462,12 @@ def test_keyboard_interrupt_in_a_subprocess_leaves_a_checkpoint_that_resumes(
         str(script),
         base_url,
         str(tmp_path / "ckpt"),
-        "6000",
+        "3000",
         str(tmp_path / "out.parquet"),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=interruptible
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"READY\n"
     wait_until(lambda: emulator.accounting().batches_created >= 6, "the job's 6th create")
@@ -474,12 +475,12 @@ def test_keyboard_interrupt_in_a_subprocess_leaves_a_checkpoint_that_resumes(
     _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0
     assert b"KeyboardInterrupt" in err
-    assert 0 < emulator.accounting().batches_created < 60
+    assert 0 < emulator.accounting().batches_created < 30
     emulator.timing = Timing()
     done = subprocess.run(cmd, capture_output=True, env=env, timeout=60, check=True)
     assert done.stdout.endswith(b"DONE\n")
     out = pd.read_parquet(tmp_path / "out.parquet")
-    assert len(out) == 6000
+    assert len(out) == 3000
     assert_matches_server(out, emulator)
 
 

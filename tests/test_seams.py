@@ -24,7 +24,7 @@ from runflow_frames import (
 )
 from runflow_frames.emulator import Emulator, Faults, Timing, serve
 
-from .conftest import API_KEY, SCRIPT, cli, wait_until
+from .conftest import API_KEY, SCRIPT, cli, interruptible, wait_until
 
 FAST = Timing(queued=0.01, running=0.02)
 FAST_POLL = (0.02, 0.1)
@@ -282,6 +282,7 @@ def test_ctrl_c_hands_back_every_handle(tmp_path: Path) -> None:
             stdout=subprocess.PIPE,
             text=True,
             env=env,
+            preexec_fn=interruptible,
         )
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "SENT"
@@ -338,7 +339,7 @@ def test_ctrl_c_in_the_cli_without_a_checkpoint_warns_that_a_rerun_sends_everyth
         child = subprocess.Popen(
             [SCRIPT, "submit", str(tmp_path / "in.csv"), "-m", "acme/echo", "--key", "id",
              "-o", str(out), "--base-url", url, "--concurrency", "2"],
-            stderr=subprocess.PIPE, text=True, env=env,
+            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=interruptible,
         )  # fmt: skip
         wait_until(lambda: emulator.accounting().batches_created >= 4, "4 creates")
         child.send_signal(2)  # SIGINT, as Ctrl-C sends
