@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -61,10 +61,14 @@ DEFAULT_BLOCK_ROWS: Final = 100_000
 
 
 def _blocks(
-    source: Path, block_rows: int, types: dict[str, pa.DataType] | None = None
+    source: Path,
+    block_rows: int,
+    types: dict[str, pa.DataType] | None = None,
+    nulls: Sequence[str] | None = None,
 ) -> Iterator[pa.Table]:
     """The file as consecutive tables of exactly ``block_rows`` rows (the last one shorter);
-    a CSV file's column ``types`` as ``csv_layout`` settles them (computed when not given)."""
+    a CSV file's column ``types`` as ``csv_layout`` settles them (computed when not given),
+    ``nulls`` the strings read as missing (None: pandas.read_csv's markers)."""
     suffix = source.suffix.lower()
     if suffix in (".parquet", ".pq"):
         batches: Iterator[pa.RecordBatch] = pq.ParquetFile(source).iter_batches(
@@ -74,9 +78,8 @@ def _blocks(
         # Empty fields and pandas.read_csv's null markers (NA, N/A, null, NaN...) are missing
         # values; the column types are settled over the whole file first.
         if types is None:
-            types, _ = csv_layout(source)
-        convert = pacsv.ConvertOptions(strings_can_be_null=True, column_types=types)
-        batches = iter(pacsv.open_csv(source, convert_options=convert))
+            types, _ = csv_layout(source, nulls)
+        batches = iter(pacsv.open_csv(source, convert_options=_convert(types, nulls)))
     else:
         raise InputError(f"{source}: only .csv and .parquet files can be streamed")
     pending: list[pa.RecordBatch] = []
@@ -93,7 +96,29 @@ def _blocks(
         yield pa.Table.from_batches(pending).combine_chunks()
 
 
-def csv_layout(source: Path) -> tuple[dict[str, pa.DataType], int]:
+def _convert(
+    types: dict[str, pa.DataType] | None, nulls: Sequence[str] | None
+) -> pacsv.ConvertOptions:
+    options: dict[str, Any] = {"strings_can_be_null": True}
+    if types is not None:
+        options["column_types"] = types
+    if nulls is not None:
+        options["null_values"] = list(nulls)
+    return pacsv.ConvertOptions(**options)
+
+
+def read_csv(source: Path, nulls: Sequence[str] | None = None) -> pd.DataFrame:
+    """A whole CSV file as pandas, read as the file jobs read it (types settled over the whole
+    file, ``nulls`` as missing): every face sends the same values for the same file."""
+    types, _ = csv_layout(source, nulls)
+    table = pacsv.read_csv(source, convert_options=_convert(types, nulls))
+    frame: pd.DataFrame = table.to_pandas(types_mapper=pd.ArrowDtype)
+    return frame
+
+
+def csv_layout(
+    source: Path, nulls: Sequence[str] | None = None
+) -> tuple[dict[str, pa.DataType], int]:
     """A CSV file's column types, settled over the whole file before anything is sent, and
     its row count (for the progress bar's total): what pyarrow infers from the first block,
     widened where a later row does not fit (an integer column that turns decimal becomes
@@ -102,14 +127,10 @@ def csv_layout(source: Path) -> tuple[dict[str, pa.DataType], int]:
     the file, in bounded memory."""
     rows = 0
     try:
-        reader = pacsv.open_csv(
-            source, convert_options=pacsv.ConvertOptions(strings_can_be_null=True)
-        )
+        reader = pacsv.open_csv(source, convert_options=_convert(None, nulls))
         types = {field.name: field.type for field in reader.schema}
         reader.close()
-        as_text = pacsv.ConvertOptions(
-            strings_can_be_null=True, column_types=dict.fromkeys(types, pa.string())
-        )
+        as_text = _convert(dict.fromkeys(types, pa.string()), nulls)
         for batch in pacsv.open_csv(source, convert_options=as_text):
             rows += batch.num_rows
             for name, current in types.items():
@@ -176,6 +197,7 @@ async def arun_batches_file(
     columns: list[str] | None = None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     progress: ProgressOption = None,
+    csv_nulls: Sequence[str] | None = None,
     **options: Any,
 ) -> dict[str, int]:
     """Submit every row of a CSV or Parquet file, in bounded memory, exactly once, resumably.
@@ -189,7 +211,9 @@ async def arun_batches_file(
     the server, organisation, model, options and the source's identity: another of them, or a
     checkpoint of another kind, is refused before anything is sent. Other keyword options are
     those of ``run_batches`` (``errors`` defaults to ``"keep"`` here: failed rows are in the
-    output with their ``runflow_error``). ``arun_batches_file`` is the async form.
+    output with their ``runflow_error``). ``csv_nulls``: the strings a CSV file's fields
+    are missing values as (default: pandas.read_csv's, ``""``, ``NA``, ``N/A``, ``null``,
+    ``NaN``...; ``[""]``: empty fields only). ``arun_batches_file`` is the async form.
 
     Returns counts: rows, blocks, blocks skipped (done before), failed rows (without a handle).
 
@@ -209,13 +233,21 @@ async def arun_batches_file(
     model = model_path(owner, slug)
     src, out, root = Path(source), Path(output), Path(checkpoint)
     # File work runs in a worker thread, so an async caller's loop is never blocked by it.
-    job_print = _fingerprint(src, block_rows, model, opts, connection)
+    nulls = None if csv_nulls is None else list(csv_nulls)
+    job_print = {**_fingerprint(src, block_rows, model, opts, connection), "csv_nulls": nulls}
     size, types, lock = await anyio.to_thread.run_sync(
-        _prepare, src, out, root, block_rows, job_print, connection
+        _prepare, src, out, root, block_rows, job_print, connection, nulls
     )
     try:
         return await _run_blocks(
-            _Source(src, size, types), out, root, block_rows, model, opts, connection, progress
+            _Source(src, size, types, nulls),
+            out,
+            root,
+            block_rows,
+            model,
+            opts,
+            connection,
+            progress,
         )
     finally:
         lock.release()
@@ -231,6 +263,7 @@ class _Source:
     path: Path
     rows: int
     types: dict[str, pa.DataType] | None
+    nulls: Sequence[str] | None = None
 
 
 async def _run_blocks(
@@ -248,7 +281,7 @@ async def _run_blocks(
     done_before = await anyio.to_thread.run_sync(_rows_done, root)
     reporter = Reporter(progress, total=src.rows, desc="submitted", initial=done_before)
     totals = {"rows": 0, "blocks": 0, "blocks_skipped": 0, "failed_rows": 0}
-    blocks = _blocks(src.path, block_rows, src.types)
+    blocks = _blocks(src.path, block_rows, src.types, src.nulls)
     number = -1
     # One throttle for every block: what one block learned of the server's limits, the next
     # starts from (and a resumed job from what the last block it ran kept).
@@ -313,7 +346,13 @@ def _fingerprint(
 
 
 def _prepare(
-    src: Path, out: Path, root: Path, block_rows: int, job: dict[str, Any], connection: Connection
+    src: Path,
+    out: Path,
+    root: Path,
+    block_rows: int,
+    job: dict[str, Any],
+    connection: Connection,
+    nulls: Sequence[str] | None,
 ) -> tuple[int, dict[str, pa.DataType] | None, Lock]:
     """Check the call, then open (or create) the file job's checkpoint: the row count, a CSV
     file's settled column types (``csv_layout``, before anything is sent) and the lock."""
@@ -324,7 +363,7 @@ def _prepare(
     if src.suffix.lower() not in (".parquet", ".pq", ".csv"):
         raise InputError(f"{src}: only .csv and .parquet files can be streamed")
     if src.suffix.lower() == ".csv":
-        types, rows = csv_layout(src)
+        types, rows = csv_layout(src, nulls)
     else:
         types, rows = None, int(pq.ParquetFile(src).metadata.num_rows)
     try:
@@ -406,6 +445,7 @@ def plan_file(
     chunk_size: int = 100,
     metadata: dict[str, Any] | None = None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
+    csv_nulls: Sequence[str] | None = None,
 ) -> Plan:
     """A dry run over a file, block by block (bounded memory): every row validated, nothing
     sent. Key uniqueness is checked within blocks, as the job itself does."""
@@ -413,7 +453,7 @@ def plan_file(
     if not src.is_file():
         raise InputError(f"{src}: no such file")
     total: Plan | None = None
-    for number, table in enumerate(_blocks(src, block_rows)):
+    for number, table in enumerate(_blocks(src, block_rows, None, csv_nulls)):
         plan = plan_job(
             _block_frame(table, number, block_rows),
             owner,

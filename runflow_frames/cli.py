@@ -123,14 +123,16 @@ def _api_key(required: bool = True) -> str | None:
     return None
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path, nulls: list[str] | None) -> Any:
     import pandas as pd
+
+    from ._files import read_csv
 
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         return pd.read_parquet(path)
-    if suffix == ".csv":
-        return pd.read_csv(path)
+    if suffix == ".csv":  # as the file jobs read it: every face sends the same values
+        return read_csv(path, nulls)
     _fail(f"{path}: only .csv and .parquet files are read", EXIT_USAGE)
 
 
@@ -229,6 +231,11 @@ def main(log_level: str) -> None:
 @click.option("--metadata", help="JSON object sent as every batch's metadata")
 @click.option("--callback-url")
 @click.option("--errors", type=click.Choice(["raise", "keep"]), default="keep", show_default=True)
+@click.option(
+    "--csv-nulls",
+    help="comma-separated strings a CSV field is missing as (default: pandas.read_csv's: NA, "
+    "N/A, null, NaN, empty...; '' for empty fields only)",
+)
 @click.option("--wait/--no-wait", default=False, help="wait for outputs and write them too")
 @click.option("--dry-run", is_flag=True, help="validate every row, print the plan, send nothing")
 @click.option("--base-url", envvar="RUNFLOW_BASE_URL")
@@ -248,6 +255,7 @@ def submit(
     metadata: str | None,
     callback_url: str | None,
     errors: str,
+    csv_nulls: str | None,
     wait: bool,
     dry_run: bool,
     base_url: str | None,
@@ -260,8 +268,9 @@ def submit(
     owner, slug = _split(model)
     meta = _metadata(metadata)
     chosen = [c.strip() for c in columns.split(",")] if columns else None
+    nulls = None if csv_nulls is None else csv_nulls.split(",")
     if dry_run:
-        _dry_run(source, owner, slug, key, chosen, chunk_size, meta, debug)
+        _dry_run(source, owner, slug, key, chosen, chunk_size, meta, debug, nulls)
     if output is None:
         raise click.UsageError("--output is required (or use --dry-run)")
     options: dict[str, Any] = {
@@ -276,6 +285,7 @@ def submit(
         "api_key": _api_key(),
         "base_url": base_url,
         "org_id": org_id,
+        "csv_nulls": nulls,
     }
     if checkpoint is not None:
         _exit(_submit_file(source, owner, slug, output, checkpoint, wait, debug, options))
@@ -305,6 +315,7 @@ def _dry_run(
     chunk_size: int,
     metadata: dict[str, Any] | None,
     debug: bool,
+    nulls: list[str] | None,
 ) -> NoReturn:
     from ._files import plan_file
 
@@ -313,7 +324,14 @@ def _dry_run(
     plan = _guarded(
         debug,
         lambda: plan_file(
-            source, owner, slug, key=key, columns=columns, chunk_size=chunk_size, metadata=metadata
+            source,
+            owner,
+            slug,
+            key=key,
+            columns=columns,
+            chunk_size=chunk_size,
+            metadata=metadata,
+            csv_nulls=nulls,
         ),
     )
     click.echo(str(plan))
@@ -381,7 +399,8 @@ def _submit_frame(
     from ._api import run_batches
 
     started = time.monotonic()
-    df = _read(source)
+    options = dict(options)
+    df = _read(source, options.pop("csv_nulls"))
 
     def keep(partial: Any) -> str:
         _write(partial, output)

@@ -232,3 +232,35 @@ def test_with_or_without_a_checkpoint_submit_writes_one_layout(
     first, second = pd.read_csv(with_ckpt), pd.read_csv(without)
     assert list(first.columns) == list(second.columns)  # no stray index column either
     assert list(first.columns[:3]) == ["id", "text", "repeat"]
+
+
+@pytest.mark.slow
+def test_csv_null_markers_default_to_pandas_and_can_be_set_and_every_face_reads_alike(
+    tmp_path: Path, base_url: str, emulator: Emulator
+) -> None:
+    csv = tmp_path / "in.csv"
+    csv.write_text("id,name,n\na,NA,1\nb,Nora,\nc,,3\n")
+    base = ["-m", "acme/echo", "--key", "id", "--base-url", base_url]
+    # Default, with and without a checkpoint: NA and empty fields are missing (omitted); a
+    # column of integers with a gap still sends integers.
+    cli(
+        "submit",
+        str(csv),
+        *base,
+        "-o",
+        str(tmp_path / "a.parquet"),
+        "--checkpoint",
+        str(tmp_path / "k"),
+    )
+    first = {r["client_ref"]: r["input"] for r in emulator.received()}
+    assert first == {"a": {"n": 1}, "b": {"name": "Nora"}, "c": {"n": 3}}
+    emulator.faults = None
+    plain = cli("submit", str(csv), *base, "-o", str(tmp_path / "b.parquet"))
+    assert plain.returncode == 0, plain.stderr
+    again = [r for r in emulator.received() if r["client_ref"] == "a"]
+    assert [r["input"] for r in again] == [{"n": 1}, {"n": 1}]  # not 1.0: the same reading
+    # Empty fields only: "NA" is a name.
+    named = cli("submit", str(csv), *base, "-o", str(tmp_path / "c.parquet"), "--csv-nulls", "")
+    assert named.returncode == 0, named.stderr
+    last = [r for r in emulator.received() if r["client_ref"] == "a"][-1]
+    assert last["input"] == {"name": "NA", "n": 1}
