@@ -4,6 +4,7 @@ carry refused, a signature check that cannot be switched off by an unset secret.
 from __future__ import annotations
 
 import math
+import re
 import socket
 from pathlib import Path
 
@@ -91,3 +92,13 @@ def test_a_busy_port_is_one_line_and_exit_2_not_a_traceback() -> None:
         f"runflow-frames: error: cannot serve on 127.0.0.1:{port}: Address already in use; "
         "try another --port"
     ]
+
+
+@pytest.mark.slow
+def test_the_readme_names_every_option_of_every_command() -> None:
+    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
+    for command in ("submit", "collect", "status", "emulator"):
+        shown = cli(command, "--help").stdout
+        options = set(re.findall(r"(--[a-z][a-z-]+)", shown)) - {"--help", "--no-progress"}
+        missing = sorted(o for o in options if not re.search(rf"{o}(?![a-z-])", readme))
+        assert missing == [], f"{command}: {missing}"
