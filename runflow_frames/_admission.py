@@ -78,11 +78,6 @@ class Admission:
         self.cap = self._capped = cap if cap is not None and cap < max_concurrency else None
         self._capped_at = -math.inf
 
-    @property
-    def rate(self) -> float | None:
-        """The pace learned, in requests per second (None: not paced)."""
-        return self.pace.rate
-
     def learned(self) -> Pace:
         """The pace and cap learned, for ``Admission(max_concurrency, **learned)``."""
         return {"rate": self.pace.rate, "cap": self._capped}
