@@ -561,14 +561,15 @@ def _collect_into(
     """Collect a checkpoint (a file job block by block, so memory holds one block's outcomes)
     into ``output``, with one progress bar and one summary for the whole job; the exit code."""
     import pandas as pd
+    import pyarrow.parquet as pq
 
     from ._collect import summarize
     from ._journal import job_parts
     from ._progress import Reporter
 
     parts = _guarded(debug, lambda: job_parts(checkpoint))
-    sources = [_collect_source(part, checkpoint) for part in parts]
-    total = sum(len(s) for s in sources if isinstance(s, pd.DataFrame))
+    joined = [_joined(part, checkpoint) for part in parts]
+    total = sum(pq.read_metadata(j).num_rows for j in joined if j is not None)
     reporter = Reporter(progress, total=total, desc="collected")
     summary: list[pd.DataFrame] = []  # what the summary needs of each block, not its outputs
     with _Sink(output) as sink:
@@ -578,13 +579,13 @@ def _collect_into(
             return f" (what was collected so far is in {sink.partial}; collect again to finish)"
 
         try:
-            for part, source in zip(parts, sources, strict=True):
+            for part, block in zip(parts, joined, strict=True):
                 result = _guarded(
                     debug,
                     functools.partial(
                         _collect_part,
                         part,
-                        source,
+                        block,
                         reporter,
                         flatten,
                         deadline,
@@ -620,18 +621,16 @@ def _report_outcomes(collected: Any) -> None:
 _SUMMARY_COLUMNS = ("runflow_status", "runflow_cost", "runflow_failure_code")
 
 
-def _collect_source(part: Path, checkpoint: Path) -> Any:
-    """What to collect for ``part``: a file job's block as its joined result (the input
-    columns and the handles, the layout `submit -o` writes), else the checkpoint itself."""
-    import pandas as pd
-
+def _joined(part: Path, checkpoint: Path) -> Path | None:
+    """A file job's block's joined result (the input columns and the handles, the layout
+    `submit -o` writes): what its outcomes are joined onto. None: collect the checkpoint."""
     joined = part.with_name(f"{part.name}.parquet")
-    return pd.read_parquet(joined) if part != checkpoint and joined.is_file() else part
+    return joined if part != checkpoint and joined.is_file() else None
 
 
 def _collect_part(
     part: Path,
-    source: Any,
+    joined: Path | None,
     reporter: Any,
     flatten: bool,
     deadline: float | None,
@@ -639,6 +638,8 @@ def _collect_part(
     base_url: str | None,
     org_id: str | None,
 ) -> Any:
+    import pandas as pd
+
     from ._collect import collect as collect_outcomes
 
     start = reporter.done
@@ -646,9 +647,10 @@ def _collect_part(
     def advance(done: int, _total: int) -> None:
         reporter.advance(start + done - reporter.done)
 
+    # One block in memory at a time.
     return collect_outcomes(
-        source,
-        checkpoint=None if source is part else part,
+        part if joined is None else pd.read_parquet(joined),
+        checkpoint=None if joined is None else part,
         flatten=flatten,
         deadline=deadline,
         progress=advance,
