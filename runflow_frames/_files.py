@@ -295,11 +295,6 @@ async def _run_blocks(
             if await anyio.to_thread.run_sync(_complete, part):
                 totals["blocks_skipped"] += 1
                 continue
-            start = reporter.done
-
-            def advance(done: int, _total: int, start: int = start) -> None:
-                reporter.advance(start + done - reporter.done)
-
             result = await submit_frame(
                 _block_frame(table, number, block_rows),
                 model,
@@ -307,7 +302,7 @@ async def _run_blocks(
                 connection,
                 checkpoint=root / f"block-{number:06d}",
                 wait=False,
-                progress=advance,
+                progress=reporter.part(),
                 kind="block",
             )
             failed = int(result["runflow_run_id"].isna().sum())

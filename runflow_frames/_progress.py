@@ -55,6 +55,16 @@ class Reporter:
         if self._callback is not None:
             self._callback(self.done, self.total)
 
+    def part(self) -> Callable[[int, int], None]:
+        """A ``progress`` callback for a part of this job (a block, a block's collect) that
+        starts now: its ``(done, total)`` moves this one's count on from here."""
+        start = self.done
+
+        def advance(done: int, _total: int) -> None:
+            self.advance(start + done - self.done)
+
+        return advance
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

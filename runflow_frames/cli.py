@@ -16,11 +16,14 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._progress import Reporter
 
 DEMO_KEY = "rf_live_demo"
 T = TypeVar("T")
@@ -631,7 +634,7 @@ def _joined(part: Path, checkpoint: Path) -> Path | None:
 def _collect_part(
     part: Path,
     joined: Path | None,
-    reporter: Any,
+    reporter: Reporter,
     flatten: bool,
     deadline: float | None,
     api_key: str | None,
@@ -642,18 +645,13 @@ def _collect_part(
 
     from ._collect import collect as collect_outcomes
 
-    start = reporter.done
-
-    def advance(done: int, _total: int) -> None:
-        reporter.advance(start + done - reporter.done)
-
     # One block in memory at a time.
     return collect_outcomes(
         part if joined is None else pd.read_parquet(joined),
         checkpoint=None if joined is None else part,
         flatten=flatten,
         deadline=deadline,
-        progress=advance,
+        progress=reporter.part(),
         api_key=api_key,
         base_url=base_url,
         org_id=org_id,
