@@ -278,8 +278,8 @@ async def _run_blocks(
 ) -> dict[str, int]:
     # One bar for the whole file, its total known from the start; the blocks an earlier run
     # finished count as done, not as speed.
-    done_before = await anyio.to_thread.run_sync(_rows_done, root)
-    reporter = Reporter(progress, total=src.rows, desc="submitted", initial=done_before)
+    finished = await anyio.to_thread.run_sync(_finished_blocks, root)
+    reporter = Reporter(progress, total=src.rows, desc="submitted", initial=sum(finished.values()))
     totals = {"rows": 0, "blocks": 0, "blocks_skipped": 0, "failed_rows": 0}
     blocks = _blocks(src.path, block_rows, src.types, src.nulls)
     number = -1
@@ -292,7 +292,7 @@ async def _run_blocks(
             part = root / f"block-{number:06d}.parquet"
             totals["rows"] += table.num_rows
             totals["blocks"] += 1
-            if await anyio.to_thread.run_sync(_complete, part):
+            if part.name in finished:
                 totals["blocks_skipped"] += 1
                 continue
             result = await submit_frame(
@@ -389,10 +389,11 @@ def _take_over(root: Path) -> bool:
         guard.release()
 
 
-def _rows_done(root: Path) -> int:
-    """Rows in the blocks an earlier run finished."""
+def _finished_blocks(root: Path) -> dict[str, int]:
+    """The blocks an earlier run finished (``_complete``): their results' names and rows. Read
+    once, under the job's lock: nothing else changes them meanwhile."""
     parts = (root / f"{block.name}.parquet" for block in block_directories(root))
-    return sum(pq.read_metadata(part).num_rows for part in parts if _complete(part))
+    return {part.name: pq.read_metadata(part).num_rows for part in parts if _complete(part)}
 
 
 def _complete(part: Path) -> bool:
