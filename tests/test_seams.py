@@ -458,3 +458,31 @@ def test_a_malformed_create_answer_never_carries_the_key_into_a_message() -> Non
     shown = [str(info.value), repr(info.value.__cause__), *info.value.result["runflow_error"]]
     assert all(API_KEY not in text for text in shown)
     assert "[redacted]" in str(info.value.__cause__)
+
+
+@pytest.mark.slow
+def test_a_file_jobs_checkpoint_across_csv_nulls_json_and_the_python_face(
+    tmp_path: Path, source: Path
+) -> None:
+    """The flags this round added, on an existing checkpoint: another --csv-nulls is another
+    reading of the file, refused before any request; --json, --wait and the Python face on the
+    same job send nothing twice."""
+    emulator = Emulator(timing=FAST)
+    ckpt, out = tmp_path / "ck", tmp_path / "out.parquet"
+    base = ["-m", "acme/uppercase", "--key", "id", "-o", str(out), "--checkpoint", str(ckpt)]
+    with serve(emulator) as url:
+        first = cli("submit", str(source), *base, "--base-url", url, "--json")
+        assert first.returncode == 0, first.stderr
+        before = emulator.accounting().requests_by_route
+        other = cli("submit", str(source), *base, "--base-url", url, "--csv-nulls", "")
+        assert other.returncode == 3
+        assert "csv_nulls" in other.stderr
+        assert emulator.accounting().requests_by_route == before  # refused before any request
+        again = cli("submit", str(source), *base, "--base-url", url, "--wait", "--json")
+        assert again.returncode == 0, again.stderr
+        counts = run_batches_file(
+            source, "acme/uppercase", output=out, checkpoint=ckpt, key="id", base_url=url,
+            api_key=API_KEY, progress=False,
+        )  # fmt: skip
+        assert counts["blocks_skipped"] == counts["blocks"] == 1
+    assert_each_row_ran_once(emulator)
