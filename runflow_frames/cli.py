@@ -1,8 +1,9 @@
 """The ``runflow-frames`` command (click): submit, status, collect, emulator, demo.
 
-Exit codes: 0 done; 1 some rows failed or are not done (their errors are in the output);
-2 bad arguments; 3 refused before sending anything (bad input, a checkpoint of another job);
-4 the API refused the key, the credit or the permission; 5 another API or network failure.
+Exit codes (the README's table): 0 done; 1 some rows failed or are not done (their errors are
+in the output); 2 bad arguments; 3 refused before sending anything (bad input, a checkpoint of
+another job); 4 the API refused the key, the credit or the permission; 5 the API or the network
+stopped the job; 130 interrupted.
 Errors are one line on stderr; ``--debug`` shows the traceback. The API key comes from
 ``RUNFLOW_API_KEY`` or a hidden prompt, never from an argument (it would land in shell history).
 """
@@ -73,6 +74,7 @@ def _guarded(
     carries what the job had (``.result``) hands it to ``keep`` first, which writes it and says
     where: no submitted row's handle is lost when the command fails."""
     from ._errors import (
+        APIError,
         AuthenticationError,
         CheckpointError,
         CollectError,
@@ -99,8 +101,8 @@ def _guarded(
             cause, AuthenticationError | InsufficientCreditError | PermissionDeniedError
         ):
             code = EXIT_ACCESS
-        elif isinstance(exc, SubmissionError | CollectError):
-            code = EXIT_FAILED_ROWS
+        elif isinstance(exc, SubmissionError | CollectError) and not isinstance(cause, APIError):
+            code = EXIT_FAILED_ROWS  # rows failed or are not done: their columns say why
         else:
             code = EXIT_API
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -197,11 +199,34 @@ class _Sink:
 def _split(owner_slug: str) -> tuple[str, str]:
     owner, _, slug = owner_slug.partition("/")
     if not owner or not slug:
-        raise click.BadParameter("give the model as OWNER/SLUG, e.g. acme/echo")
+        raise click.BadParameter(
+            "give the model as OWNER/SLUG, e.g. acme/echo", param_hint="'--model'"
+        )
     return owner, slug
 
 
-@click.group()
+class _Commands(click.Group):
+    """click's group, with its usage errors said in one line like every other error (click
+    prints three), and Ctrl-C at a prompt exiting 130 like Ctrl-C anywhere else."""
+
+    def main(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, standalone_mode: bool = True, **extra: Any
+    ) -> Any:
+        try:
+            done = super().main(args, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = f"; see '{exc.ctx.command_path} --help'" if exc.ctx is not None else ""
+            _fail(f"{exc.format_message().rstrip('.')}{where}", EXIT_USAGE)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        if not standalone_mode:
+            return done
+        sys.exit(done if isinstance(done, int) else 0)
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="runflow-frames")
 @click.option(
     "--log-level",

@@ -119,21 +119,24 @@ def test_dry_run_sends_nothing_and_lists_every_refusal(
 
 
 @pytest.mark.slow
-def test_bad_arguments_exit_2(source: Path) -> None:
-    assert cli("submit", str(source), "-m", "no-slash", "-o", "x.parquet").returncode == 2
-    assert (
-        cli(
-            "submit", str(source), "-m", "acme/echo", "--chunk-size", "101", "-o", "x.parquet"
-        ).returncode
-        == 2
+def test_bad_arguments_exit_2_with_one_line(source: Path) -> None:
+    cases = {
+        ("-m", "no-slash"): "Invalid value for '--model': give the model as OWNER/SLUG",
+        ("-m", "acme/echo", "--chunk-size", "101"): "Invalid value for '--chunk-size'",
+        ("-m", "acme/echo", "--metadata", "[1]"): "--metadata",
+        ("-m", "acme/echo", "--bogus"): "No such option '--bogus'",
+    }
+    for args, said in cases.items():
+        done = cli("submit", str(source), *args, "-o", "x.parquet")
+        assert done.returncode == 2, args
+        assert done.stderr.startswith("runflow-frames: error: "), done.stderr
+        assert said in done.stderr
+        assert done.stderr.endswith("; see 'runflow-frames submit --help'\n"), done.stderr
+    unknown = cli("nonsense")
+    assert (unknown.returncode, unknown.stderr) == (
+        2,
+        "runflow-frames: error: No such command 'nonsense'; see 'runflow-frames --help'\n",
     )
-    assert (
-        cli(
-            "submit", str(source), "-m", "acme/echo", "--metadata", "[1]", "-o", "x.parquet"
-        ).returncode
-        == 2
-    )
-    assert cli("nonsense").returncode == 2
 
 
 def test_a_missing_api_key_is_one_clear_line(source: Path, tmp_path: Path) -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 import re
 import socket
+from decimal import Decimal
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from runflow_frames import InputError, run_batches, verify_signature
+from runflow_frames import InputError, collect, run_batches, verify_signature
 from runflow_frames._signatures import sign
 from runflow_frames.emulator import Emulator, Faults, Timing, serve
 
@@ -102,3 +103,65 @@ def test_the_readme_names_every_option_of_every_command() -> None:
         options = set(re.findall(r"(--[a-z][a-z-]+)", shown)) - {"--help", "--no-progress"}
         missing = sorted(o for o in options if not re.search(rf"{o}(?![a-z-])", readme))
         assert missing == [], f"{command}: {missing}"
+
+
+def readme_table(after: str) -> dict[str, list[str]]:
+    """The README's first table after the text ``after``: first cell (unquoted) -> the rest."""
+    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
+    lines = readme[readme.index(after) :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2 :]:  # past the header and its rule
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip().strip("`") for cell in line.strip("|").split("|")])
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_the_readme_output_column_tables_are_what_the_frames_hold() -> None:
+    submitted = readme_table("### Output columns")
+    outcomes = readme_table("`collect` adds")
+    df = pd.DataFrame({"text": ["a", None, "c"]}, index=pd.Index(["x", "y", "z"], name="id"))
+    with serve(Emulator(timing=Timing(queued=0.01, running=0.02))) as url:
+        out = run_batches(df, "acme/uppercase", api_key=API_KEY, base_url=url, progress=False)
+        done = collect(out, api_key=API_KEY, base_url=url, progress=False)
+    added = [c for c in out.columns if c.startswith("runflow_")]
+    assert added == list(submitted)
+    assert {c: str(out[c].dtype) for c in added} == {c: d[0] for c, d in submitted.items()}
+    expected = {**{c: d[0] for c, d in submitted.items()}, **{c: d[0] for c, d in outcomes.items()}}
+    assert {c: str(done[c].dtype) for c in done.columns if c.startswith("runflow_")} == expected
+    named = set(re.findall(r"`(\w+)`", outcomes["runflow_status"][1]))
+    assert set(done["runflow_status"]) == {"succeeded", "failed"} <= named
+    assert done.loc["x", "runflow_output"] == {"text": "A"}
+    assert isinstance(done.loc["x", "runflow_cost"], Decimal)
+    assert done.loc["y", "runflow_failure_code"] is not None  # the row with no text
+
+
+@pytest.mark.slow
+def test_the_readme_exit_code_table_is_what_the_command_exits_with(tmp_path: Path) -> None:
+    """Each code's case through the entry point (130, Ctrl-C, is test_seams' interrupt test)."""
+    table = readme_table("From a shell or a scheduler")
+    assert sorted(map(int, table)) == [0, 1, 2, 3, 4, 5, 130]
+    good = tmp_path / "good.csv"
+    pd.DataFrame({"id": ["a", "b", "c"], "text": ["x", "", "z"]}).to_csv(good, index=False)
+    doubled = tmp_path / "doubled.csv"
+    pd.DataFrame({"id": ["a", "a"], "text": ["x", "y"]}).to_csv(doubled, index=False)
+
+    def submit(url: str, source: Path, model: str, *more: str) -> int:
+        out = str(tmp_path / f"out-{model.replace('/', '-')}-{source.stem}.parquet")
+        args = ["submit", str(source), "-m", model, "--key", "id", "-o", out, "--base-url", url]
+        return cli(*args, *more).returncode
+
+    timing = Timing(queued=0.01, running=0.02)
+    with serve(Emulator(timing=timing)) as url:
+        exits = {
+            0: submit(url, good, "acme/echo"),
+            1: submit(url, good, "acme/uppercase", "--wait"),  # the empty text fails its run
+            2: cli("submit", str(good), "-m", "acme/echo").returncode,  # no --output
+            3: submit(url, doubled, "acme/echo"),  # a repeated key
+        }
+    with serve(Emulator(timing=timing, api_keys={"rf_live_another_key"})) as url:
+        exits[4] = submit(url, good, "acme/echo")
+    with serve(Emulator(timing=timing, faults=Faults(rejected=1.0))) as url:
+        exits[5] = submit(url, good, "acme/echo", "--errors", "raise")
+    assert exits == {code: code for code in exits}

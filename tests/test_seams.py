@@ -411,7 +411,7 @@ def test_a_failed_wait_in_the_cli_leaves_the_submitted_output_whole(
         # Every poll is refused now (a 4xx: no retries to wait through).
         emulator.faults = Faults(rejected=1.0, routes="all")
         waited = cli(*command, "--base-url", url, "--wait")
-    assert waited.returncode == 1, waited.stderr  # rows not done, said in one line
+    assert waited.returncode == 5, waited.stderr  # the API failed the wait, said in one line
     assert "waiting for the runs stopped" in waited.stderr
     assert ".result" not in waited.stderr  # advice for the CLI, not for Python
     assert pd.read_parquet(out)["runflow_run_id"].notna().sum() == 500  # not shrunk
