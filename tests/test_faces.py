@@ -3,6 +3,8 @@ carry refused, a signature check that cannot be switched off by an unset secret.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
 import re
 import socket
@@ -165,3 +167,17 @@ def test_the_readme_exit_code_table_is_what_the_command_exits_with(tmp_path: Pat
     with serve(Emulator(timing=timing, faults=Faults(rejected=1.0))) as url:
         exits[5] = submit(url, good, "acme/echo", "--errors", "raise")
     assert exits == {code: code for code in exits}
+
+
+def test_the_readme_options_table_names_every_option_with_its_default() -> None:
+    table = readme_table("### Options")
+    shown = {name.strip("` "): row[0] for names, row in table.items() for name in names.split(",")}
+    signature = inspect.signature(run_batches).parameters
+    options = {n: p.default for n, p in signature.items() if p.kind is p.KEYWORD_ONLY}
+    assert sorted(shown) == sorted(options)
+    for name, default in shown.items():
+        try:
+            stated = ast.literal_eval(default)
+        except (ValueError, SyntaxError):  # words: "the index", "environment", "none"...
+            continue
+        assert stated == options[name], name
