@@ -53,7 +53,7 @@ import time
 import uuid
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,13 +227,22 @@ def _read_segment(path: Path) -> pa.Table:
 def load_state(directory: Path) -> State:
     """Everything recorded under ``directory``, verified consistent."""
     segments = [_read_segment(p) for _, p in _numbered(directory, _SEGMENT_RE)]
+    journals = (_read_journal(path) for _, path in _numbered(directory, _JOURNAL_RE))
+    return state_from(str(directory), segments, journals)
+
+
+def state_from(
+    where: str, segments: Sequence[pa.Table], logs: Iterable[Sequence[Mapping[str, Any]]]
+) -> State:
+    """The state that segments and journal records (in the order written) make, verified
+    consistent; ``where`` names the checkpoint in errors."""
     state = State()
     if segments:
         state.segments = pa.concat_tables(segments)
         state.written = state.segments.num_rows
     in_segments = set(pc.unique(state.segments["chunk"]).to_pylist())
-    for _, path in _numbered(directory, _JOURNAL_RE):
-        for record in _read_journal(path):
+    for records in logs:
+        for record in records:
             chunk = record["c"]
             if chunk in in_segments or chunk in state.answered_chunks:
                 continue  # compacted or answered already: a record written twice
@@ -250,14 +259,14 @@ def load_state(directory: Path) -> State:
                     state.answer(chunk, handles, record["at"])
                 except CheckpointError:
                     raise CheckpointError(
-                        f"checkpoint {directory}: chunk {chunk} has handles but no intent"
+                        f"checkpoint {where}: chunk {chunk} has handles but no intent"
                     ) from None
     refs, _ = state.recorded()
     if pc.count_distinct(refs).as_py() != len(refs):
         counts = pc.value_counts(refs)
         twice = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:5]
         raise CheckpointError(
-            f"checkpoint {directory} records row(s) {twice} in more than one chunk; it is "
+            f"checkpoint {where} records row(s) {twice} in more than one chunk; it is "
             "inconsistent and cannot be resumed safely"
         )
     return state
@@ -565,8 +574,8 @@ class Journal(ABC):
     ``answered`` or ``created_nothing`` for each chunk, and ``close`` however the run ends;
     ``keep_syncing`` runs beside the job."""
 
-    #: The checkpoint directory, or None when nothing is kept.
-    where: Path | None = None
+    #: The checkpoint (a directory, or a URL on object storage), or None when nothing is kept.
+    where: str | Path | None = None
 
     @abstractmethod
     def plan(self, refs: Sequence[str], items: Sequence[bytes]) -> Resume: ...
@@ -632,7 +641,135 @@ class MemoryJournal(Journal):
         return None
 
 
-class DirectoryJournal(Journal):
+class CheckpointJournal(Journal):
+    """What a checkpoint does wherever it is kept: the recorded state, the manifest, the plan of
+    a resume and the records of this run. Subclasses store them: ``_append`` takes records
+    (durable with the next sync), ``_save_manifest`` rewrites the manifest."""
+
+    def __init__(
+        self,
+        where: str | Path,
+        manifest: dict[str, Any],
+        state: State,
+        key_fingerprint: Callable[[str], str],
+        max_intent_age: float,
+        pace: Pace | None,
+    ) -> None:
+        self.where = where
+        self.manifest = manifest
+        self.state = state
+        self._key_fingerprint = key_fingerprint
+        self._max_intent_age = max_intent_age
+        self._digests = np.empty(0, dtype=np.int64)
+        self._pace = self._pace_kept = pace
+
+    @abstractmethod
+    def _append(self, records: Sequence[Mapping[str, Any]]) -> None: ...
+
+    @abstractmethod
+    def _save_manifest(self) -> None: ...
+
+    @property
+    def job_id(self) -> str:
+        return str(self.manifest["job_id"])
+
+    def _resume(self, refs: Sequence[str], items: Sequence[bytes]) -> Resume:
+        """Match the input against what is recorded (refusing rows that changed or went
+        missing, or pending chunks under another API key)."""
+        self._digests = row_digests(items)
+        pending, unsent = plan_resume(self.state, refs, self._digests)
+        self._check_api_key(pending=bool(pending))
+        _warn_if_stale([intent for intent, _ in pending], self._max_intent_age)
+        return Resume(
+            self.job_id, pending, unsent, self.state.next_chunk(), self.state.submitted().num_rows
+        )
+
+    def _intents(self, chunks: Sequence[Chunk]) -> list[dict[str, Any]]:
+        """The intent records of ``chunks`` not recorded yet (a re-sent chunk keeps its first)."""
+        now = time.time()
+        records = []
+        for c in chunks:
+            if c.number not in self.state.intents:
+                intent = Intent(c.number, c.key, now, c.refs, self._digests.take(c.rows))
+                self.state.intents[c.number] = intent
+                records.append(_intent_record(intent))
+        return records
+
+    def pace(self) -> Pace | None:
+        return self._pace
+
+    def remember_pace(self, pace: Pace) -> None:
+        self._pace = pace
+
+    def answered(self, chunk: Chunk, handles: Handles) -> None:
+        """Record a chunk's handles, durable with the next sync (or close): until then a crash
+        only means the intent is re-sent and the server replays its batch."""
+        at = time.time()
+        self.state.answer(chunk.number, handles, at)
+        # Column by column: a few lists per record parse much faster than a list per row when
+        # a big journal is read back.
+        record = {
+            "t": "d",
+            "c": chunk.number,
+            "at": at,
+            "b": handles.batch_id,
+            "i": handles.item_ids,
+            "r": handles.run_ids,
+            "q": handles.sequence_indexes,
+            "s": handles.statuses,
+        }
+        self._append([record])
+
+    def created_nothing(self, chunk: Chunk) -> None:
+        """Its intent is dropped and its rows unsent again; its number is never reused."""
+        self.state.intents.pop(chunk.number, None)
+        self.state.rejected.add(chunk.number)
+        self._append([{"t": "x", "c": chunk.number}])
+
+    def handles(self) -> pa.Table:
+        return self.state.submitted()
+
+    def _failed(self, what: str, exc: BaseException) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint {self.where}: {what} failed ({exc}), so the job stopped; what it "
+            "recorded so far is kept. Fix the cause and re-run the same call: it resumes "
+            "without sending anything twice"
+        )
+
+    def _check_api_key(self, *, pending: bool) -> None:
+        """Refuse to re-send pending chunks under another API key than the one that sent them:
+        if the server keeps Idempotency-Keys per API key (the emulator does; Runflow does not
+        say), it would create them a second time. With nothing pending a new key is fine, and
+        becomes the one recorded."""
+        fingerprint = self._key_fingerprint(self.job_id)
+        if self.manifest.get("api_key_fingerprint") == fingerprint:
+            return
+        if pending:
+            raise CheckpointError(
+                f"checkpoint {self.where} has chunks whose answer was lost, sent with another "
+                "API key; re-sending them under this key could run them twice (idempotency keys "
+                "may be scoped per API key). Nothing was sent. Resume with the key that started "
+                "the job",
+                changes=["api key"],
+            )
+        self.manifest["api_key_fingerprint"] = fingerprint
+        self._save_manifest()
+
+    def _carried(self) -> list[dict[str, Any]]:
+        """Records of what is still open: pending intents and refused chunk numbers."""
+        carried = [_intent_record(i) for i in self.state.pending()]
+        return carried + [{"t": "x", "c": c} for c in sorted(self.state.rejected)]
+
+    def _unwritten(self) -> pa.Table:
+        """The submitted rows not yet given to a segment. They count as written from now on:
+        if the write fails, the journal still has them."""
+        self.state.absorb()
+        table = self.state.segments.slice(self.state.written)
+        self.state.written = self.state.segments.num_rows
+        return table
+
+
+class DirectoryJournal(CheckpointJournal):
     """A checkpoint in a local directory: loads what earlier runs recorded, then journals this
     run. Use :meth:`open`."""
 
@@ -644,21 +781,23 @@ class DirectoryJournal(Journal):
         key_fingerprint: Callable[[str], str],
         max_intent_age: float,
     ) -> None:
-        self.where = self.directory = directory
-        self.manifest = manifest
-        self.state = load_state(directory)
+        super().__init__(
+            directory,
+            manifest,
+            load_state(directory),
+            key_fingerprint,
+            max_intent_age,
+            read_pace(directory),
+        )
+        self.directory = directory
         self._lock = lock
-        self._key_fingerprint = key_fingerprint
-        self._max_intent_age = max_intent_age
         self._log = _Log(directory)
         self._segment_no = max((n for n, _ in _numbered(directory, _SEGMENT_RE)), default=0) + 1
-        self._digests = np.empty(0, dtype=np.int64)
         self._started = False  # plan() has opened this run's journal
         # Answers go to segments during the run, in a thread, so that closing writes only the
         # last few: the pool and the segment being written, if any.
         self._writer: ThreadPoolExecutor | None = None
         self._writing: Future[None] | None = None
-        self._pace = self._pace_kept = read_pace(directory)
 
     @classmethod
     def open(
@@ -679,34 +818,23 @@ class DirectoryJournal(Journal):
             lock.release()
             raise
 
-    @property
-    def job_id(self) -> str:
-        return str(self.manifest["job_id"])
+    def _append(self, records: Sequence[Mapping[str, Any]]) -> None:
+        self._log.append(records)
+
+    def _save_manifest(self) -> None:
+        write_manifest(self.directory, self.manifest)
 
     def plan(self, refs: Sequence[str], items: Sequence[bytes]) -> Resume:
-        """Match the input against what is recorded (refusing rows that changed or went
-        missing), then fold what earlier runs left and open this run's journal."""
-        self._digests = row_digests(items)
-        pending, unsent = plan_resume(self.state, refs, self._digests)
-        self._check_api_key(pending=bool(pending))
-        _warn_if_stale([intent for intent, _ in pending], self._max_intent_age)
-        resume = Resume(
-            self.job_id, pending, unsent, self.state.next_chunk(), self.state.submitted().num_rows
-        )
+        """Match the input against what is recorded, then fold what earlier runs left and open
+        this run's journal."""
+        resume = self._resume(refs, items)
         self._compact()
         self._rotate()
         self._started = True
         return resume
 
     async def intend(self, chunks: Sequence[Chunk]) -> None:
-        now = time.time()
-        records = []
-        for c in chunks:
-            if c.number not in self.state.intents:  # a resent chunk keeps its first intent
-                intent = Intent(c.number, c.key, now, c.refs, self._digests.take(c.rows))
-                self.state.intents[c.number] = intent
-                records.append(_intent_record(intent))
-        self._log.append(records)
+        self._log.append(self._intents(chunks))
         # Durable before any of them is sent; the fsync waits in a thread, so answers to the
         # requests in flight are handled meanwhile.
         await anyio.to_thread.run_sync(self.sync)
@@ -720,12 +848,6 @@ class DirectoryJournal(Journal):
             raise self._failed("writing its journal", exc) from exc
         self._keep_pace()
 
-    def pace(self) -> Pace | None:
-        return self._pace
-
-    def remember_pace(self, pace: Pace) -> None:
-        self._pace = pace
-
     def _keep_pace(self) -> None:
         pace = self._pace
         if pace is not None and pace != self._pace_kept:
@@ -738,34 +860,6 @@ class DirectoryJournal(Journal):
         while True:
             await anyio.sleep(SYNC_INTERVAL)
             await anyio.to_thread.run_sync(self.sync)
-
-    def answered(self, chunk: Chunk, handles: Handles) -> None:
-        """Record a chunk's handles, durable with the next sync (or close): until then a crash
-        only means the intent is re-sent and the server replays its batch."""
-        at = time.time()
-        self.state.answer(chunk.number, handles, at)
-        # Column by column: a few lists per record parse much faster than a list per row when
-        # a big journal is read back.
-        record = {
-            "t": "d",
-            "c": chunk.number,
-            "at": at,
-            "b": handles.batch_id,
-            "i": handles.item_ids,
-            "r": handles.run_ids,
-            "q": handles.sequence_indexes,
-            "s": handles.statuses,
-        }
-        self._log.append([record])
-
-    def created_nothing(self, chunk: Chunk) -> None:
-        """Its intent is dropped and its rows unsent again; its number is never reused."""
-        self.state.intents.pop(chunk.number, None)
-        self.state.rejected.add(chunk.number)
-        self._log.append([{"t": "x", "c": chunk.number}])
-
-    def handles(self) -> pa.Table:
-        return self.state.submitted()
 
     def close(self) -> None:
         """Fold this run's answers into a segment, keep what is pending, release the lock."""
@@ -795,41 +889,11 @@ class DirectoryJournal(Journal):
             self._log.close()
             self._lock.release()
 
-    def _failed(self, what: str, exc: BaseException) -> CheckpointError:
-        return CheckpointError(
-            f"checkpoint {self.directory}: {what} failed ({exc}), so the job stopped; the "
-            "journal holds every answer so far. Fix the cause and re-run the same call: it "
-            "resumes without sending anything twice"
-        )
-
-    def _check_api_key(self, *, pending: bool) -> None:
-        """Refuse to re-send pending chunks under another API key than the one that sent them:
-        if the server keeps Idempotency-Keys per API key (the emulator does; Runflow does not
-        say), it would create them a second time. With nothing pending a new key is fine, and
-        becomes the one recorded."""
-        fingerprint = self._key_fingerprint(self.job_id)
-        if self.manifest.get("api_key_fingerprint") == fingerprint:
-            return
-        if pending:
-            raise CheckpointError(
-                f"checkpoint {self.directory} has chunks whose answer was lost, sent with another "
-                "API key; re-sending them under this key could run them twice (idempotency keys "
-                "may be scoped per API key). Nothing was sent. Resume with the key that started "
-                "the job",
-                changes=["api key"],
-            )
-        self.manifest["api_key_fingerprint"] = fingerprint
-        write_manifest(self.directory, self.manifest)
-
     def _rotate(self) -> None:
         """Start a fresh journal holding only the pending intents and refused chunk numbers,
         and delete the older journals. Call it once the state is compacted (everything else
         the old journals say is in segments)."""
         self._log.retire(self._log.switch(self._carried()))
-
-    def _carried(self) -> list[dict[str, Any]]:
-        carried = [_intent_record(i) for i in self.state.pending()]
-        return carried + [{"t": "x", "c": c} for c in sorted(self.state.rejected)]
 
     def _compact_in_background(self) -> None:
         """Once ``SEGMENT_ROWS`` answered rows wait, start writing them to a segment in a
@@ -859,13 +923,9 @@ class DirectoryJournal(Journal):
             self._write_segment(number, table)
 
     def _unwritten_segment(self) -> tuple[int, pa.Table]:
-        """The submitted rows not yet given to a segment, and the number of their segment.
-        They count as written from now on: if the write fails, the journal still has them."""
-        self.state.absorb()
-        table = self.state.segments.slice(self.state.written)
+        table = self._unwritten()
         number = self._segment_no
         if table.num_rows:
-            self.state.written = self.state.segments.num_rows
             self._segment_no += 1
         return number, table
 
