@@ -19,7 +19,8 @@ import pyarrow as pa
 from ._config import DEFAULT_TIMEOUT, Connection
 from ._errors import APIError, CollectError, DeadlineExceeded, InputError, ProtocolError
 from ._frames import to_pandas
-from ._journal import ResultsStore, job_parts, read_checkpoint, read_manifest
+from ._journal import ResultsStore, job_parts, read_checkpoint, read_manifest, recorded_rows
+from ._objectstore import ObjectResults, ObjectStore, is_url, load
 from ._polling import (
     STORED_COLUMNS,
     PollPolicy,
@@ -204,11 +205,15 @@ async def acollect(
                 progress=progress,
             )
         )
-    manifest = read_manifest(Path(source))
-    if manifest is not None and manifest.get("kind") == "file":
-        connection.check_server(manifest, source)
+    if is_url(source):
+        parts: list[str | os.PathLike[str]] = [source]  # object storage keeps frame jobs
+    else:
+        manifest = read_manifest(Path(source))
+        if manifest is not None and manifest.get("kind") == "file":
+            connection.check_server(manifest, source)
+        parts = list(job_parts(Path(source)))
     frames = []
-    for part in job_parts(Path(source)):
+    for part in parts:
         frame, unconfirmed = _frame_from_checkpoint(part)
         frames.append(
             await collect_frame(
@@ -248,7 +253,9 @@ async def collect_frame(
             f"{missing}"
         )
     plan = _Plan(frame)
-    store = ResultsStore(checkpoint) if checkpoint is not None else None
+    store: ResultsStore | ObjectResults | None = None
+    if checkpoint is not None:
+        store = ObjectResults(checkpoint) if is_url(checkpoint) else ResultsStore(checkpoint)
     fresh: list[pd.DataFrame] = []
     stopped: BaseException | None = None
     unfinished: list[str] = []
@@ -388,7 +395,10 @@ async def _fetch(
 
 def _frame_from_checkpoint(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.Series]:
     """A checkpoint's rows as a handle frame, and which of them are pending (sent, unanswered)."""
-    recorded = read_checkpoint(Path(path))
+    if is_url(path):
+        recorded, _ = recorded_rows(load(ObjectStore(str(path)))[0])
+    else:
+        recorded = read_checkpoint(Path(path))
     recorded.insert(0, "runflow_client_ref", recorded.index.astype("string"))
     pending = recorded["state"] == "pending"
     frame = recorded.drop(columns=["state", "chunk", "intent_at", "submitted_at"])

@@ -32,6 +32,7 @@ from ._config import Connection, JobOptions, fingerprint
 from ._errors import APIStatusError, CheckpointError, SubmissionError
 from ._handles import Handles, check_no_collision, join_handles
 from ._journal import DirectoryJournal, Journal, Kind, MemoryJournal, Resume
+from ._objectstore import ObjectJournal, is_url
 from ._pipeline import ChunkFailure, ends_the_job, job_gate, one_error, submit_chunks
 from ._progress import ProgressOption, Reporter
 from ._rows import Chunk, body_suffix, chunk_body, client_refs, encode_rows, item_columns
@@ -67,13 +68,11 @@ class SubmitJob:
         before anything is sent when it holds another job)."""
         if checkpoint is None:
             return MemoryJournal()
-        return DirectoryJournal.open(
-            checkpoint,
-            kind,
-            fingerprint(self.model, self.connection, self.options, self.fields, self.suffix),
-            self.connection.key_fingerprint,
-            self.options.max_intent_age,
-        )
+        job = fingerprint(self.model, self.connection, self.options, self.fields, self.suffix)
+        age, key = self.options.max_intent_age, self.connection.key_fingerprint
+        if is_url(checkpoint):
+            return ObjectJournal.open(checkpoint, kind, job, key, age)
+        return DirectoryJournal.open(checkpoint, kind, job, key, age)
 
     async def run(self, journal: Journal, progress: ProgressOption = None) -> pd.DataFrame:
         """Send what the journal does not have yet; the joined frame. Closes the journal.

@@ -81,6 +81,7 @@ _logger = logging.getLogger("runflow_frames")
 MANIFEST: Final = "manifest.json"
 PACE: Final = "pace.json"
 LOCK: Final = ".lock"
+LEASE: Final = "lease.json"  # an object-storage checkpoint's lock (_objectstore.py)
 Kind = Literal["frame", "file", "block"]
 # Answered rows that, once this many wait, go to a segment during the run, in a thread: a
 # run's close then writes only the last few.
@@ -292,16 +293,25 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        manifest = orjson.loads(path.read_bytes())
-    except orjson.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint manifest {path} is not valid JSON ({exc})") from exc
+        data = path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"checkpoint manifest {path} cannot be read: {exc}") from exc
+    return parse_manifest(str(directory), data)
+
+
+def parse_manifest(where: str, data: bytes) -> dict[str, Any]:
+    """The manifest of the checkpoint at ``where`` from its bytes, checked for format."""
+    try:
+        manifest = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CheckpointError(
+            f"checkpoint manifest {where}/{MANIFEST} is not valid JSON ({exc})"
+        ) from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), int):
-        raise CheckpointError(f"{path} is not a runflow-frames checkpoint manifest")
+        raise CheckpointError(f"{where}/{MANIFEST} is not a runflow-frames checkpoint manifest")
     if manifest["format"] != FORMAT:
         raise CheckpointError(
-            f"checkpoint {directory} has format {manifest['format']}; this version of "
+            f"checkpoint {where} has format {manifest['format']}; this version of "
             f"runflow-frames reads format {FORMAT}. Nothing was sent. Finish the job with the "
             "version that started it, or start anew in another directory"
         )
@@ -357,20 +367,32 @@ def check_manifest(
     are not a checkpoint. Reads only.
     """
     manifest = read_manifest(directory)
+    if manifest is None and directory.is_dir():
+        judge_manifest(str(directory), None, [p.name for p in directory.iterdir()], kind, None)
+    return judge_manifest(str(directory), manifest, [], kind, fingerprint)
+
+
+def judge_manifest(
+    where: str,
+    manifest: dict[str, Any] | None,
+    names: Sequence[str],
+    kind: Kind,
+    fingerprint: Mapping[str, Any] | None,
+) -> dict[str, Any] | None:
+    """``manifest`` when it is this job's, None when there is no job yet at ``where`` (which
+    then holds only ``names``); another kind, another job or foreign files are refused."""
     if manifest is None:
-        foreign = (
-            [p.name for p in directory.iterdir() if p.name != LOCK] if directory.is_dir() else []
-        )
+        foreign = [name for name in names if name not in (LOCK, LEASE)]
         if foreign:
             raise CheckpointError(
-                f"{directory} is not a runflow-frames checkpoint of this version: it holds "
+                f"{where} is not a runflow-frames checkpoint of this version: it holds "
                 f"{sorted(foreign)[:3]} but no {MANIFEST}. Nothing was sent; give an empty or new "
                 "directory"
             )
         return None
     if manifest.get("kind") != kind:
         raise CheckpointError(
-            f"checkpoint {directory} holds a {manifest.get('kind')} job, not a {kind} job: "
+            f"checkpoint {where} holds a {manifest.get('kind')} job, not a {kind} job: "
             f"{_HOW_TO_RESUME.get(str(manifest.get('kind')), 'use a new directory')}. Nothing "
             "was sent",
             changes=[f"kind: {manifest.get('kind')!r} -> {kind!r}"],
@@ -378,7 +400,7 @@ def check_manifest(
     changes = fingerprint_changes(manifest, fingerprint) if fingerprint is not None else []
     if changes:
         raise CheckpointError(
-            f"checkpoint {directory} belongs to a different job; changed: {'; '.join(changes)}. "
+            f"checkpoint {where} belongs to a different job; changed: {'; '.join(changes)}. "
             "Nothing was sent. Resume with the same model, server, key, columns and options, "
             "or use a new checkpoint directory",
             changes=changes,
@@ -393,8 +415,19 @@ def new_manifest(
     key_fingerprint: Callable[[str], str],
 ) -> dict[str, Any]:
     """Write the manifest of a new job at ``directory`` (made readable by its owner only)."""
+    manifest = manifest_of(kind, fingerprint, key_fingerprint)
+    make_private_dir(directory)
+    directory.chmod(0o700)
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def manifest_of(
+    kind: Kind, fingerprint: Mapping[str, Any], key_fingerprint: Callable[[str], str]
+) -> dict[str, Any]:
+    """The manifest of a new job: its kind, a new id, when, the fingerprint and the key's."""
     job_id = uuid.uuid4().hex[:16]
-    manifest = {
+    return {
         "format": FORMAT,
         "kind": kind,
         "job_id": job_id,
@@ -402,10 +435,6 @@ def new_manifest(
         **fingerprint,
         "api_key_fingerprint": key_fingerprint(job_id),
     }
-    make_private_dir(directory)
-    directory.chmod(0o700)
-    write_manifest(directory, manifest)
-    return manifest
 
 
 def open_job(
@@ -1092,7 +1121,11 @@ def block_directories(root: Path) -> list[Path]:
 
 
 def _recorded(directory: Path) -> tuple[pd.DataFrame, list[Intent]]:
-    state = load_state(directory)
+    return recorded_rows(load_state(directory))
+
+
+def recorded_rows(state: State) -> tuple[pd.DataFrame, list[Intent]]:
+    """A checkpoint's recorded rows (``read_checkpoint``'s columns), and its pending intents."""
     submitted = state.submitted().to_pandas(types_mapper=pd.ArrowDtype)
     submitted.insert(0, "state", "submitted")
     pending = state.pending()

@@ -206,3 +206,64 @@ def serve_app(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3 API (moto's server) on loopback for the session; the standard AWS variables
+    point every client at it, this process's and its children's."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    variables = {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield url
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
+    """A new, empty bucket on the session's S3 server: ``s3://<name>``."""
+    import boto3
+
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50]
+    name = f"{name.rstrip('-')}-{time.monotonic_ns() % 10**9}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def objects(url: str) -> list[str]:
+    """Every object under ``url`` (an s3:// prefix), relative to it, read from the server."""
+    import boto3
+
+    bucket_name, _, prefix = url.removeprefix("s3://").partition("/")
+    listed = boto3.client("s3").list_objects_v2(Bucket=bucket_name, Prefix=prefix)
+    start = len(prefix) + 1 if prefix else 0
+    return sorted(o["Key"][start:] for o in listed.get("Contents", []))
+
+
+def read_object(url: str) -> bytes:
+    """The bytes of the object at ``url`` (s3://bucket/key), read from the server."""
+    import boto3
+
+    bucket_name, _, key = url.removeprefix("s3://").partition("/")
+    return bytes(boto3.client("s3").get_object(Bucket=bucket_name, Key=key)["Body"].read())

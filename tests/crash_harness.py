@@ -92,9 +92,13 @@ def soak(
     chunk_size: int = 100,
     segment_rows: int = 25_000,
     max_attempts: int = 200,
+    checkpoint: str | None = None,
+    lease_seconds: float = 60.0,
 ) -> Soak:
     """Run the crash job against an emulator process, SIGKILLing it ``kills`` times after a
-    random delay (uniform up to ``max_delay`` s past READY), then let it finish."""
+    random delay (uniform up to ``max_delay`` s past READY), then let it finish. The checkpoint
+    is ``workdir/ckpt``, or ``checkpoint`` (a URL on object storage, whose lease lasts
+    ``lease_seconds``)."""
     rng = random.Random(seed)
     out = workdir / "out.parquet"
     result = Soak(rows)
@@ -105,12 +109,13 @@ def soak(
             sys.executable,
             str(JOB),
             url,
-            str(workdir / "ckpt"),
+            checkpoint or str(workdir / "ckpt"),
             str(rows),
             str(out),
             f"--concurrency={concurrency}",
             f"--chunk-size={chunk_size}",
             f"--segment-rows={segment_rows}",
+            f"--lease-seconds={lease_seconds}",
         ]
         while result.attempts < max_attempts:
             result.attempts += 1

@@ -1,0 +1,172 @@
+"""Checkpoints on object storage, against a real S3 API on loopback (moto's server): the same
+exactly-once guarantee as a directory, with the runs per client_ref counted on the server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pandas as pd
+import pytest
+
+from runflow_frames import CheckpointError, SubmissionError, collect, run_batches
+from runflow_frames.emulator import Emulator, Timing, serve
+
+from .conftest import API_KEY, objects, read_object
+from .crash_harness import soak
+
+FAST = Timing(queued=0.01, running=0.02)
+
+
+def frame(rows: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"text": [f"t{i}" for i in range(rows)]}, index=[f"r{i}" for i in range(rows)]
+    )
+
+
+def runs_once(emulator: Emulator, rows: int) -> None:
+    runs = emulator.accounting().runs_by_client_ref
+    assert len(runs) == rows
+    assert set(runs.values()) == {1}, "a row was billed twice"
+
+
+def test_a_job_stopped_part_way_resumes_from_the_bucket_without_sending_twice(
+    bucket: str,
+) -> None:
+    ckpt = f"{bucket}/jobs/ck"
+    emulator = Emulator(timing=FAST, credit=250)
+    df = frame(500)
+    with serve(emulator) as url:
+        options = {"api_key": API_KEY, "base_url": url, "progress": False}
+        with pytest.raises(SubmissionError) as info:
+            run_batches(df, "acme/echo", checkpoint=ckpt, max_concurrency=1, **options)
+        first = info.value.result["runflow_run_id"].notna().sum()
+        assert 0 < first < 500
+        emulator.credit = 10_000
+        out = run_batches(df, "acme/echo", checkpoint=ckpt, **options)
+        again = run_batches(df, "acme/echo", checkpoint=ckpt, **options)  # all done: no POST
+    runs_once(emulator, 500)
+    received = {r["client_ref"]: r["run_id"] for r in emulator.received()}
+    assert dict(zip(out.index, out["runflow_run_id"], strict=True)) == received
+    assert again["runflow_run_id"].tolist() == out["runflow_run_id"].tolist()
+    # A finished job leaves its manifest, its answered rows and one log that only says which
+    # chunk numbers the server refused (never to be reused); no intent, no lease.
+    stored = objects(ckpt)
+    assert "manifest.json" in stored
+    assert "lease.json" not in stored
+    assert any(n.startswith("segment-") for n in stored)
+    (log,) = [n for n in stored if n.startswith("log/")]
+    records = orjson.loads(read_object(f"{ckpt}/{log}"))["r"]
+    assert len(records) > 0
+    assert {r["t"] for r in records} == {"x"}
+
+
+def test_another_job_or_a_running_one_is_refused_before_any_request(bucket: str) -> None:
+    ckpt = f"{bucket}/ck"
+    emulator = Emulator(timing=FAST)
+    with serve(emulator) as url:
+        options = {"api_key": API_KEY, "base_url": url, "progress": False}
+        run_batches(frame(10), "acme/echo", checkpoint=ckpt, **options)
+        with pytest.raises(CheckpointError, match="different job; changed: model"):
+            run_batches(frame(10), "acme/uppercase", checkpoint=ckpt, **options)
+        # A live lease (another process running the job) keeps this one out.
+        from runflow_frames._objectstore import Lease, ObjectStore
+
+        held = Lease(ObjectStore(ckpt))
+        with pytest.raises(CheckpointError, match="in use by another running job"):
+            run_batches(frame(10), "acme/echo", checkpoint=ckpt, **options)
+        held.release()
+        run_batches(frame(10), "acme/echo", checkpoint=ckpt, **options)
+    assert emulator.accounting().batches_created == 1
+
+
+def test_an_expired_lease_is_taken_over(bucket: str) -> None:
+    import boto3
+
+    ckpt = f"{bucket}/ck"
+    name = bucket.removeprefix("s3://")
+    # What a crashed run leaves: a lease that ran out.
+    body = orjson.dumps({"holder": "crashed", "expires_at": 1.0})
+    boto3.client("s3").put_object(Bucket=name, Key="ck/lease.json", Body=body)
+    emulator = Emulator(timing=FAST)
+    with serve(emulator) as url:
+        out = run_batches(
+            frame(20), "acme/echo", checkpoint=ckpt, api_key=API_KEY, base_url=url, progress=False
+        )
+    assert out["runflow_run_id"].notna().all()
+    assert "lease.json" not in objects(ckpt)
+
+
+def test_wait_and_collect_keep_outcomes_in_the_bucket(bucket: str) -> None:
+    ckpt = f"{bucket}/ck"
+    emulator = Emulator(timing=FAST)
+    with serve(emulator) as url:
+        options = {"api_key": API_KEY, "base_url": url, "progress": False}
+        done = run_batches(frame(300), "acme/uppercase", checkpoint=ckpt, wait=True, **options)
+        polled = emulator.accounting().requests_by_route
+        again = collect(ckpt, **options)  # from the checkpoint alone: nothing fetched again
+        assert emulator.accounting().requests_by_route == polled
+    assert set(done["runflow_status"]) == {"succeeded"}
+    assert again.loc["r7", "runflow_output"] == {"text": "T7"}
+    assert any(n.startswith("results-") for n in objects(ckpt))
+    runs_once(emulator, 300)
+
+
+@pytest.mark.slow
+def test_sigkill_with_the_checkpoint_in_the_bucket_never_duplicates_or_loses_a_row(
+    tmp_path: Path, bucket: str
+) -> None:
+    rows = 3000
+    result = soak(
+        tmp_path,
+        rows=rows,
+        kills=22,
+        seed=20261204,
+        latency=0.01,
+        concurrency=8,
+        max_delay=1.2,
+        chunk_size=2,  # 64 chunks to a group: a run goes through several log objects
+        checkpoint=f"{bucket}/ck",
+        lease_seconds=0.2,  # a killed run's lease is expired by the time the next one starts
+    )
+    assert len(result.kill_delays) >= 20
+    assert result.result is not None
+    assert len(result.result) == rows
+    assert result.result["runflow_run_id"].notna().all()
+    assert result.replays > 0  # kills left unanswered intents; resumes replayed them
+    assert result.duplicates == {}
+    assert set(result.runs_by_ref) == set(result.result["runflow_client_ref"])
+    assert result.mismatches() == []
+
+
+def test_a_run_whose_lease_was_taken_over_fails_its_next_write_before_sending(
+    bucket: str,
+) -> None:
+    """A run paused past its lease (a frozen VM, a long GC), then back: the run that took over
+    wrote first, so the paused one's next group of intents is refused, not recorded."""
+    import anyio
+
+    from runflow_frames._objectstore import ObjectJournal
+    from runflow_frames._rows import Chunk
+
+    ckpt = f"{bucket}/ck"
+
+    def journal() -> ObjectJournal:
+        return ObjectJournal.open(ckpt, "frame", {"model": "acme/echo"}, lambda _: "k", 86400)
+
+    def chunk(number: int) -> Chunk:
+        return Chunk(number, (number,), (f"r{number}",), b"{}", f"key-{number}")
+
+    refs, items = [f"r{i}" for i in range(4)], [b"{}"] * 4
+    paused = journal()
+    paused.plan(refs, items)
+    anyio.run(paused.intend, [chunk(0)])
+    # Its lease runs out while it is paused, and a new run takes the checkpoint over.
+    paused.store.put("lease.json", orjson.dumps({"holder": "x", "expires_at": 0}))
+    successor = journal()
+    resume = successor.plan(refs, items)
+    assert [intent.chunk for intent, _ in resume.pending] == [0]  # it saw the paused run's intent
+    anyio.run(successor.intend, [chunk(1)])
+    with pytest.raises(CheckpointError, match="taken over by another job"):
+        anyio.run(paused.intend, [chunk(2)])
+    successor.close()
