@@ -5,8 +5,7 @@ journal, run it, and collect when asked to wait."""
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Sequence
-from pathlib import Path
+from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import pandas as pd
@@ -26,6 +25,7 @@ from ._errors import InputError
 from ._frames import to_pandas
 from ._job import SubmitJob
 from ._journal import Kind
+from ._objectstore import inside
 from ._polling import is_result_column
 from ._progress import ProgressOption
 from ._retry import RetryPolicy
@@ -63,6 +63,7 @@ async def arun_batches(
     org_id: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     transport: httpx.AsyncBaseTransport | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Frame:
     """Submit every row of ``df`` to a Runflow model as batch items and join the handles back.
 
@@ -184,6 +185,7 @@ async def arun_batches(
         timeout=timeout,
         transport=transport,
         retry=retry,
+        storage_options=storage_options,
     )
     result = await submit_frame(
         frame, model, options, connection, checkpoint=checkpoint, wait=wait, progress=progress
@@ -253,7 +255,7 @@ async def aretry_failed(
     inputs = df.loc[failed, [c for c in df.columns if not str(c).startswith("runflow_")]]
     # Each attempt is its own exactly-once job, with its own sub-checkpoint: calling this again
     # after a crash resumes the same attempt instead of sending the rows a third time.
-    sub = None if checkpoint is None else Path(checkpoint) / f"attempt-{attempt}"
+    sub = None if checkpoint is None else inside(checkpoint, f"attempt-{attempt}")
     again = await arun_batches(inputs, owner, slug, checkpoint=sub, wait=wait, **options)
     again["runflow_attempt"] = attempt
     # The retried rows' old outcome is no longer theirs: clear it, then put in what is new.

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -125,6 +126,7 @@ async def acollect(
     org_id: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     transport: httpx.AsyncBaseTransport | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Wait for submitted rows' runs to end and join each row's outcome.
 
@@ -192,6 +194,7 @@ async def acollect(
         timeout=timeout,
         transport=transport,
         retry=retry,
+        storage_options=storage_options,
     )
     if not isinstance(source, str | os.PathLike):  # a frame: pandas, polars or Arrow
         frame, back = to_pandas(source)
@@ -214,7 +217,7 @@ async def acollect(
         parts = list(job_parts(Path(source)))
     frames = []
     for part in parts:
-        frame, unconfirmed = _frame_from_checkpoint(part)
+        frame, unconfirmed = _frame_from_checkpoint(part, connection.storage_options)
         frames.append(
             await collect_frame(
                 frame,
@@ -255,7 +258,11 @@ async def collect_frame(
     plan = _Plan(frame)
     store: ResultsStore | ObjectResults | None = None
     if checkpoint is not None:
-        store = ObjectResults(checkpoint) if is_url(checkpoint) else ResultsStore(checkpoint)
+        store = (
+            ObjectResults(checkpoint, connection.storage_options)
+            if is_url(checkpoint)
+            else ResultsStore(checkpoint)
+        )
     fresh: list[pd.DataFrame] = []
     stopped: BaseException | None = None
     unfinished: list[str] = []
@@ -393,10 +400,12 @@ async def _fetch(
         reporter.close()
 
 
-def _frame_from_checkpoint(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.Series]:
+def _frame_from_checkpoint(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any]
+) -> tuple[pd.DataFrame, pd.Series]:
     """A checkpoint's rows as a handle frame, and which of them are pending (sent, unanswered)."""
     if is_url(path):
-        recorded, _ = recorded_rows(load(ObjectStore(str(path)))[0])
+        recorded, _ = recorded_rows(load(ObjectStore(path, storage_options))[0])
     else:
         recorded = read_checkpoint(Path(path))
     recorded.insert(0, "runflow_client_ref", recorded.index.astype("string"))

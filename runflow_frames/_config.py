@@ -72,6 +72,9 @@ class Connection:
     retry: RetryPolicy
     api_key: _Secret = field(repr=False)
     transport: httpx.AsyncBaseTransport | None = field(default=None, compare=False)
+    # fsspec's options for object storage (checkpoints, inputs, outputs on s3://...): they may
+    # hold credentials, so no repr shows them and no checkpoint keeps them.
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def resolve(
@@ -83,6 +86,7 @@ class Connection:
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
         retry: RetryPolicy | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> Connection:
         """Raises InputError for a missing or malformed key, a bad URL or timeout."""
         key = api_key if api_key is not None else os.environ.get("RUNFLOW_API_KEY")
@@ -98,7 +102,14 @@ class Connection:
             raise InputError(f"timeout must be positive seconds, got {timeout!r}")
         url = check_base_url(base_url or os.environ.get("RUNFLOW_BASE_URL") or DEFAULT_BASE_URL)
         org = org_id if org_id is not None else os.environ.get("RUNFLOW_ORG_ID") or None
-        return cls(url, org, float(timeout), retry or RetryPolicy(), _Secret(key), transport)
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise InputError(
+                f"storage_options must be a dict, got {type(storage_options).__name__}"
+            )
+        storage = dict(storage_options or {})
+        return cls(
+            url, org, float(timeout), retry or RetryPolicy(), _Secret(key), transport, storage
+        )
 
     def client(self) -> AsyncRunflowClient:
         """A client for this connection (use it as an async context manager)."""

@@ -182,7 +182,7 @@ _JOB_KEYS: Final = frozenset(
     )
 )
 _CONNECTION_KEYS: Final = frozenset(
-    ("api_key", "base_url", "org_id", "timeout", "transport", "retry")
+    ("api_key", "base_url", "org_id", "timeout", "transport", "retry", "storage_options")
 )
 
 

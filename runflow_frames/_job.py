@@ -71,7 +71,8 @@ class SubmitJob:
         job = fingerprint(self.model, self.connection, self.options, self.fields, self.suffix)
         age, key = self.options.max_intent_age, self.connection.key_fingerprint
         if is_url(checkpoint):
-            return ObjectJournal.open(checkpoint, kind, job, key, age)
+            storage = self.connection.storage_options
+            return ObjectJournal.open(checkpoint, kind, job, key, age, storage)
         return DirectoryJournal.open(checkpoint, kind, job, key, age)
 
     async def run(self, journal: Journal, progress: ProgressOption = None) -> pd.DataFrame:

@@ -25,11 +25,14 @@ directly too, so a listing that lags behind a write loses nothing.
 from __future__ import annotations
 
 import io
+import logging
+import os
 import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Final, TypeGuard
 
 import anyio
@@ -57,11 +60,14 @@ from ._journal import (
 from ._rows import Chunk
 from ._state import SEGMENT_SCHEMA, State
 
-# A lease lasts this long unless renewed; it is renewed every third of it while a run lasts.
-LEASE_SECONDS: Final = 60.0
+# A lease lasts this long unless renewed; it is renewed every third of it while a run lasts
+# (each renewal is a GET and a PUT). Short, so that the run after a crash waits little: a run
+# paused for longer loses the checkpoint safely (see the module's docstring).
+LEASE_SECONDS = 15.0
 # Longest time answers wait before an object records them, when no group of intents comes:
 # every sync is a PUT, billed by the object store.
 SYNC_INTERVAL: Final = 5.0
+_logger = logging.getLogger("runflow_frames")
 _LOG_RE: Final = re.compile(r"log/(\d{8})\.json")
 _SEGMENT_RE: Final = re.compile(r"segment-(\d{8})\.parquet")
 _RESULTS_RE: Final = re.compile(r"results-(\d{8})\.parquet")
@@ -70,6 +76,11 @@ _RESULTS_RE: Final = re.compile(r"results-(\d{8})\.parquet")
 def is_url(location: object) -> TypeGuard[str]:
     """Whether a checkpoint, input or output names object storage rather than a local path."""
     return isinstance(location, str) and "://" in location and not location.startswith("file:")
+
+
+def inside(location: str | os.PathLike[str], name: str) -> str | Path:
+    """The checkpoint ``name`` inside ``location``: a URL's or a directory's."""
+    return f"{location.rstrip('/')}/{name}" if is_url(location) else Path(location) / name
 
 
 class ObjectStore:
@@ -138,28 +149,37 @@ def _numbered(names: Sequence[str], pattern: re.Pattern[str]) -> list[tuple[int,
 
 
 class Lease:
-    """This run's claim on a checkpoint: one run at a time writes to it."""
+    """This run's claim on a checkpoint: one run at a time writes to it.
+
+    A lease held by another run is waited for up to ``LEASE_SECONDS``: a run that crashed
+    (a killed process, a Dask worker that died) stops renewing its lease, so the run after it
+    goes on once it expires; one that is alive renews it, and this run is refused."""
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
         self.holder = uuid.uuid4().hex
         self.renewed = time.monotonic()
-        if store.create(LEASE, self._body()):
-            return
-        held = self._read()
-        if held is not None and held.get("expires_at", 0) > time.time():
-            until = time.strftime("%H:%M:%S UTC", time.gmtime(held["expires_at"]))
-            raise CheckpointError(
-                f"checkpoint {store.url} is in use by another running job (its lease runs "
-                f"until {until} unless renewed); wait for it to finish. Nothing was sent"
-            )
-        # Expired: its run crashed. Taking over is safe even if two runs race for it here,
-        # or the old run comes back: the log's exclusive numbers let only one of them write.
-        store.delete([LEASE])
-        if not store.create(LEASE, self._body()):
-            raise CheckpointError(
-                f"checkpoint {store.url} was just taken by another job. Nothing was sent"
-            )
+        give_up = time.monotonic() + LEASE_SECONDS
+        told = False
+        while not store.create(LEASE, self._body()):
+            held = self._read()
+            expires = held.get("expires_at", 0) if held is not None else 0
+            if expires <= time.time():  # its run stopped renewing it: take it over
+                # Safe even if two runs race for it here, or the old run comes back: the
+                # log's exclusive numbers let only one of them write.
+                store.delete([LEASE])
+            elif time.monotonic() < give_up:
+                if not told:
+                    _logger.info("checkpoint %s is in use; waiting for its lease", store.url)
+                    told = True
+                time.sleep(min(0.5, max(0.05, expires - time.time())))
+            else:
+                until = time.strftime("%H:%M:%S UTC", time.gmtime(expires))
+                raise CheckpointError(
+                    f"checkpoint {store.url} is in use by another running job (it keeps "
+                    f"renewing its lease, now until {until}); wait for it to finish. Nothing "
+                    "was sent"
+                )
 
     def _body(self) -> bytes:
         return orjson.dumps({"holder": self.holder, "expires_at": time.time() + LEASE_SECONDS})

@@ -49,6 +49,7 @@ from ._collect import collect as _collect
 from ._config import Errors, _Secret  # the key in a task graph: pickled, never shown
 from ._errors import InputError
 from ._handles import HANDLE_SCHEMA, join_handles
+from ._objectstore import inside
 from ._pipeline import SHARED_GATE
 from ._retry import RetryPolicy
 from ._rows import Missing
@@ -58,9 +59,10 @@ __all__ = ["collect", "partition_checkpoint", "run_batches"]
 DEFAULT_MAX_CONCURRENCY: Final = 16
 
 
-def partition_checkpoint(checkpoint: str | os.PathLike[str], number: int) -> Path:
-    """Where partition ``number`` of a Dask job keeps its checkpoint."""
-    return Path(checkpoint) / f"partition-{number:06d}"
+def partition_checkpoint(checkpoint: str | os.PathLike[str], number: int) -> str | Path:
+    """Where partition ``number`` of a Dask job keeps its checkpoint (in a directory or
+    under a URL on object storage)."""
+    return inside(checkpoint, f"partition-{number:06d}")
 
 
 def run_batches(
@@ -82,6 +84,7 @@ def run_batches(
     base_url: str | None = None,
     org_id: str | None = None,
     timeout: float = 60.0,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dd.DataFrame:
     """Submit every row of a Dask DataFrame, partition by partition, exactly once.
 
@@ -99,8 +102,8 @@ def run_batches(
     """
     if checkpoint is None:
         raise InputError(
-            "runflow_frames.dask.run_batches needs checkpoint= (a directory every worker can "
-            "reach): Dask re-runs the partitions of a worker that dies, and only a checkpoint "
+            "runflow_frames.dask.run_batches needs checkpoint= (a directory or an s3:// URL "
+            "every worker can reach): Dask re-runs the partitions of a worker that dies, and only a checkpoint "
             "keeps that from sending their rows twice"
         )
     if max_concurrency < 1:
@@ -122,6 +125,7 @@ def run_batches(
         "base_url": base_url,
         "org_id": org_id,
         "timeout": timeout,
+        "storage_options": storage_options,
     }
     meta = _submit_meta(ddf._meta)
     return ddf.map_partitions(
@@ -147,6 +151,7 @@ def collect(
     base_url: str | None = None,
     org_id: str | None = None,
     timeout: float = 60.0,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dd.DataFrame:
     """:func:`runflow_frames.collect` on what :func:`run_batches` returned, partition by
     partition (lazy). Outcomes are kept in each partition's sub-checkpoint, so computing it
@@ -160,6 +165,7 @@ def collect(
         "base_url": base_url,
         "org_id": org_id,
         "timeout": timeout,
+        "storage_options": storage_options,
     }
     return ddf.map_partitions(
         _collect_partition, os.fspath(checkpoint), options, meta=_collect_meta(ddf._meta)
@@ -215,7 +221,7 @@ def _collect_partition(
 
 def _for_partition(
     root: str, options: dict[str, Any], partition_info: dict[str, Any]
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[str | Path, dict[str, Any]]:
     """The partition's checkpoint, and the options with the API key revealed (on the worker)."""
     checkpoint = partition_checkpoint(root, partition_info["number"])
     return checkpoint, {**options, "api_key": _reveal(options["api_key"])}

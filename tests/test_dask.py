@@ -17,7 +17,7 @@ from runflow_frames import InputError  # noqa: E402
 from runflow_frames import dask as rfd  # noqa: E402
 from runflow_frames.emulator import Emulator, Faults, Timing, create_app, serve  # noqa: E402
 
-from .conftest import API_KEY, FirstWave, serve_app, wait_until  # noqa: E402
+from .conftest import API_KEY, FirstWave, objects, serve_app, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -161,3 +161,37 @@ def test_collect_works_on_the_dask_result(client: distributed.Client, tmp_path: 
 def test_a_dask_job_without_a_checkpoint_is_refused(client: distributed.Client) -> None:
     with pytest.raises(InputError, match="checkpoint"):
         rfd.run_batches(frame(10, 2), "acme", "echo", checkpoint=None, api_key=API_KEY)  # type: ignore[arg-type]
+
+
+def test_a_worker_killed_mid_job_with_the_checkpoint_in_a_bucket_costs_no_duplicate(
+    client: distributed.Client, bucket: str, s3_server: str
+) -> None:
+    """Workers that share nothing but the bucket: the partition a killed worker held is re-run
+    elsewhere, waits out the dead run's lease and resumes from its objects."""
+    emulator = Emulator(timing=Timing(create_latency=0.2))
+    ddf = frame(4800, partitions=12)
+    # The workers started before this test's S3 server: they are told where it is explicitly.
+    storage = {"endpoint_url": s3_server, "key": "testing", "secret": "testing"}
+    pids = client.run(os.getpid)
+    with serve(emulator) as url:
+        out = rfd.run_batches(
+            ddf,
+            "acme",
+            "echo",
+            checkpoint=f"{bucket}/ck",
+            max_concurrency=4,
+            api_key=API_KEY,
+            base_url=url,
+            storage_options=storage,
+        )
+        future = client.compute(out)
+        wait_until(lambda: emulator.accounting().batches_created >= 8, "the job's 8th create")
+        os.kill(pids[sorted(pids)[0]], signal.SIGKILL)
+        created_before_the_kill = emulator.accounting().batches_created
+        result = future.result(timeout=180)
+    assert created_before_the_kill < 48  # the worker died mid-job
+    assert result["runflow_run_id"].notna().all()
+    assert_one_run_per_row_matching(result, emulator)
+    assert emulator.accounting().batches_created == 48
+    partitions = {name.split("/")[0] for name in objects(f"{bucket}/ck")}
+    assert partitions == {f"partition-{n:06d}" for n in range(12)}

@@ -3,6 +3,7 @@ exactly-once guarantee as a directory, with the runs per client_ref counted on t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import orjson
@@ -61,7 +62,11 @@ def test_a_job_stopped_part_way_resumes_from_the_bucket_without_sending_twice(
     assert {r["t"] for r in records} == {"x"}
 
 
-def test_another_job_or_a_running_one_is_refused_before_any_request(bucket: str) -> None:
+def test_another_job_or_a_running_one_is_refused_before_any_request(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runflow_frames import _objectstore
+
     ckpt = f"{bucket}/ck"
     emulator = Emulator(timing=FAST)
     with serve(emulator) as url:
@@ -69,15 +74,18 @@ def test_another_job_or_a_running_one_is_refused_before_any_request(bucket: str)
         run_batches(frame(10), "acme/echo", checkpoint=ckpt, **options)
         with pytest.raises(CheckpointError, match="different job; changed: model"):
             run_batches(frame(10), "acme/uppercase", checkpoint=ckpt, **options)
-        # A live lease (another process running the job) keeps this one out.
-        from runflow_frames._objectstore import Lease, ObjectStore
-
-        held = Lease(ObjectStore(ckpt))
+        # A lease another run keeps renewing (here: for an hour) is waited for, then refused.
+        monkeypatch.setattr(_objectstore, "LEASE_SECONDS", 0.3)
+        live = orjson.dumps({"holder": "another", "expires_at": time.time() + 3600})
+        _objectstore.ObjectStore(ckpt).put("lease.json", live)
         with pytest.raises(CheckpointError, match="in use by another running job"):
             run_batches(frame(10), "acme/echo", checkpoint=ckpt, **options)
-        held.release()
-        run_batches(frame(10), "acme/echo", checkpoint=ckpt, **options)
-    assert emulator.accounting().batches_created == 1
+        # One that runs out while this run waits (a crashed run's) is taken over.
+        soon = orjson.dumps({"holder": "crashed", "expires_at": time.time() + 0.1})
+        _objectstore.ObjectStore(ckpt).put("lease.json", soon)
+        run_batches(frame(12), "acme/echo", checkpoint=ckpt, **options)
+    assert emulator.accounting().batches_created == 2
+    assert "lease.json" not in objects(ckpt)
 
 
 def test_an_expired_lease_is_taken_over(bucket: str) -> None:
