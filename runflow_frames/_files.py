@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -41,6 +41,7 @@ from ._admission import Pace
 from ._api import submit_frame
 from ._client import model_path
 from ._config import Connection, JobOptions, fingerprint
+from ._datasets import Input, Output, resolve_input
 from ._errors import CheckpointError, InputError
 from ._journal import (
     MANIFEST,
@@ -61,27 +62,20 @@ DEFAULT_BLOCK_ROWS: Final = 100_000
 
 
 def _blocks(
-    source: Path,
+    source: Input,
     block_rows: int,
     types: dict[str, pa.DataType] | None = None,
     nulls: Sequence[str] | None = None,
 ) -> Iterator[pa.Table]:
-    """The file as consecutive tables of exactly ``block_rows`` rows (the last one shorter);
-    a CSV file's column ``types`` as ``csv_layout`` settles them (computed when not given),
+    """The source as consecutive tables of exactly ``block_rows`` rows (the last one shorter);
+    a CSV source's column ``types`` as ``csv_layout`` settles them (computed when not given),
     ``nulls`` the strings read as missing (None: pandas.read_csv's markers)."""
-    suffix = source.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        batches: Iterator[pa.RecordBatch] = pq.ParquetFile(source).iter_batches(
-            batch_size=block_rows
-        )
-    elif suffix == ".csv":
+    if source.format == "csv" and types is None:
         # Empty fields and pandas.read_csv's null markers (NA, N/A, null, NaN...) are missing
-        # values; the column types are settled over the whole file first.
-        if types is None:
-            types, _ = csv_layout(source, nulls)
-        batches = iter(pacsv.open_csv(source, convert_options=_convert(types, nulls)))
-    else:
-        raise InputError(f"{source}: only .csv and .parquet files can be streamed")
+        # values; the column types are settled over the whole source first.
+        types, _ = csv_layout(source, nulls)
+    convert = _convert(types, nulls) if source.format == "csv" else None
+    batches = source.batches(block_rows, convert)
     pending: list[pa.RecordBatch] = []
     count = 0
     for batch in batches:
@@ -107,17 +101,22 @@ def _convert(
     return pacsv.ConvertOptions(**options)
 
 
-def read_csv(source: Path, nulls: Sequence[str] | None = None) -> pd.DataFrame:
-    """A whole CSV file as pandas, read as the file jobs read it (types settled over the whole
-    file, ``nulls`` as missing): every face sends the same values for the same file."""
-    types, _ = csv_layout(source, nulls)
-    table = pacsv.read_csv(source, convert_options=_convert(types, nulls))
-    frame: pd.DataFrame = table.to_pandas(types_mapper=pd.ArrowDtype)
+def read_source(source: Input, nulls: Sequence[str] | None = None) -> pd.DataFrame:
+    """A whole source as pandas, read as the file jobs read it (a CSV source's types settled
+    over every row, ``nulls`` as missing): every face sends the same values for the same file."""
+    convert = None
+    if source.format == "csv":
+        types, _ = csv_layout(source, nulls)
+        convert = _convert(types, nulls)
+    batches = list(source.batches(1 << 16, convert))
+    if not batches:
+        raise InputError(f"{source.location}: the source has no rows")
+    frame: pd.DataFrame = pa.Table.from_batches(batches).to_pandas(types_mapper=pd.ArrowDtype)
     return frame
 
 
 def csv_layout(
-    source: Path, nulls: Sequence[str] | None = None
+    source: Input, nulls: Sequence[str] | None = None
 ) -> tuple[dict[str, pa.DataType], int]:
     """A CSV file's column types, settled over the whole file before anything is sent, and
     its row count (for the progress bar's total): what pyarrow infers from the first block,
@@ -127,16 +126,14 @@ def csv_layout(
     the file, in bounded memory."""
     rows = 0
     try:
-        reader = pacsv.open_csv(source, convert_options=_convert(None, nulls))
-        types = {field.name: field.type for field in reader.schema}
-        reader.close()
+        types = {f.name: f.type for f in next(source.batches(1, _convert(None, nulls))).schema}
         as_text = _convert(dict.fromkeys(types, pa.string()), nulls)
-        for batch in pacsv.open_csv(source, convert_options=as_text):
+        for batch in source.batches(1 << 16, as_text):
             rows += batch.num_rows
             for name, current in types.items():
                 types[name] = _widened(batch.column(name), current)
-    except pa.ArrowInvalid as exc:
-        raise InputError(f"{source}: not a CSV file pyarrow can read ({exc})") from exc
+    except (pa.ArrowInvalid, KeyError, StopIteration) as exc:
+        raise InputError(f"{source.location}: not CSV pyarrow can read ({exc!r})") from exc
     return types, rows
 
 
@@ -231,12 +228,18 @@ async def arun_batches_file(
     opts = JobOptions(key=key, columns=columns, **job)
     connection = Connection.resolve(**{k: v for k, v in options.items() if k in _CONNECTION_KEYS})
     model = model_path(owner, slug)
-    src, out, root = Path(source), Path(output), Path(checkpoint)
+    root = Path(checkpoint)
     # File work runs in a worker thread, so an async caller's loop is never blocked by it.
     nulls = None if csv_nulls is None else list(csv_nulls)
-    job_print = {**_fingerprint(src, block_rows, model, opts, connection), "csv_nulls": nulls}
+    storage = connection.storage_options
+    src = await anyio.to_thread.run_sync(resolve_input, source, storage)
+    out = Output(output, storage)
+    job_print = await anyio.to_thread.run_sync(
+        _fingerprint, src, block_rows, model, opts, connection
+    )
+    job_print["csv_nulls"] = nulls
     size, types, lock = await anyio.to_thread.run_sync(
-        _prepare, src, out, root, block_rows, job_print, connection, nulls
+        _prepare, src, root, block_rows, job_print, connection, nulls
     )
     try:
         return await _run_blocks(
@@ -258,9 +261,9 @@ run_batches_file = sync_twin(arun_batches_file)
 
 @dataclass(frozen=True)
 class _Source:
-    """The file a job reads: its path, row count and (CSV) settled column types."""
+    """What a job reads: its files, row count and (CSV) settled column types."""
 
-    path: Path
+    input: Input
     rows: int
     types: dict[str, pa.DataType] | None
     nulls: Sequence[str] | None = None
@@ -268,7 +271,7 @@ class _Source:
 
 async def _run_blocks(
     src: _Source,
-    out: Path,
+    out: Output,
     root: Path,
     block_rows: int,
     model: str,
@@ -281,7 +284,7 @@ async def _run_blocks(
     finished = await anyio.to_thread.run_sync(_finished_blocks, root)
     reporter = Reporter(progress, total=src.rows, desc="submitted", initial=sum(finished.values()))
     totals = {"rows": 0, "blocks": 0, "blocks_skipped": 0, "failed_rows": 0}
-    blocks = _blocks(src.path, block_rows, src.types, src.nulls)
+    blocks = _blocks(src.input, block_rows, src.types, src.nulls)
     number = -1
     # One throttle for every block: what one block learned of the server's limits, the next
     # starts from (and a resumed job from what the last block it ran kept).
@@ -294,6 +297,8 @@ async def _run_blocks(
             totals["blocks"] += 1
             if part.name in finished:
                 totals["blocks_skipped"] += 1
+                if out.parts and not out.has_part(number):  # an earlier run's, not written yet
+                    await anyio.to_thread.run_sync(_write_output_part, out, number, part)
                 continue
             result = await submit_frame(
                 _block_frame(table, number, block_rows),
@@ -310,10 +315,15 @@ async def _run_blocks(
             await anyio.to_thread.run_sync(
                 _write_part, part, result, options.key is None, not failed
             )
+            if out.parts:  # a directory output gets each block as it is done
+                await anyio.to_thread.run_sync(_write_output_part, out, number, part)
     finally:
         SHARED_GATE.reset(gate)
         reporter.close()
-    await anyio.to_thread.run_sync(_concatenate, root, totals["blocks"], out)
+    if not totals["blocks"]:
+        raise InputError(f"{src.input.location}: the source has no rows")
+    if not out.parts:
+        await anyio.to_thread.run_sync(_concatenate, root, totals["blocks"], out)
     return totals
 
 
@@ -324,25 +334,21 @@ def _last_pace(root: Path) -> Pace | None:
 
 
 def _fingerprint(
-    src: Path, block_rows: int, model: str, options: JobOptions, connection: Connection
+    src: Input, block_rows: int, model: str, options: JobOptions, connection: Connection
 ) -> dict[str, Any]:
-    if not src.is_file():
-        raise InputError(f"{src}: no such file")
-    stat = src.stat()
     requested = None if options.columns is None else [str(c) for c in options.columns]
     suffix = body_suffix(options.metadata, options.callback_url)
     return {
         # The columns as asked for (None: every one but the key), not yet resolved: the file
         # is read only later.
         **fingerprint(model, connection, options, requested, suffix),
-        "source": {"path": str(src.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+        "source": src.identity(),
         "block_rows": block_rows,
     }
 
 
 def _prepare(
-    src: Path,
-    out: Path,
+    src: Input,
     root: Path,
     block_rows: int,
     job: dict[str, Any],
@@ -353,14 +359,10 @@ def _prepare(
     file's settled column types (``csv_layout``, before anything is sent) and the lock."""
     if not isinstance(block_rows, int) or block_rows < 1:
         raise InputError(f"block_rows must be a positive integer, got {block_rows!r}")
-    if out.suffix.lower() not in (".parquet", ".pq", ".csv"):
-        raise InputError(f"{out}: write .parquet or .csv")
-    if src.suffix.lower() not in (".parquet", ".pq", ".csv"):
-        raise InputError(f"{src}: only .csv and .parquet files can be streamed")
-    if src.suffix.lower() == ".csv":
+    if src.format == "csv":
         types, rows = csv_layout(src, nulls)
     else:
-        types, rows = None, int(pq.ParquetFile(src).metadata.num_rows)
+        types, rows = None, src.parquet_rows()
     try:
         lock, _ = open_job(root, "file", job, connection.key_fingerprint)
     except CheckpointError as exc:
@@ -413,22 +415,14 @@ def _write_part(part: Path, result: pd.DataFrame, keep_index: bool, complete: bo
     atomic_write(part, lambda tmp: pq.write_table(table, tmp))
 
 
-def _concatenate(root: Path, blocks: int, output: Path) -> None:
+def _concatenate(root: Path, blocks: int, output: Output) -> None:
     """Stream the block results into ``output``, one block in memory at a time."""
     parts = [root / f"block-{n:06d}.parquet" for n in range(blocks)]
-    if not parts:
-        raise InputError("the source file has no rows")
-    schema = pq.read_schema(parts[0])
-    tmp = output.with_name(f".{output.name}.tmp")
-    if output.suffix.lower() == ".csv":
-        with pacsv.CSVWriter(tmp, schema) as writer:
-            for part in parts:
-                writer.write_table(pq.read_table(part).cast(schema))
-    else:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for part in parts:
-                writer.write_table(pq.read_table(part).cast(schema))
-    tmp.replace(output)
+    output.write(pq.read_schema(parts[0]), (pq.read_table(part) for part in parts))
+
+
+def _write_output_part(output: Output, number: int, part: Path) -> None:
+    output.write_part(number, pq.read_table(part))
 
 
 def plan_file(
@@ -442,12 +436,11 @@ def plan_file(
     metadata: dict[str, Any] | None = None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     csv_nulls: Sequence[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Plan:
     """A dry run over a file, block by block (bounded memory): every row validated, nothing
     sent. Key uniqueness is checked within blocks, as the job itself does."""
-    src = Path(source)
-    if not src.is_file():
-        raise InputError(f"{src}: no such file")
+    src = resolve_input(source, storage_options)
     total: Plan | None = None
     for number, table in enumerate(_blocks(src, block_rows, None, csv_nulls)):
         plan = plan_job(
@@ -468,5 +461,5 @@ def plan_file(
             for name, n in plan.empty.items():
                 total.empty[name] = total.empty.get(name, 0) + n
     if total is None:
-        raise InputError(f"{src}: the file has no rows")
+        raise InputError(f"{src.location}: the source has no rows")
     return total

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._admission import Pace
-from ._errors import CheckpointError
+from ._errors import CheckpointError, InputError
 from ._journal import (
     _SEGMENT_OPTIONS,
     LEASE,
@@ -83,25 +83,29 @@ def inside(location: str | os.PathLike[str], name: str) -> str | Path:
     return f"{location.rstrip('/')}/{name}" if is_url(location) else Path(location) / name
 
 
+def filesystem(location: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """fsspec's filesystem for a URL, and the path on it."""
+    import fsspec  # imported when object storage is used: it costs every import otherwise
+
+    try:
+        fs, path = fsspec.core.url_to_fs(location, **dict(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        scheme = location.split("://", 1)[0]
+        raise InputError(
+            f"{location}: no filesystem for {scheme}:// ({exc}); install its fsspec package "
+            "(s3fs, gcsfs, adlfs; the runflow-frames[s3] extra has s3fs)"
+        ) from exc
+    return fs, str(path)
+
+
 class ObjectStore:
     """The objects under one URL prefix, named relative to it: the storage primitives a
     checkpoint needs, over an fsspec filesystem (credentials and endpoints from its usual
     sources: environment, profiles, ``storage_options``)."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        try:
-            import fsspec
-        except ImportError as exc:  # pragma: no cover - fsspec is a core dependency
-            raise ImportError("object storage needs fsspec: pip install fsspec") from exc
         self.url = url.rstrip("/")
-        try:
-            self.fs, root = fsspec.core.url_to_fs(self.url, **dict(storage_options or {}))
-        except (ImportError, ValueError) as exc:
-            scheme = self.url.split("://", 1)[0]
-            raise CheckpointError(
-                f"{self.url}: no filesystem for {scheme}:// ({exc}); install its fsspec "
-                "package (s3fs, gcsfs, adlfs: the runflow-frames[s3] extra has s3fs)"
-            ) from exc
+        self.fs, root = filesystem(self.url, storage_options)
         self.root = root.rstrip("/")
 
     def child(self, name: str) -> ObjectStore:

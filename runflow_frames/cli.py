@@ -128,17 +128,12 @@ def _api_key(required: bool = True) -> str | None:
     return None
 
 
-def _read(path: Path, nulls: list[str] | None) -> Any:
-    import pandas as pd
+def _read(source: str | Path, nulls: list[str] | None) -> Any:
+    from ._datasets import resolve_input
+    from ._files import read_source
 
-    from ._files import read_csv
-
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    if suffix == ".csv":  # as the file jobs read it: every face sends the same values
-        return read_csv(path, nulls)
-    _fail(f"{path}: only .csv and .parquet files are read", EXIT_USAGE)
+    # As the file jobs read it: every face sends the same values.
+    return read_source(resolve_input(str(source), None), nulls)
 
 
 def _for_files(df: Any) -> Any:

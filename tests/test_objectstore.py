@@ -178,3 +178,88 @@ def test_a_run_whose_lease_was_taken_over_fails_its_next_write_before_sending(
     with pytest.raises(CheckpointError, match="taken over by another job"):
         anyio.run(paused.intend, [chunk(2)])
     successor.close()
+
+
+def test_a_file_job_reads_a_bucket_and_writes_to_one(bucket: str, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+    import s3fs
+
+    from runflow_frames import run_batches_file
+
+    fs = s3fs.S3FileSystem()
+    df = pd.DataFrame(
+        {"id": [f"k{i}" for i in range(2500)], "text": [f"t{i}" for i in range(2500)]}
+    )
+    with fs.open(f"{bucket}/in/prompts.parquet", "wb") as f:
+        df.to_parquet(f, index=False)
+    emulator = Emulator(timing=FAST)
+    with serve(emulator) as url:
+        options = {"api_key": API_KEY, "base_url": url, "progress": False, "key": "id"}
+        counts = run_batches_file(
+            f"{bucket}/in/prompts.parquet",
+            "acme/echo",
+            output=f"{bucket}/out/result.parquet",
+            checkpoint=tmp_path / "ck",
+            block_rows=1000,
+            **options,
+        )
+        assert counts == {"rows": 2500, "blocks": 3, "blocks_skipped": 0, "failed_rows": 0}
+        # The source changed in the bucket: the same job is refused before any request.
+        with fs.open(f"{bucket}/in/prompts.parquet", "wb") as f:
+            df.head(10).to_parquet(f, index=False)
+        with pytest.raises(CheckpointError, match="changed: source"):
+            run_batches_file(
+                f"{bucket}/in/prompts.parquet",
+                "acme/echo",
+                output=f"{bucket}/out/result.parquet",
+                checkpoint=tmp_path / "ck",
+                block_rows=1000,
+                **options,
+            )
+    with fs.open(f"{bucket}/out/result.parquet", "rb") as f:
+        written = pq.read_table(f).to_pandas()
+    received = {r["client_ref"]: r["run_id"] for r in emulator.received()}
+    assert dict(zip(written["id"], written["runflow_run_id"], strict=True)) == received
+    runs_once(emulator, 2500)
+
+
+def test_a_partitioned_dataset_in_a_bucket_goes_to_a_directory_of_parts(
+    bucket: str, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+    import s3fs
+
+    from runflow_frames import run_batches_file
+
+    fs = s3fs.S3FileSystem()
+    for year in (2024, 2025):
+        for region in ("eu", "us"):
+            part = pd.DataFrame({"text": [f"{year}-{region}-{i}" for i in range(150)]})
+            with fs.open(f"{bucket}/data/year={year}/region={region}/p.parquet", "wb") as f:
+                part.to_parquet(f, index=False)
+    fs.pipe(f"{bucket}/data/_SUCCESS", b"")  # what a dataset writer leaves beside its files
+    emulator = Emulator(timing=FAST)
+    with serve(emulator) as url:
+        counts = run_batches_file(
+            f"{bucket}/data/",
+            "acme/echo",
+            output=f"{bucket}/results/",
+            checkpoint=tmp_path / "ck",
+            block_rows=250,
+            api_key=API_KEY,
+            base_url=url,
+            progress=False,
+        )
+    assert counts["rows"] == 600
+    assert counts["blocks"] == 3
+    parts = sorted(fs.ls(f"{bucket}/results/"))
+    assert [p.rsplit("/", 1)[1] for p in parts] == [f"part-{n:06d}.parquet" for n in range(3)]
+    written = pd.concat(pq.read_table(fs.open(p, "rb")).to_pandas() for p in parts)
+    # Files in path order, their partition values as columns (typed: the years are numbers).
+    assert written["text"].tolist()[:2] == ["2024-eu-0", "2024-eu-1"]
+    assert written["text"].tolist()[-1] == "2025-us-149"
+    assert written["year"].tolist() == [2024] * 300 + [2025] * 300
+    assert set(written["region"]) == {"eu", "us"}
+    sent = [r["input"] for r in emulator.received()]
+    assert {"text": "2025-us-3", "year": 2025, "region": "us"} in sent
+    runs_once(emulator, 600)
