@@ -27,9 +27,9 @@ from ._errors import (
 )
 from ._files import arun_batches_file, run_batches_file
 from ._handles import HANDLE_COLUMNS
-from ._journal import read_checkpoint
 from ._retry import RetryPolicy
 from ._signatures import verify_signature
+from ._stores import read_checkpoint
 from ._version import __version__
 
 __all__ = [

@@ -11,7 +11,6 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -20,8 +19,6 @@ import pyarrow as pa
 from ._config import DEFAULT_TIMEOUT, Connection
 from ._errors import APIError, CollectError, DeadlineExceeded, InputError, ProtocolError
 from ._frames import to_pandas
-from ._journal import ResultsStore, job_parts, read_checkpoint, read_manifest, recorded_rows
-from ._objectstore import ObjectResults, ObjectStore, is_url, load
 from ._polling import (
     STORED_COLUMNS,
     PollPolicy,
@@ -34,6 +31,7 @@ from ._polling import (
 )
 from ._progress import ProgressOption, Reporter
 from ._retry import RetryPolicy
+from ._stores import Results, Store, job_parts, read_manifest, recorded_rows, state_at, store_for
 from ._sync import keep_partial, sync_twin
 
 if TYPE_CHECKING:
@@ -208,21 +206,18 @@ async def acollect(
                 progress=progress,
             )
         )
-    if is_url(source):
-        parts: list[str | os.PathLike[str]] = [source]  # object storage keeps frame jobs
-    else:
-        manifest = read_manifest(Path(source))
-        if manifest is not None and manifest.get("kind") == "file":
-            connection.check_server(manifest, source)
-        parts = list(job_parts(Path(source)))
+    root = store_for(source, connection.storage_options)
+    manifest = read_manifest(root)
+    if manifest is not None and manifest.get("kind") == "file":
+        connection.check_server(manifest, source)
     frames = []
-    for part in parts:
-        frame, unconfirmed = _frame_from_checkpoint(part, connection.storage_options)
+    for part in job_parts(root):
+        frame, unconfirmed = _frame_from_checkpoint(part)
         frames.append(
             await collect_frame(
                 frame,
                 connection,
-                checkpoint=part,
+                checkpoint=part.location(),
                 poll=poll,
                 flatten=flatten,
                 progress=progress,
@@ -256,13 +251,7 @@ async def collect_frame(
             f"{missing}"
         )
     plan = _Plan(frame)
-    store: ResultsStore | ObjectResults | None = None
-    if checkpoint is not None:
-        store = (
-            ObjectResults(checkpoint, connection.storage_options)
-            if is_url(checkpoint)
-            else ResultsStore(checkpoint)
-        )
+    store = None if checkpoint is None else Results(checkpoint, connection.storage_options)
     fresh: list[pd.DataFrame] = []
     stopped: BaseException | None = None
     unfinished: list[str] = []
@@ -400,14 +389,9 @@ async def _fetch(
         reporter.close()
 
 
-def _frame_from_checkpoint(
-    path: str | os.PathLike[str], storage_options: Mapping[str, Any]
-) -> tuple[pd.DataFrame, pd.Series]:
+def _frame_from_checkpoint(part: Store) -> tuple[pd.DataFrame, pd.Series]:
     """A checkpoint's rows as a handle frame, and which of them are pending (sent, unanswered)."""
-    if is_url(path):
-        recorded, _ = recorded_rows(load(ObjectStore(path, storage_options))[0])
-    else:
-        recorded = read_checkpoint(Path(path))
+    recorded, _ = recorded_rows(state_at(part))
     recorded.insert(0, "runflow_client_ref", recorded.index.astype("string"))
     pending = recorded["state"] == "pending"
     frame = recorded.drop(columns=["state", "chunk", "intent_at", "submitted_at"])

@@ -23,10 +23,8 @@ block (checking across blocks would hold every key in memory).
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 import anyio
@@ -43,19 +41,22 @@ from ._client import model_path
 from ._config import Connection, JobOptions, fingerprint
 from ._datasets import Input, Output, resolve_input
 from ._errors import CheckpointError, InputError
-from ._journal import (
-    MANIFEST,
-    Lock,
-    atomic_write,
-    block_directories,
-    open_job,
-    read_checkpoint,
-    read_pace,
-)
 from ._pipeline import SHARED_GATE, job_gate
 from ._plan import Plan, plan_job
 from ._progress import ProgressOption, Reporter
 from ._rows import body_suffix
+from ._stores import (
+    Held,
+    Store,
+    block_stores,
+    clear,
+    lock,
+    open_checkpoint,
+    opened,
+    read_checkpoint,
+    read_pace,
+    store_for,
+)
 from ._sync import sync_twin
 
 DEFAULT_BLOCK_ROWS: Final = 100_000
@@ -228,10 +229,10 @@ async def arun_batches_file(
     opts = JobOptions(key=key, columns=columns, **job)
     connection = Connection.resolve(**{k: v for k, v in options.items() if k in _CONNECTION_KEYS})
     model = model_path(owner, slug)
-    root = Path(checkpoint)
     # File work runs in a worker thread, so an async caller's loop is never blocked by it.
     nulls = None if csv_nulls is None else list(csv_nulls)
     storage = connection.storage_options
+    root = store_for(checkpoint, storage)
     src = await anyio.to_thread.run_sync(resolve_input, source, storage)
     out = Output(output, storage)
     job_print = await anyio.to_thread.run_sync(
@@ -272,7 +273,7 @@ class _Source:
 async def _run_blocks(
     src: _Source,
     out: Output,
-    root: Path,
+    root: Store,
     block_rows: int,
     model: str,
     options: JobOptions,
@@ -292,20 +293,20 @@ async def _run_blocks(
     try:
         while (table := await anyio.to_thread.run_sync(next, blocks, None)) is not None:
             number += 1
-            part = root / f"block-{number:06d}.parquet"
+            part = f"block-{number:06d}.parquet"
             totals["rows"] += table.num_rows
             totals["blocks"] += 1
-            if part.name in finished:
+            if part in finished:
                 totals["blocks_skipped"] += 1
                 if out.parts and not out.has_part(number):  # an earlier run's, not written yet
-                    await anyio.to_thread.run_sync(_write_output_part, out, number, part)
+                    await anyio.to_thread.run_sync(_write_output_part, out, number, root, part)
                 continue
             result = await submit_frame(
                 _block_frame(table, number, block_rows),
                 model,
                 options,
                 connection,
-                checkpoint=root / f"block-{number:06d}",
+                checkpoint=root.child(f"block-{number:06d}").location(),
                 wait=False,
                 progress=reporter.part(),
                 kind="block",
@@ -313,10 +314,10 @@ async def _run_blocks(
             failed = int(result["runflow_run_id"].isna().sum())
             totals["failed_rows"] += failed
             await anyio.to_thread.run_sync(
-                _write_part, part, result, options.key is None, not failed
+                _write_part, root, part, result, options.key is None, not failed
             )
             if out.parts:  # a directory output gets each block as it is done
-                await anyio.to_thread.run_sync(_write_output_part, out, number, part)
+                await anyio.to_thread.run_sync(_write_output_part, out, number, root, part)
     finally:
         SHARED_GATE.reset(gate)
         reporter.close()
@@ -327,9 +328,9 @@ async def _run_blocks(
     return totals
 
 
-def _last_pace(root: Path) -> Pace | None:
+def _last_pace(root: Store) -> Pace | None:
     """The pace kept by the last block that kept one."""
-    paces = (read_pace(block) for block in reversed(block_directories(root)))
+    paces = (read_pace(block) for block in reversed(block_stores(root)))
     return next((pace for pace in paces if pace is not None), None)
 
 
@@ -349,12 +350,12 @@ def _fingerprint(
 
 def _prepare(
     src: Input,
-    root: Path,
+    root: Store,
     block_rows: int,
     job: dict[str, Any],
     connection: Connection,
     nulls: Sequence[str] | None,
-) -> tuple[int, dict[str, pa.DataType] | None, Lock]:
+) -> tuple[int, dict[str, pa.DataType] | None, Held]:
     """Check the call, then open (or create) the file job's checkpoint: the row count, a CSV
     file's settled column types (``csv_layout``, before anything is sent) and the lock."""
     if not isinstance(block_rows, int) or block_rows < 1:
@@ -364,65 +365,74 @@ def _prepare(
     else:
         types, rows = None, src.parquet_rows()
     try:
-        lock, _ = open_job(root, "file", job, connection.key_fingerprint)
+        lock, _ = open_checkpoint(root, "file", job, connection.key_fingerprint)
     except CheckpointError as exc:
         if not exc.changes or not _take_over(root):
             raise
-        lock, _ = open_job(root, "file", job, connection.key_fingerprint)
+        lock, _ = open_checkpoint(root, "file", job, connection.key_fingerprint)
     return rows, types, lock
 
 
-def _take_over(root: Path) -> bool:
+def _take_over(root: Store) -> bool:
     """Clear a file job's checkpoint that holds nothing the server may have: no row submitted
     and no intent pending. An earlier run refused before sending (a duplicate key) or refused
     by the server (a mistyped model) binds nothing: the fixed job takes its directory over."""
-    guard = Lock(root)
+    guard = lock(root)
     try:
-        progress = read_checkpoint(root).attrs["progress"]
+        progress = read_checkpoint(root.location()).attrs["progress"]
         if progress["kind"] != "file" or progress["rows_submitted"] or progress["rows_pending"]:
             return False
-        for block in block_directories(root):
-            shutil.rmtree(block)
-        for part in root.glob("block-*.parquet"):
-            part.unlink()
-        (root / MANIFEST).unlink()
+        clear(root)
         return True
     finally:
         guard.release()
 
 
-def _finished_blocks(root: Path) -> dict[str, int]:
-    """The blocks an earlier run finished (``_complete``): their results' names and rows. Read
-    once, under the job's lock: nothing else changes them meanwhile."""
-    parts = (root / f"{block.name}.parquet" for block in block_directories(root))
-    return {part.name: pq.read_metadata(part).num_rows for part in parts if _complete(part)}
+def _finished_blocks(root: Store) -> dict[str, int]:
+    """The blocks an earlier run finished: their results' names and rows. A block is done once
+    its result is written and every row in it has a handle (a block with rows pending or
+    failed is resumed, never skipped). Read once, under the job's lock: nothing else changes
+    them meanwhile."""
+    finished = {}
+    names = set(root.names())
+    for block in block_stores(root):
+        part = f"{block.url.rsplit('/', 1)[-1]}.parquet"
+        if part not in names:
+            continue
+        with opened(root, part) as handle:
+            metadata = pq.read_metadata(handle)
+        if (metadata.metadata or {}).get(b"runflow_complete") == b"1":
+            finished[part] = metadata.num_rows
+    return finished
 
 
-def _complete(part: Path) -> bool:
-    """Whether block ``part`` is done: its result is written and every row in it has a handle
-    (a block with rows pending or failed is resumed, never skipped)."""
-    if not part.exists():
-        return False
-    metadata = pq.read_schema(part).metadata or {}
-    return metadata.get(b"runflow_complete") == b"1"
-
-
-def _write_part(part: Path, result: pd.DataFrame, keep_index: bool, complete: bool) -> None:
+def _write_part(
+    root: Store, part: str, result: pd.DataFrame, keep_index: bool, complete: bool
+) -> None:
     table = pa.Table.from_pandas(result, preserve_index=keep_index)
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), b"runflow_complete": b"1" if complete else b"0"}
     )
-    atomic_write(part, lambda tmp: pq.write_table(table, tmp))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    root.put(part, sink.getvalue().to_pybytes())
 
 
-def _concatenate(root: Path, blocks: int, output: Output) -> None:
+def _read_part(root: Store, part: str) -> pa.Table:
+    with opened(root, part) as handle:
+        return pq.read_table(handle)
+
+
+def _concatenate(root: Store, blocks: int, output: Output) -> None:
     """Stream the block results into ``output``, one block in memory at a time."""
-    parts = [root / f"block-{n:06d}.parquet" for n in range(blocks)]
-    output.write(pq.read_schema(parts[0]), (pq.read_table(part) for part in parts))
+    parts = [f"block-{n:06d}.parquet" for n in range(blocks)]
+    with opened(root, parts[0]) as handle:
+        schema = pq.read_schema(handle)
+    output.write(schema, (_read_part(root, part) for part in parts))
 
 
-def _write_output_part(output: Output, number: int, part: Path) -> None:
-    output.write_part(number, pq.read_table(part))
+def _write_output_part(output: Output, number: int, root: Store, part: str) -> None:
+    output.write_part(number, _read_part(root, part))
 
 
 def plan_file(

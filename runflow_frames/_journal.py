@@ -63,7 +63,6 @@ import anyio
 import anyio.to_thread
 import numpy as np
 import orjson
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -71,7 +70,7 @@ import xxhash
 
 from ._admission import Pace
 from ._errors import CheckpointError, StaleIntentWarning
-from ._handles import HANDLE_SCHEMA, Handles, HandleTable
+from ._handles import Handles, HandleTable
 from ._rows import Chunk
 from ._state import SEGMENT_SCHEMA, Intent, State, plan_resume, row_digests
 
@@ -325,8 +324,16 @@ def write_manifest(directory: Path, manifest: Mapping[str, Any]) -> None:
 def read_pace(directory: Path) -> Pace | None:
     """The pace a job at ``directory`` learned, if it kept one (a damaged file is none)."""
     try:
-        recorded = orjson.loads((directory / PACE).read_bytes())
-    except (OSError, orjson.JSONDecodeError):
+        return parse_pace((directory / PACE).read_bytes())
+    except OSError:
+        return None
+
+
+def parse_pace(data: bytes | None) -> Pace | None:
+    """A kept pace from its bytes; none when there are none or they are damaged."""
+    try:
+        recorded = orjson.loads(data or b"null")
+    except orjson.JSONDecodeError:
         return None
     if not isinstance(recorded, dict):
         return None
@@ -977,199 +984,3 @@ def _warn_if_stale(pending: Sequence[Intent], max_age: float) -> None:
             StaleIntentWarning,
             stacklevel=2,
         )
-
-
-class ResultsStore:
-    """Outcomes collected from finished batches, kept in a checkpoint (``results-N.parquet``,
-    later files win) so that collecting again never fetches a finished batch twice. Holds the
-    checkpoint's lock while open."""
-
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory)
-        manifest = read_manifest(self.directory)
-        if manifest is None:
-            raise CheckpointError(f"{self.directory} is not a checkpoint (no {MANIFEST})")
-        self.manifest = manifest
-        self._lock = Lock(self.directory)
-
-    def read(self) -> pa.Table:
-        """Every collected outcome recorded so far (``RESULTS_SCHEMA``)."""
-        tables = []
-        for _, path in _numbered(self.directory, _RESULTS_RE):
-            try:
-                tables.append(pq.read_table(path, schema=RESULTS_SCHEMA))
-            except (pa.ArrowException, OSError) as exc:
-                raise CheckpointError(f"checkpoint results {path} cannot be read: {exc}") from exc
-        return pa.concat_tables(tables) if tables else RESULTS_SCHEMA.empty_table()
-
-    def record(self, table: pa.Table) -> None:
-        """Keep collected outcomes of finished batches, atomically, in a new file."""
-        if not table.num_rows:
-            return
-        number = max((n for n, _ in _numbered(self.directory, _RESULTS_RE)), default=0) + 1
-        path = self.directory / f"results-{number:06d}.parquet"
-        atomic_write(path, lambda tmp: pq.write_table(table.cast(RESULTS_SCHEMA), tmp))
-
-    def close(self) -> None:
-        self._lock.release()
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """A checkpoint's recorded rows and handles, without running anything.
-
-    Parameters
-    ----------
-    path : str or path-like
-        The checkpoint directory given to ``run_batches(..., checkpoint=path)`` (or to
-        ``run_batches_file``: its blocks' rows, in order).
-
-    Returns
-    -------
-    pandas.DataFrame
-        One row per recorded row, indexed by ``client_ref``: ``state`` (``"submitted"``, or
-        ``"pending"`` for an intent whose response is unknown), ``chunk``, the handle columns,
-        ``intent_at`` and ``submitted_at`` (UTC timestamps). ``df.attrs["progress"]`` summarises
-        the job: kind, model, server, rows submitted and pending, chunks, created_at, a file
-        job's ``rows_in_source`` (when its Parquet metadata says), ``outcomes`` (rows by
-        status, as collected so far) and the ``pace`` learned from the server's 429s.
-
-    Examples
-    --------
-    >>> from runflow_frames import read_checkpoint
-    >>> done = read_checkpoint("ckpt/")  # doctest: +SKIP
-    >>> done.attrs["progress"]["rows_submitted"]  # doctest: +SKIP
-    1000
-    """
-    directory = Path(path)
-    manifest = read_manifest(directory)
-    if manifest is None:
-        raise CheckpointError(f"{directory} is not a checkpoint (no {MANIFEST})")
-    parts = block_directories(directory) if manifest.get("kind") == "file" else [directory]
-    frames, pending = [], []
-    for part in parts:
-        frame, waiting = _recorded(part)
-        frames.append(frame)
-        pending += waiting
-    df = pd.concat(frames) if frames else _recorded_frame(pd.DataFrame(columns=_READ_COLUMNS))
-    df.attrs["progress"] = {
-        "kind": manifest.get("kind"),
-        "model": manifest["model"],
-        "base_url": manifest.get("base_url"),
-        "created_at": manifest["created_at"],
-        "rows_submitted": int((df["state"] == "submitted").sum()),
-        "rows_pending": int((df["state"] == "pending").sum()),
-        # Chunk numbers are per block job: counted block by block.
-        "chunks_submitted": sum(
-            int(f.loc[f["state"] == "submitted", "chunk"].nunique()) for f in frames
-        ),
-        "chunks_pending": len(pending),
-        "oldest_pending_at": min((i.at for i in pending), default=None),
-        "rows_in_source": _source_rows(manifest),
-        "outcomes": _outcomes(parts),
-        "pace": next((p for p in map(read_pace, reversed(parts)) if p is not None), None),
-    }
-    return df
-
-
-def _source_rows(manifest: Mapping[str, Any]) -> int | None:
-    """A file job's row count, when its source says it cheaply (Parquet metadata)."""
-    path = manifest.get("source", {}).get("path")
-    if not path or not str(path).endswith(".parquet"):
-        return None
-    try:
-        return int(pq.ParquetFile(path).metadata.num_rows)
-    except (OSError, pa.ArrowException):
-        return None
-
-
-def _outcomes(parts: Sequence[Path]) -> dict[str, int]:
-    """Rows by outcome, as collected so far (later results files win)."""
-    latest: dict[str, str] = {}
-    for part in parts:
-        for _, path in _numbered(part, _RESULTS_RE):
-            try:
-                table = pq.read_table(path, columns=["item_key", "runflow_status"])
-            except (pa.ArrowException, OSError) as exc:
-                raise CheckpointError(f"checkpoint results {path} cannot be read: {exc}") from exc
-            keys, statuses = table.column(0).to_pylist(), table.column(1).to_pylist()
-            latest.update(zip(keys, statuses, strict=True))
-    counts: dict[str, int] = {}
-    for status in latest.values():
-        counts[str(status)] = counts.get(str(status), 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-def job_parts(directory: Path) -> list[Path]:
-    """The checkpoints a job's outcomes are kept in: a file job's blocks, in order, else the
-    directory itself. A file job that never started a block has none to collect: refused."""
-    manifest = read_manifest(directory)
-    if manifest is None or manifest.get("kind") != "file":
-        return [directory]
-    parts = block_directories(directory)
-    if not parts:
-        raise CheckpointError(
-            f"checkpoint {directory} holds a file job that never started a block: nothing was "
-            "sent, so there is nothing to collect"
-        )
-    return parts
-
-
-def block_directories(root: Path) -> list[Path]:
-    """The block jobs of a file job's checkpoint, in order."""
-    found = (p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"block-\d{6}", p.name))
-    return sorted(found)
-
-
-def _recorded(directory: Path) -> tuple[pd.DataFrame, list[Intent]]:
-    return recorded_rows(load_state(directory))
-
-
-def recorded_rows(state: State) -> tuple[pd.DataFrame, list[Intent]]:
-    """A checkpoint's recorded rows (``read_checkpoint``'s columns), and its pending intents."""
-    submitted = state.submitted().to_pandas(types_mapper=pd.ArrowDtype)
-    submitted.insert(0, "state", "submitted")
-    pending = state.pending()
-    waiting = pd.DataFrame(
-        {
-            "client_ref": [r for i in pending for r in i.refs],
-            "state": "pending",
-            "chunk": [i.chunk for i in pending for _ in i.refs],
-            "intent_at": [i.at for i in pending for _ in i.refs],
-        }
-    )
-    df = pd.concat([submitted, waiting], ignore_index=True).sort_values("chunk", kind="stable")
-    df = df.rename(columns={c: f"runflow_{c}" for c in HANDLE_SCHEMA.names[1:]})
-    return _recorded_frame(df), pending
-
-
-def _recorded_frame(df: pd.DataFrame) -> pd.DataFrame:
-    df = df[_READ_COLUMNS].astype(_READ_DTYPES).set_index("client_ref")
-    for col in ("intent_at", "submitted_at"):
-        df[col] = pd.to_datetime(df[col], unit="s", utc=True)
-    return df
-
-
-_READ_COLUMNS: Final = [
-    "client_ref",
-    "state",
-    "chunk",
-    "runflow_batch_id",
-    "runflow_item_id",
-    "runflow_run_id",
-    "runflow_sequence_index",
-    "runflow_status",
-    "intent_at",
-    "submitted_at",
-]
-_READ_DTYPES: Final = {
-    "client_ref": "string",
-    "state": "string",
-    "chunk": "int64",
-    "runflow_batch_id": "string",
-    "runflow_item_id": "string",
-    "runflow_run_id": "string",
-    "runflow_sequence_index": "Int64",
-    "runflow_status": "string",
-    "intent_at": "float64",
-    "submitted_at": "float64",
-}

@@ -41,20 +41,19 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._admission import Pace
 from ._errors import CheckpointError, InputError
 from ._journal import (
     _SEGMENT_OPTIONS,
     LEASE,
     MANIFEST,
     PACE,
-    RESULTS_SCHEMA,
     CheckpointJournal,
     Kind,
     Resume,
     judge_manifest,
     manifest_of,
     parse_manifest,
+    parse_pace,
     state_from,
 )
 from ._rows import Chunk
@@ -133,6 +132,12 @@ class ObjectStore:
         except FileExistsError:
             return False
         return True
+
+    def location(self) -> str:
+        return self.url
+
+    def open(self, name: str) -> Any:
+        return self.fs.open(self._path(name), "rb")
 
     def names(self) -> list[str]:
         """Every object under the prefix, relative to it (never a cached listing)."""
@@ -266,20 +271,6 @@ def _read_parquet(store: ObjectStore, name: str, schema: pa.Schema) -> pa.Table:
         ) from exc
 
 
-def read_pace(store: ObjectStore) -> Pace | None:
-    try:
-        recorded = orjson.loads(store.read(PACE) or b"null")
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(recorded, dict):
-        return None
-    rate, cap = recorded.get("rate"), recorded.get("cap")
-    return {
-        "rate": float(rate) if isinstance(rate, int | float) and rate > 0 else None,
-        "cap": cap if isinstance(cap, int) and cap > 0 else None,
-    }
-
-
 class ObjectJournal(CheckpointJournal):
     """A checkpoint on object storage. Use :meth:`open`."""
 
@@ -293,7 +284,12 @@ class ObjectJournal(CheckpointJournal):
     ) -> None:
         state, self._next, self._read_logs = load(store)
         super().__init__(
-            store.url, manifest, state, key_fingerprint, max_intent_age, read_pace(store)
+            store.url,
+            manifest,
+            state,
+            key_fingerprint,
+            max_intent_age,
+            parse_pace(store.read(PACE)),
         )
         self.store = store
         self._lease = lease
@@ -418,33 +414,3 @@ class ObjectJournal(CheckpointJournal):
                 self._create(f"segment-{self._next:08d}.parquet", sink.getvalue().to_pybytes())
             self.store.delete(older)
             self._read_logs = [n for n in self._read_logs if n not in older]
-
-
-class ObjectResults:
-    """Collected outcomes kept in an object-storage checkpoint, as ``ResultsStore`` keeps them
-    in a directory: ``results-N.parquet``, later ones win. Holds the checkpoint's lease."""
-
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        self.store = ObjectStore(url, storage_options)
-        manifest = self.store.read(MANIFEST)
-        if manifest is None:
-            raise CheckpointError(f"{self.store.url} is not a checkpoint (no {MANIFEST})")
-        self.manifest = parse_manifest(self.store.url, manifest)
-        self._lease = Lease(self.store)
-
-    def read(self) -> pa.Table:
-        found = _numbered(self.store.names(), _RESULTS_RE)
-        tables = [_read_parquet(self.store, name, RESULTS_SCHEMA) for _, name in found]
-        return pa.concat_tables(tables) if tables else RESULTS_SCHEMA.empty_table()
-
-    def record(self, table: pa.Table) -> None:
-        if not table.num_rows:
-            return
-        sink = pa.BufferOutputStream()
-        pq.write_table(table.cast(RESULTS_SCHEMA), sink)
-        number = max((n for n, _ in _numbered(self.store.names(), _RESULTS_RE)), default=0) + 1
-        if not self.store.create(f"results-{number:08d}.parquet", sink.getvalue().to_pybytes()):
-            raise CheckpointError(f"checkpoint {self.store.url}: another job is collecting")
-
-    def close(self) -> None:
-        self._lease.release()

@@ -25,12 +25,14 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from ._progress import Reporter
+    from ._stores import Store
 
 DEMO_KEY = "rf_live_demo"
 T = TypeVar("T")
 
 EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_REFUSED, EXIT_ACCESS, EXIT_API = 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130  # as a shell reports a SIGINT
+OUTPUT_HELP = "a .parquet or .csv file, or a directory of part files; a path or a URL"
 JSON_HELP = "also print one JSON object on stdout as it exits (its keys are in the README)"
 
 
@@ -128,12 +130,30 @@ def _api_key(required: bool = True) -> str | None:
     return None
 
 
-def _read(source: str | Path, nulls: list[str] | None) -> Any:
+def _checkpoint(value: str) -> str:
+    """A checkpoint to read: a URL, or a local directory that exists."""
+    from ._objectstore import is_url
+
+    if is_url(value) or Path(value).is_dir():
+        return value
+    raise click.BadParameter(f"{value}: no such directory", param_hint="'CHECKPOINT'")
+
+
+def _source(value: str) -> str:
+    """SOURCE as given: a URL, or a local file, directory or glob that exists."""
+    from ._objectstore import is_url
+
+    if is_url(value) or any(c in value for c in "*?[") or Path(value).exists():
+        return value
+    raise click.BadParameter(f"{value}: no such file or directory", param_hint="'SOURCE'")
+
+
+def _read(source: str, nulls: list[str] | None) -> Any:
     from ._datasets import resolve_input
     from ._files import read_source
 
     # As the file jobs read it: every face sends the same values.
-    return read_source(resolve_input(str(source), None), nulls)
+    return read_source(resolve_input(source, None), nulls)
 
 
 def _for_files(df: Any) -> Any:
@@ -150,24 +170,40 @@ def _for_files(df: Any) -> Any:
     return out
 
 
-def _write(df: Any, path: Path) -> None:
-    """``df`` to ``path`` as every command writes files (``_Sink``): one layout, one timestamp
-    format, no positional index column."""
-    with _Sink(path) as sink:
+def _write(df: Any, location: str) -> None:
+    """``df`` to ``location`` as every command writes files (``_Sink``): one layout, one
+    timestamp format, no positional index column."""
+    with _Sink(location) as sink:
         sink.write(df)
 
 
 class _Sink:
-    """Frames appended to one .parquet or .csv file, one at a time. They go to a temporary file
-    that replaces ``path`` only when everything was written: a collect that stops part-way
-    leaves ``path`` as it was (the submitted rows, with --wait) and what it had in ``partial``."""
+    """Frames appended to one .parquet or .csv file (local, or a URL on object storage), one at
+    a time, or written as the part files of a directory (a location without those suffixes).
+    A file is written under another name and moved into place only once everything was
+    written: a collect that stops part-way leaves it as it was (the submitted rows, with
+    --wait) and what it had in ``partial``."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.partial = path.with_name(f"{path.stem}.partial{path.suffix}")
-        self._tmp = path.with_name(f".{path.name}.tmp")
+    def __init__(self, location: str) -> None:
+        from ._datasets import file_format
+        from ._objectstore import filesystem, is_url
+
+        self.location = location.rstrip("/") if is_url(location) else location
+        self.fs: Any
+        self.path: str
+        self.fs, self.path = (
+            filesystem(self.location, None) if is_url(self.location) else (None, self.location)
+        )
+        self.format = file_format(self.location)
+        stem, dot, suffix = self.path.rpartition(".")
+        self.partial = f"{stem}.partial.{suffix}" if dot else f"{self.path}.partial"
+        folder, _, name = self.path.rpartition("/")
+        # Remote: written at ``partial`` (an upload is whole or absent), then moved.
+        self._tmp = self.partial if self.fs else f"{folder or '.'}/.{name}.tmp"
         self.writer: Any = None
+        self.file: Any = None
         self.schema: Any = None
+        self.parts = 0
 
     def __enter__(self) -> _Sink:
         return self
@@ -178,17 +214,29 @@ class _Sink:
         import pyarrow.parquet as pq
 
         table = pa.Table.from_pandas(_for_files(df))
+        if self.format is None:  # a directory: each frame is a part file
+            from ._datasets import Output
+
+            Output(self.location, None).write_part(self.parts, table)
+            self.parts += 1
+            return
         if self.writer is None:
-            csv = self.path.suffix.lower() == ".csv"
             self.schema = table.schema
-            self.writer = (pacsv.CSVWriter if csv else pq.ParquetWriter)(self._tmp, self.schema)
+            self.file = self.fs.open(self._tmp, "wb") if self.fs else self._tmp
+            kind = pacsv.CSVWriter if self.format == "csv" else pq.ParquetWriter
+            self.writer = kind(self.file, self.schema)
         self.writer.write_table(table.cast(self.schema))
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         if self.writer is None:
             return
         self.writer.close()
-        self._tmp.replace(self.path if kind is None else self.partial)
+        if self.fs is None:
+            Path(self._tmp).replace(self.path if kind is None else self.partial)
+            return
+        self.file.close()
+        if kind is None:
+            self.fs.mv(self._tmp, self.path)
 
 
 def _split(owner_slug: str) -> tuple[str, str]:
@@ -243,14 +291,16 @@ def main(log_level: str) -> None:
 
 
 @main.command()
-@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("source", callback=lambda _c, _p, v: _source(v))
 @click.option("--model", "-m", required=True, help="OWNER/SLUG, e.g. acme/echo")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--output", "-o", help=OUTPUT_HELP)
 @click.option("--key", help="column holding the row keys (default: the row number)")
 @click.option("--columns", help="comma-separated columns to send (default: all but the key)")
 @click.option("--chunk-size", type=click.IntRange(1, 100), default=100, show_default=True)
 @click.option("--concurrency", type=click.IntRange(1), default=8, show_default=True)
-@click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--checkpoint", help="a directory (or a URL on object storage): makes the job resumable"
+)
 @click.option("--metadata", help="JSON object sent as every batch's metadata")
 @click.option("--callback-url")
 @click.option("--errors", type=click.Choice(["raise", "keep"]), default="keep", show_default=True)
@@ -267,14 +317,14 @@ def main(log_level: str) -> None:
 @click.option("--json", "as_json", is_flag=True, callback=_json_option, help=JSON_HELP)
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def submit(
-    source: Path,
+    source: str,
     model: str,
-    output: Path | None,
+    output: str | None,
     key: str | None,
     columns: str | None,
     chunk_size: int,
     concurrency: int,
-    checkpoint: Path | None,
+    checkpoint: str | None,
     metadata: str | None,
     callback_url: str | None,
     errors: str,
@@ -287,7 +337,8 @@ def submit(
     as_json: bool,  # noqa: ARG001 - read through the context (_exit)
     debug: bool,
 ) -> None:
-    """Submit every row of SOURCE (.csv or .parquet) and write the joined result to --output."""
+    """Submit every row of SOURCE (a .csv or .parquet file, a directory or glob of them; a
+    path or a URL) and write the joined result to --output."""
     owner, slug = _split(model)
     meta = _metadata(metadata)
     chosen = [c.strip() for c in columns.split(",")] if columns else None
@@ -330,7 +381,7 @@ def _metadata(text: str | None) -> dict[str, Any] | None:
 
 
 def _dry_run(
-    source: Path,
+    source: str,
     owner: str,
     slug: str,
     key: str | None,
@@ -342,8 +393,6 @@ def _dry_run(
 ) -> NoReturn:
     from ._files import plan_file
 
-    if source.suffix.lower() not in (".csv", ".parquet", ".pq"):
-        _fail(f"{source}: only .csv and .parquet files are read", EXIT_USAGE)
     plan = _guarded(
         debug,
         lambda: plan_file(
@@ -362,11 +411,11 @@ def _dry_run(
 
 
 def _submit_file(
-    source: Path,
+    source: str,
     owner: str,
     slug: str,
-    output: Path,
-    checkpoint: Path,
+    output: str,
+    checkpoint: str,
     wait: bool,
     debug: bool,
     options: dict[str, Any],
@@ -409,10 +458,10 @@ def _submit_file(
 
 
 def _submit_frame(
-    source: Path,
+    source: str,
     owner: str,
     slug: str,
-    output: Path,
+    output: str,
     wait: bool,
     debug: bool,
     options: dict[str, Any],
@@ -464,14 +513,15 @@ def _submit_frame(
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("checkpoint", callback=lambda _c, _p, v: _checkpoint(v))
 @click.option("--json", "as_json", is_flag=True, help="one JSON object (the keys of the README)")
 @click.option("--debug", is_flag=True)
-def status(checkpoint: Path, as_json: bool, debug: bool) -> None:
-    """Show a checkpoint's progress (a frame job's or a file job's), sending nothing."""
+def status(checkpoint: str, as_json: bool, debug: bool) -> None:
+    """Show a checkpoint's progress (a frame job's or a file job's, in a directory or on
+    object storage), sending nothing."""
     import json
 
-    from ._journal import read_checkpoint
+    from ._stores import read_checkpoint
 
     progress = _guarded(debug, lambda: read_checkpoint(checkpoint)).attrs["progress"]
     if as_json:
@@ -532,8 +582,8 @@ def _when(epoch: float | None) -> str:
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoint", callback=lambda _c, _p, v: _checkpoint(v))
+@click.option("--output", "-o", required=True, help=OUTPUT_HELP)
 @click.option("--flatten", is_flag=True, help="spread outputs into runflow_output.<key> columns")
 @click.option("--deadline", type=float, help="seconds to wait at most")
 @click.option("--base-url", envvar="RUNFLOW_BASE_URL", help="must be the checkpoint's server")
@@ -542,8 +592,8 @@ def _when(epoch: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, callback=_json_option, help=JSON_HELP)
 @click.option("--debug", is_flag=True)
 def collect(
-    checkpoint: Path,
-    output: Path,
+    checkpoint: str,
+    output: str,
     flatten: bool,
     deadline: float | None,
     base_url: str | None,
@@ -570,8 +620,8 @@ def collect(
 
 
 def _collect_into(
-    checkpoint: Path,
-    output: Path,
+    checkpoint: str,
+    output: str,
     *,
     api_key: str | None,
     base_url: str | None,
@@ -584,15 +634,15 @@ def _collect_into(
     """Collect a checkpoint (a file job block by block, so memory holds one block's outcomes)
     into ``output``, with one progress bar and one summary for the whole job; the exit code."""
     import pandas as pd
-    import pyarrow.parquet as pq
 
     from ._collect import summarize
-    from ._journal import job_parts
     from ._progress import Reporter
+    from ._stores import job_parts, store_for
 
-    parts = _guarded(debug, lambda: job_parts(checkpoint))
-    joined = [_joined(part, checkpoint) for part in parts]
-    total = sum(pq.read_metadata(j).num_rows for j in joined if j is not None)
+    root = store_for(checkpoint)
+    parts = _guarded(debug, lambda: job_parts(root))
+    joined = [_joined(root, part) for part in parts]
+    total = sum(_rows(root, j) for j in joined if j is not None)
     reporter = Reporter(progress, total=total, desc="collected")
     summary: list[pd.DataFrame] = []  # what the summary needs of each block, not its outputs
     with _Sink(output) as sink:
@@ -607,6 +657,7 @@ def _collect_into(
                     debug,
                     functools.partial(
                         _collect_part,
+                        root,
                         part,
                         block,
                         reporter,
@@ -644,16 +695,28 @@ def _report_outcomes(collected: Any) -> None:
 _SUMMARY_COLUMNS = ("runflow_status", "runflow_cost", "runflow_failure_code")
 
 
-def _joined(part: Path, checkpoint: Path) -> Path | None:
+def _joined(root: Store, part: Store) -> str | None:
     """A file job's block's joined result (the input columns and the handles, the layout
     `submit -o` writes): what its outcomes are joined onto. None: collect the checkpoint."""
-    joined = part.with_name(f"{part.name}.parquet")
-    return joined if part != checkpoint and joined.is_file() else None
+    if part is root:
+        return None
+    joined = f"{part.url.rsplit('/', 1)[-1]}.parquet"
+    return joined if joined in root.names() else None
+
+
+def _rows(root: Store, name: str) -> int:
+    import pyarrow.parquet as pq
+
+    from ._stores import opened
+
+    with opened(root, name) as handle:
+        return int(pq.read_metadata(handle).num_rows)
 
 
 def _collect_part(
-    part: Path,
-    joined: Path | None,
+    root: Store,
+    part: Store,
+    joined: str | None,
     reporter: Reporter,
     flatten: bool,
     deadline: float | None,
@@ -661,14 +724,19 @@ def _collect_part(
     base_url: str | None,
     org_id: str | None,
 ) -> Any:
-    import pandas as pd
+    import pyarrow.parquet as pq
 
     from ._collect import collect as collect_outcomes
+    from ._stores import opened
 
     # One block in memory at a time.
+    frame = None
+    if joined is not None:
+        with opened(root, joined) as handle:
+            frame = pq.read_table(handle).to_pandas()
     return collect_outcomes(
-        part if joined is None else pd.read_parquet(joined),
-        checkpoint=None if joined is None else part,
+        part.location() if frame is None else frame,
+        checkpoint=None if frame is None else part.location(),
         flatten=flatten,
         deadline=deadline,
         progress=reporter.part(),
