@@ -144,8 +144,9 @@ def test_a_changed_source_is_refused(tmp_path: Path, emulator: Emulator, base_ur
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kept", ["in a directory", "in a bucket"])
 def test_a_killed_file_job_resumes_to_the_same_results(
-    tmp_path: Path, base_url: str, emulator: Emulator
+    tmp_path: Path, base_url: str, emulator: Emulator, kept: str, request: pytest.FixtureRequest
 ) -> None:
     # 120 creates in 3 blocks of 40, 8 at a time, 0.2 s each. Each run is killed once the
     # emulator has seen 30 more creates, so the kills land in block 1, 2 and 3 with requests in
@@ -153,7 +154,10 @@ def test_a_killed_file_job_resumes_to_the_same_results(
     # makes a kill land before the job started or after it ended.
     emulator.timing = Timing(create_latency=0.2)
     source = write_source(tmp_path / "in.parquet", 12_000)
-    out, ckpt = tmp_path / "out.parquet", tmp_path / "ckpt"
+    out = tmp_path / "out.parquet"
+    ckpt = str(tmp_path / "ckpt")
+    if kept == "in a bucket":  # workers that share nothing but object storage
+        ckpt = f"{request.getfixturevalue('bucket')}/ckpt"
     env = {**os.environ, "RUNFLOW_API_KEY": API_KEY}
     cmd = [
         sys.executable,
@@ -161,8 +165,9 @@ def test_a_killed_file_job_resumes_to_the_same_results(
         base_url,
         str(source),
         str(out),
-        str(ckpt),
+        ckpt,
         "4000",
+        "0.2",  # a killed run's lease on a bucket checkpoint expires before the next run
     ]
     for _ in range(3):
         created = emulator.accounting().batches_created

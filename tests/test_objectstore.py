@@ -13,7 +13,7 @@ import pytest
 from runflow_frames import CheckpointError, SubmissionError, collect, run_batches
 from runflow_frames.emulator import Emulator, Timing, serve
 
-from .conftest import API_KEY, objects, read_object
+from .conftest import API_KEY, cli, objects, read_object
 from .crash_harness import soak
 
 FAST = Timing(queued=0.01, running=0.02)
@@ -263,3 +263,46 @@ def test_a_partitioned_dataset_in_a_bucket_goes_to_a_directory_of_parts(
     sent = [r["input"] for r in emulator.received()]
     assert {"text": "2025-us-3", "year": 2025, "region": "us"} in sent
     runs_once(emulator, 600)
+
+
+@pytest.mark.slow
+def test_the_cli_runs_a_file_job_wholly_in_the_bucket_and_its_reruns_send_nothing_twice(
+    bucket: str,
+) -> None:
+    """Source, checkpoint and outputs in the bucket; re-run with and without --wait, then
+    status and collect: the server counts one run per row."""
+    import pyarrow.parquet as pq
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    df = pd.DataFrame(
+        {"id": [f"k{i}" for i in range(1200)], "text": [f"t{i}" for i in range(1200)]}
+    )
+    with fs.open(f"{bucket}/in.csv", "wb") as f:
+        f.write(df.to_csv(index=False).encode())
+    emulator = Emulator(timing=FAST)
+    ckpt = f"{bucket}/ck"
+    with serve(emulator) as url:
+        command = ["submit", f"{bucket}/in.csv", "-m", "acme/uppercase", "--key", "id"]
+        command += ["--checkpoint", ckpt, "-o", f"{bucket}/out.parquet", "--base-url", url]
+        first = cli(*command, "--no-progress")
+        assert first.returncode == 0, first.stderr
+        again = cli(*command, "--no-progress")
+        assert again.returncode == 0, again.stderr
+        waited = cli(*command, "--no-progress", "--wait")
+        assert waited.returncode == 0, waited.stderr
+        status = cli("status", ckpt, "--json")
+        assert status.returncode == 0, status.stderr
+        collected = cli("collect", ckpt, "-o", f"{bucket}/collected.csv", "--base-url", url)
+        assert collected.returncode == 0, collected.stderr
+    progress = orjson.loads(status.stdout)
+    assert progress["rows_submitted"] == 1200
+    assert progress["outcomes"] == {"succeeded": 1200}
+    with fs.open(f"{bucket}/out.parquet", "rb") as f:
+        written = pq.read_table(f).to_pandas()
+    assert (written["runflow_status"] == "succeeded").all()  # --wait wrote the outcomes
+    assert written.set_index("id").loc["k7", "runflow_output"] == '{"text":"T7"}'
+    with fs.open(f"{bucket}/collected.csv", "rb") as f:
+        assert len(pd.read_csv(f)) == 1200
+    runs_once(emulator, 1200)
+    assert "lease.json" not in objects(ckpt)
