@@ -31,6 +31,11 @@ from ._objectstore import filesystem, is_url
 
 Format = Literal["parquet", "csv"]
 FORMATS: Final[dict[str, Format]] = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+# Rows per write into a remote output: its writer buffers and copies each write until it
+# uploads a part, so the memory it takes grows with the write (measured: a 100,000-row write
+# cost 116 MB of peak RSS at the end of a job, 20,000-row writes 61 MB).
+OUTPUT_BATCH_ROWS: Final = 20_000
+READ_BUFFER: Final = 1 << 20
 # What tells one version of a remote file from another, in the order looked for.
 _VERSION_KEYS: Final = ("VersionId", "ETag", "etag", "md5Hash", "generation", "mtime")
 
@@ -95,9 +100,10 @@ class Input:
             with ExitStack() as stack:
                 handle = path if self.local else stack.enter_context(self.open(path))
                 if self.format == "parquet":
-                    found: Iterator[pa.RecordBatch] = pq.ParquetFile(handle).iter_batches(
-                        batch_size=batch_rows
-                    )
+                    # Remote: column data read in pieces, not a row group's whole at once.
+                    buffered = 0 if self.local else READ_BUFFER
+                    reader = pq.ParquetFile(handle, buffer_size=buffered)
+                    found: Iterator[pa.RecordBatch] = reader.iter_batches(batch_size=batch_rows)
                 else:
                     found = iter(pacsv.open_csv(handle, convert_options=convert))
                 values = self.partitions(path)
@@ -210,7 +216,7 @@ class Output:
         csv = file_format(self.location) == "csv"
         if self.fs is not None:
             with self.fs.open(self.path, "wb") as f:
-                _write_all(f, schema, tables, csv)
+                _write_all(f, schema, tables, csv, OUTPUT_BATCH_ROWS)
             return
         output = Path(self.path)
         tmp = output.with_name(f".{output.name}.tmp")
@@ -218,8 +224,11 @@ class Output:
         tmp.replace(output)
 
 
-def _write_all(where: Any, schema: pa.Schema, tables: Iterator[pa.Table], csv: bool) -> None:
+def _write_all(
+    where: Any, schema: pa.Schema, tables: Iterator[pa.Table], csv: bool, rows: int | None = None
+) -> None:
+    """Every table into one file; ``rows`` at a time when given (a row group each)."""
     writer: Any = pacsv.CSVWriter(where, schema) if csv else pq.ParquetWriter(where, schema)
     with writer:
         for table in tables:
-            writer.write_table(table.cast(schema))
+            writer.write_table(table.cast(schema), rows)

@@ -39,7 +39,7 @@ from ._admission import Pace
 from ._api import submit_frame
 from ._client import model_path
 from ._config import Connection, JobOptions, fingerprint
-from ._datasets import Input, Output, resolve_input
+from ._datasets import OUTPUT_BATCH_ROWS, Input, Output, resolve_input
 from ._errors import CheckpointError, InputError
 from ._pipeline import SHARED_GATE, job_gate
 from ._plan import Plan, plan_job
@@ -414,7 +414,8 @@ def _write_part(
         {**(table.schema.metadata or {}), b"runflow_complete": b"1" if complete else b"0"}
     )
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    # Row groups of OUTPUT_BATCH_ROWS: they are streamed into the output a group at a time.
+    pq.write_table(table, sink, row_group_size=OUTPUT_BATCH_ROWS)
     root.put(part, sink.getvalue().to_pybytes())
 
 
@@ -423,12 +424,20 @@ def _read_part(root: Store, part: str) -> pa.Table:
         return pq.read_table(handle)
 
 
+def _row_groups(root: Store, parts: Sequence[str]) -> Iterator[pa.Table]:
+    for part in parts:
+        with opened(root, part) as handle:
+            reader = pq.ParquetFile(handle)
+            for group in range(reader.num_row_groups):
+                yield reader.read_row_group(group)
+
+
 def _concatenate(root: Store, blocks: int, output: Output) -> None:
-    """Stream the block results into ``output``, one block in memory at a time."""
+    """Stream the block results into ``output``, a row group in memory at a time."""
     parts = [f"block-{n:06d}.parquet" for n in range(blocks)]
     with opened(root, parts[0]) as handle:
         schema = pq.read_schema(handle)
-    output.write(schema, (_read_part(root, part) for part in parts))
+    output.write(schema, _row_groups(root, parts))
 
 
 def _write_output_part(output: Output, number: int, root: Store, part: str) -> None:

@@ -306,3 +306,41 @@ def test_the_cli_runs_a_file_job_wholly_in_the_bucket_and_its_reruns_send_nothin
         assert len(pd.read_csv(f)) == 1200
     runs_once(emulator, 1200)
     assert "lease.json" not in objects(ckpt)
+
+
+def test_a_file_job_reads_an_https_url_and_refuses_to_write_one(tmp_path: Path) -> None:
+    """A source served over HTTP (read-only): streamed like any other; an http(s) output is
+    refused before anything is sent."""
+    import functools
+    import http.server
+    import threading
+
+    from runflow_frames import InputError, run_batches_file
+
+    df = pd.DataFrame({"id": [f"k{i}" for i in range(300)], "text": ["x"] * 300})
+    df.to_parquet(tmp_path / "in.parquet", index=False)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    source = f"http://127.0.0.1:{server.server_address[1]}/in.parquet"
+    emulator = Emulator(timing=FAST)
+    try:
+        with serve(emulator) as url:
+            options = {"api_key": API_KEY, "base_url": url, "progress": False, "key": "id"}
+            with pytest.raises(InputError, match="can be read, not written"):
+                run_batches_file(
+                    source, "acme/echo", output=source, checkpoint=tmp_path / "c", **options
+                )
+            counts = run_batches_file(
+                source,
+                "acme/echo",
+                output=tmp_path / "out.csv",
+                checkpoint=tmp_path / "ck",
+                **options,
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert counts["rows"] == 300
+    assert pd.read_csv(tmp_path / "out.csv")["runflow_run_id"].notna().all()
+    runs_once(emulator, 300)
