@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 from urllib.parse import quote
 
+import anyio
 import httpx
 import orjson
 
@@ -30,6 +31,7 @@ from ._errors import (
     PermissionDeniedError,
     ProtocolError,
     RateLimitError,
+    RequestInProgressError,
     RequestRejectedError,
     ServerError,
 )
@@ -37,6 +39,10 @@ from ._retry import parse_retry_after
 from ._version import __version__
 
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
+# The most of an answer read: a create's for 100 items is tens of KB, a page of items with
+# their outputs a few MB. More is a protocol error, reported before it fills memory.
+MAX_CREATE_ANSWER: Final = 4 * 2**20
+MAX_ANSWER: Final = 64 * 2**20
 
 _log = logging.getLogger("runflow_frames")
 _REQUEST_ID_HEADERS: Final = ("x-request-id", "runflow-request-id", "request-id")
@@ -225,8 +231,17 @@ class AsyncRunflowClient:
         headers = {"Content-Type": "application/json"}
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
+        # Once the server has the request, its answer is waited for past ``timeout`` (up to
+        # half the retry policy's time): a second POST while the server still processes the
+        # first could meet a server that runs it again. Connecting and sending keep ``timeout``.
+        patience = max(self.timeout, self.connection.retry.timeout / 2)
         return await self._request(
-            "POST", f"/v1/models/{path}/batches", content=body, headers=headers
+            "POST",
+            f"/v1/models/{path}/batches",
+            content=body,
+            headers=headers,
+            read_timeout=patience,
+            max_bytes=MAX_CREATE_ANSWER,
         )
 
     async def get_batch(self, batch_id: str) -> dict[str, Any]:
@@ -268,31 +283,92 @@ class AsyncRunflowClient:
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str | int] | None = None,
+        read_timeout: float | None = None,
+        max_bytes: int = MAX_ANSWER,
     ) -> dict[str, Any]:
         if self._http is None:
             raise RuntimeError("use the client as `async with AsyncRunflowClient() as client:`")
         what = f"{method} {path}"
         self.requests_made += 1
+        waited = self.timeout if read_timeout is None else read_timeout
+        timeout = httpx.Timeout(
+            self.timeout, connect=min(self.timeout, DEFAULT_CONNECT_TIMEOUT), read=waited
+        )
         try:
-            response = await self._http.request(
-                method, path, content=content, headers=headers, params=params
+            request = self._http.build_request(
+                method, path, content=content, headers=headers, params=params, timeout=timeout
             )
+            if waited > self.timeout:
+                status, answer, body = await self._watched(what, request, max_bytes)
+            else:
+                status, answer, body = await self._send(what, request, max_bytes)
         except httpx.TimeoutException as exc:
-            raise APITimeoutError(f"{what} timed out after {self.timeout:g} s") from exc
+            raise APITimeoutError(f"{what} timed out after {waited:g} s") from exc
         except httpx.TransportError as exc:
             raise APIConnectionError(f"{what} failed: {self._redact(exc)}") from exc
         except httpx.HTTPError as exc:  # a body that cannot be decoded, too many redirects...
             raise ProtocolError(f"{what}: {self._redact(exc)}") from exc
-        _log.debug("%s -> %d", what, response.status_code)
-        if response.is_success:
+        _log.debug("%s -> %d", what, status)
+        if 200 <= status < 300:
             try:
-                data = orjson.loads(response.content)
+                data = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
-                raise ProtocolError(f"{what}: the {response.status_code} body is not JSON") from exc
+                raise ProtocolError(f"{what}: the {status} body is not JSON") from exc
             if not isinstance(data, dict):
                 raise ProtocolError(f"{what}: expected a JSON object, got {type(data).__name__}")
             return data
-        raise _status_error(what, response, key=self.__key)
+        raise _status_error(what, answer, body, key=self.__key)
+
+    async def _send(
+        self, what: str, request: httpx.Request, max_bytes: int
+    ) -> tuple[int, httpx.Response, bytes]:
+        """The response and its body, read no further than ``max_bytes``: a bigger answer is a
+        protocol error, reported, never read into memory to its end."""
+        assert self._http is not None
+        response = await self._http.send(request, stream=True)
+        try:
+            body = bytearray()
+            async for piece in response.aiter_bytes():
+                body += piece
+                if len(body) > max_bytes:
+                    raise ProtocolError(
+                        f"{what}: the answer is over {max_bytes / 2**20:g} MiB; far more than "
+                        "the API sends, so it was not read to its end",
+                        retryable=False,
+                    )
+        finally:
+            await response.aclose()
+        return response.status_code, response, bytes(body)
+
+    async def _watched(
+        self, what: str, request: httpx.Request, max_bytes: int
+    ) -> tuple[int, httpx.Response, bytes]:
+        """``_send``, saying once if the answer takes longer than ``timeout``: the request is
+        then still being processed on the server, and is waited for rather than sent again."""
+        done = anyio.Event()
+
+        async def tell() -> None:
+            with anyio.move_on_after(self.timeout):
+                await done.wait()
+                return
+            _log.warning(
+                "%s: no answer after the client's timeout (%g s); the server is still "
+                "processing it, and it is waited for rather than sent again (a second POST "
+                "could be run twice)",
+                what,
+                self.timeout,
+            )
+
+        try:
+            async with anyio.create_task_group() as watching:
+                watching.start_soon(tell)
+                try:
+                    answered = await self._send(what, request, max_bytes)
+                finally:
+                    done.set()
+        except BaseExceptionGroup as group:  # the task group wraps what the request raised
+            raise group.exceptions[0] from group.exceptions[0].__cause__
+        return answered
 
 
 def redact(text: str, *, key: str | None = None, limit: int = MAX_SERVER_TEXT) -> str:
@@ -335,12 +411,14 @@ def redact_value(value: Any, *, key: str | None = None, _depth: int = 0) -> Any:
     }
 
 
-def _status_error(what: str, response: httpx.Response, *, key: str | None = None) -> APIStatusError:
+def _status_error(
+    what: str, response: httpx.Response, content: bytes, *, key: str | None = None
+) -> APIStatusError:
     """The exception for an error status. What the server said (code, message, errors[], request
     id) is redacted here, once, before it goes anywhere."""
     status = response.status_code
-    body = _json_or_none(response.content)
-    code, message, errors = _parse_error_body(body, response.content)
+    body = _json_or_none(content)
+    code, message, errors = _parse_error_body(body, content)
     code = None if code is None else redact(code, key=key)
     message = None if message is None else redact(message, key=key)
     errors = None if errors is None else redact_value(errors, key=key)
@@ -363,6 +441,8 @@ def _status_error(what: str, response: httpx.Response, *, key: str | None = None
         cls = PermissionDeniedError
     elif status == 429:
         cls = RateLimitError
+    elif status == 409 and _in_progress(code, message):
+        cls = RequestInProgressError
     elif status >= 500:
         cls = ServerError
     else:
@@ -379,6 +459,18 @@ def _status_error(what: str, response: httpx.Response, *, key: str | None = None
         retry_after_precise=bool(header)
         and re.fullmatch(r"\s*\d*\.\d*[1-9]\d*\s*", header) is not None,
     )
+
+
+def _in_progress(code: str | None, message: str | None) -> bool:
+    """Whether a 409 says the key's first request is still being processed (Stripe's
+    ``idempotency_key_in_use``, "request in progress"...), not that the key was used with
+    another body. A 409 that says neither is left a refusal, and counted as a request that may
+    have been created (``_retry.not_created``): a resume re-sends it, never new rows."""
+    said = f"{code or ''} {message or ''}".lower().replace("_", " ")
+    return any(words in said for words in _IN_PROGRESS)
+
+
+_IN_PROGRESS: Final = ("in use", "in progress", "being processed", "still processing")
 
 
 def _json_or_none(content: bytes) -> Any:

@@ -18,6 +18,8 @@ Every error the library raises on purpose derives from ``RunflowError``::
             ├── PermissionDeniedError      403
             ├── InsufficientCreditError    402: out of credit
             ├── RateLimitError             429
+            ├── RequestInProgressError     409 "in progress": the key's first try is still
+            │                              being processed (waited out, then replayed)
             ├── RequestRejectedError       400, 404, 409, 422, other 4xx: a wrong request
             └── ServerError                5xx
 
@@ -146,6 +148,13 @@ class InsufficientCreditError(APIStatusError):
 
 class RateLimitError(APIStatusError):
     """429: too many requests."""
+
+
+class RequestInProgressError(APIStatusError):
+    """409 saying the request's Idempotency-Key belongs to a request still being processed:
+    this request's own first try, which the client gave up waiting for (a timeout, a dropped
+    connection). Not a refusal: the same key and bytes are sent again after ``Retry-After``
+    (or a backoff) until the server replays the first try's answer."""
 
 
 class RequestRejectedError(APIStatusError):

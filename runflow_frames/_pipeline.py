@@ -38,6 +38,7 @@ from ._errors import (
     PermissionDeniedError,
     ProtocolError,
     RateLimitError,
+    RequestInProgressError,
     RequestRejectedError,
 )
 from ._handles import Handles, verify_handles
@@ -320,9 +321,19 @@ class _Sender:
             maybe_created = chunk.resent or any(not not_created(e) for e in tries)
             return ChunkFailure(chunk, error, maybe_created)
 
-    @staticmethod
-    def _retried(chunk: Chunk, tries: list[APIError], error: APIError, wait: float) -> None:
+    def _retried(self, chunk: Chunk, tries: list[APIError], error: APIError, wait: float) -> None:
         tries.append(error)
+        if isinstance(error, RequestInProgressError):
+            _log.warning(
+                "chunk %d (%d rows): the server is still processing its first POST (the "
+                "client's timeout is %g s); asking again in %.2f s with the same "
+                "Idempotency-Key, until it answers with that batch",
+                chunk.number,
+                len(chunk.refs),
+                self.client.timeout,
+                wait,
+            )
+            return
         _log.info(
             "chunk %d (%d rows), try %d: %s; trying again in %.2f s with the same Idempotency-Key",
             chunk.number,

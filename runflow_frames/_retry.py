@@ -1,8 +1,9 @@
 """Retry decisions (pure) and the retry loop (on an injected clock, sleep and random generator).
 
-What is retried: connection errors and timeouts, 429, 5xx, and a 2xx whose body cannot be read.
-What never is: 400, 401, 402, 403, 404, 409, 422 and any other 4xx, and a response whose handles
-do not match the rows sent. A create POST is safe to retry only because every try sends the same
+What is retried: connection errors and timeouts, 429, a 409 saying the key's first request is
+still in progress (``RequestInProgressError``), 5xx, and a 2xx whose body cannot be read. What
+never is: 400, 401, 402, 403, 404, any other 409, 422 and any other 4xx, and a response whose
+handles do not match the rows sent. A create POST is safe to retry only because every try sends the same
 bytes with the same ``Idempotency-Key``: if the first try was processed and its answer lost, the
 server replays that batch instead of creating another.
 
@@ -11,8 +12,8 @@ The wait before a retry is the server's ``Retry-After`` (seconds or an HTTP date
 exponential backoff with full jitter: uniform in ``[0, min(wait_max, wait_initial * 2**n)]``,
 except after a 429: without ``Retry-After`` it is retried as soon as the throttle's pace allows
 (the throttle learns the pace from the 429s; see ``_admission``). A request gives up after
-``attempts`` tries that failed for another reason than a 429, or once ``timeout`` seconds have
-passed.
+``attempts`` tries that failed for another reason than a 429 or an in-progress 409 (the server
+took nothing new: they only say "later"), or once ``timeout`` seconds have passed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ._errors import (
     InputError,
     ProtocolError,
     RateLimitError,
+    RequestInProgressError,
     ServerError,
 )
 
@@ -89,7 +91,9 @@ class RetryPolicy:
 
 def retryable(error: APIError) -> bool:
     """Whether trying the same request again may succeed."""
-    if isinstance(error, APIConnectionError | RateLimitError | ServerError):
+    if isinstance(
+        error, APIConnectionError | RateLimitError | RequestInProgressError | ServerError
+    ):
         return True
     return isinstance(error, ProtocolError) and error.retryable
 
@@ -186,7 +190,7 @@ async def retrying(
         try:
             result = await call()
         except APIError as error:
-            limited = isinstance(error, RateLimitError)
+            limited = isinstance(error, RateLimitError | RequestInProgressError)
             wait: float | None = None
             if retryable(error) and (limited or retry + 1 < policy.attempts):
                 wait = _wait(policy, error, retry, gate.strikes, rng)

@@ -820,6 +820,8 @@ def demo(rows: int) -> None:
         "1 = strict spacing; default one second's worth), window_limit=100,window=60 "
         "(window_kind=fixed|sliding), concurrency_limit=8; limit_retry_after="
         "none|exact|ceil|date is the Retry-After form of their 429s. "
+        "in_flight=done|conflict|wait|process: what a create meets while another with its "
+        "Idempotency-Key is processed; hangup=0.1 drops connections mid-processing. "
         "seed=N replays the random faults."
     ),
 )

@@ -32,6 +32,7 @@ def test_public_names() -> None:
             "PermissionDeniedError",
             "ProtocolError",
             "RateLimitError",
+            "RequestInProgressError",
             "RequestRejectedError",
             "RetryPolicy",
             "RunflowAccessor",

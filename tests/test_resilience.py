@@ -345,7 +345,12 @@ def test_a_processed_request_whose_answer_is_lost_never_makes_a_second_batch(
     assert sum(seen.faults.values()) > 0
     assert seen.batches_created == 30
     assert seen.runs_by_client_ref == dict.fromkeys(df.index, 1)
-    assert seen.idempotent_replays >= 1
+    if faults.slow:
+        # An answer slower than the timeout is waited for, not asked for again.
+        assert seen.idempotent_replays == 0
+        assert set(seen.requests_by_idempotency_key.values()) == {1}
+    else:
+        assert seen.idempotent_replays >= 1
     received = {r["client_ref"]: r["run_id"] for r in emulator.received()}
     assert out["runflow_run_id"].to_dict() == received
 

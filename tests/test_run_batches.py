@@ -450,7 +450,9 @@ def test_a_timeout_after_the_server_processed_is_reported_as_uncertain(
             base_url=base_url,
             api_key=API_KEY,
             timeout=0.2,
-            retry=RetryPolicy(attempts=1),
+            # A create is waited for up to half the policy's time (0.3 s) past its 0.2-s
+            # timeout, and gives up still short of the server's 0.5 s.
+            retry=RetryPolicy(attempts=1, timeout=0.6),
         )
     err = info.value
     assert isinstance(err.__cause__, APIConnectionError)

@@ -47,6 +47,24 @@ async def _sleep_until(deadline: float) -> None:
         await anyio.sleep(wait)
 
 
+async def _processed_at_the_end(
+    emulator: Emulator, token: str, model: str, body: bytes, key: str, mode: str, answer_at: float
+) -> Answer:
+    """A create processed when its service time ends, as ``Faults.in_flight`` says a same-key
+    request meets it meanwhile. The processing goes on if the client hangs up."""
+    verdict = emulator.arrive(token, model, body, key, mode, answer_at - anyio.current_time())
+    if isinstance(verdict, Answer):
+        return verdict
+    if verdict == "wait":
+        # Polled: the first may be processed in another thread's event loop (a hang-up's).
+        while emulator.in_flight(token, key):  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+        return emulator.after_wait(token, model, body, key)
+    with anyio.CancelScope(shield=True):  # the processing outlives a client that hangs up
+        await _sleep_until(answer_at)
+    return emulator.finish(token, model, body, key)
+
+
 def _model_path(request: Request) -> list[str] | None:
     """The model path's segments in a create request's URL, or None when it names no model."""
     # Segments come from the raw path so that a %2F inside a segment stays in its segment.
@@ -83,9 +101,13 @@ class _Handlers:
                 # The client went away mid-body (killed, say): nothing was created; 499 is
                 # what the access log shows, the client never sees it.
                 return error_answer(499, "CLIENT_CLOSED_REQUEST", "client disconnected")
-            answer = emulator.create_batch(
-                token, "/".join(model), body, request.headers.get("idempotency-key")
-            )
+            key = request.headers.get("idempotency-key")
+            mode = emulator.faults.in_flight if emulator.faults is not None else "done"
+            if key is not None and mode != "done":
+                return await _processed_at_the_end(
+                    emulator, token, "/".join(model), body, key, mode, answer_at
+                )
+            answer = emulator.create_batch(token, "/".join(model), body, key)
             await _sleep_until(answer_at)
             return answer
         finally:

@@ -95,6 +95,18 @@ class Faults:
         ``"fixed"``: counts reset on window boundaries (multiples of ``window`` from the
         limiter's first request), so a burst may straddle one; ``"sliding"``: at most
         ``window_limit`` in any ``window`` seconds.
+    hangup : float
+        The connection drops while the request is being processed, and the processing goes
+        on, as a server's does when its client hangs up (with ``in_flight`` other than
+        ``"done"``, a retry may then meet it still in progress).
+    in_flight : str
+        What a create with the Idempotency-Key of one still being processed meets:
+        ``"done"`` (the default) processes every create on arrival and holds only its answer
+        back for the service time, so a same-key retry finds the first done and gets its
+        replay; the others process a create at the end of its service time and answer a
+        same-key request meanwhile with ``"conflict"`` (409 ``IDEMPOTENCY_KEY_IN_USE``, with
+        ``Retry-After``: the seconds left, rounded up), ``"wait"`` (held until the first
+        answers, then its replay) or ``"process"`` (processed again: a second batch).
     limit_retry_after : str
         The ``Retry-After`` of the limits' 429s, from the true wait: ``"none"`` (no header of
         their own; ``retry_after``, when set, still applies), ``"exact"`` (seconds, to the
@@ -131,10 +143,15 @@ class Faults:
     window: float = 1.0
     window_kind: str = "fixed"
     limit_retry_after: str = "none"
+    hangup: float = 0.0
+    in_flight: str = "done"
 
     def __post_init__(self) -> None:
         rates = [self.rate_limited, self.server_error, self.reset_before, self.reset_after]
-        rates += [self.slow, self.malformed, self.rejected]
+        rates += [self.slow, self.malformed, self.rejected, self.hangup]
+        if self.in_flight not in IN_FLIGHT_MODES:
+            known = ", ".join(repr(m) for m in IN_FLIGHT_MODES)
+            raise ValueError(f"in_flight must be one of {known}, not {self.in_flight!r}")
         if any(not 0 <= r <= 1 for r in rates) or sum(rates) > 1:
             raise ValueError("fault rates must be within 0..1 and add up to at most 1")
         if self.routes not in ("all", "create"):
@@ -181,7 +198,8 @@ class Faults:
 
 
 _WINDOW_KINDS: Final = ("fixed", "sliding")
-_WORDS: Final = ("routes", "window_kind", "limit_retry_after")
+_WORDS: Final = ("routes", "window_kind", "limit_retry_after", "in_flight")
+IN_FLIGHT_MODES: Final = ("done", "conflict", "wait", "process")
 _INTEGERS: Final = ("seed", "concurrency_limit", "window_limit")
 
 
@@ -252,6 +270,7 @@ class FaultMiddleware:
             ("slow", f.slow),
             ("malformed", f.malformed),
             ("rejected", f.rejected),
+            ("hangup", f.hangup),
         ):
             if x < rate:
                 return name
@@ -317,6 +336,8 @@ class FaultMiddleware:
             await _answer(send, 422, "VALIDATION_ERROR", "injected rejection")
         elif fault == "reset_before":
             await _drop(send)
+        elif fault == "hangup":
+            await _hang_up(self.app, scope, receive, send)
         else:
             # Process for real, hold the answer back, then spoil it.
             status, headers, body = await _capture(self.app, scope, receive)
@@ -358,6 +379,29 @@ async def _answer(
         headers.append((b"retry-after", retry_after.encode()))
     body = orjson.dumps({"code": code, "message": message, "errors": None})
     await _send(send, status, headers, body)
+
+
+async def _hang_up(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Drop the connection while ``app`` goes on processing the request, in a thread of its
+    own (what this request's task does ends with the connection)."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+
+    async def replayed() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def unheard(_message: Message) -> None:
+        return None
+
+    async def process() -> None:
+        await app(scope, replayed, unheard)
+
+    threading.Thread(target=anyio.run, args=(process,), daemon=True).start()
+    await _drop(send)
 
 
 async def _drop(send: Send) -> None:

@@ -277,7 +277,9 @@ _REASONS: Final = {
     401: "No bearer token, or one the emulator was not told to accept.",
     402: "Not enough credit for the batch's runs (INSUFFICIENT_CREDIT).",
     404: "No such model, batch, item or run (or another key's).",
-    409: "The Idempotency-Key was used before with another body (CONFLICT).",
+    409: "The Idempotency-Key was used before with another body (CONFLICT), or (with "
+    "Faults.in_flight='conflict') belongs to a request still being processed "
+    "(IDEMPOTENCY_KEY_IN_USE, with Retry-After).",
     422: "The request is invalid (VALIDATION_ERROR, with errors[]).",
     429: "A configured rate or concurrency limit refused the request (RATE_LIMITED).",
 }

@@ -22,7 +22,6 @@ Choices where the contract is silent (Part B of the contract), made once here:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import threading
@@ -35,6 +34,7 @@ import orjson
 from ._accounting import Accounting, Ledger
 from ._deliveries import Deliveries, Due
 from ._faults import Faults
+from ._idempotency import IdempotencyKeys
 from ._models import ModelSpec, builtin_models
 from ._records import Answer, Batch, Run, Timing, error_answer
 from ._requests import MAX_PAGE, page_body, read_page, validate_create
@@ -105,8 +105,8 @@ class Emulator:
             self.register(spec)
         self._batches: dict[str, Batch] = {}
         self._runs: dict[str, Run] = {}
-        self._idempotency: dict[tuple[str, str], tuple[bytes, Answer]] = {}
         self._ledger = Ledger()
+        self._keys = IdempotencyKeys(self._ledger)
         self._deliveries = Deliveries()
 
     def __repr__(self) -> str:
@@ -172,28 +172,30 @@ class Emulator:
     def create_batch(
         self, token: str, model_path: str, body: bytes, idempotency_key: str | None
     ) -> Answer:
-        """``POST /v1/models/{model_path}/batches``."""
+        """``POST /v1/models/{model_path}/batches``, processed now."""
         with self._lock:
             if idempotency_key is None:
                 return self._create(token, model_path, body)
-            self._ledger.requests_by_key[idempotency_key] += 1
-            fingerprint = hashlib.sha256(model_path.encode() + b"\0" + body).digest()
-            seen = self._idempotency.get((token, idempotency_key))
-            if seen is not None:
-                return self._replay(seen, fingerprint)
-            answer = self._create(token, model_path, body)
-            if answer.status == 201:
-                self._idempotency[(token, idempotency_key)] = (fingerprint, answer)
-            return answer
+            return self._keys.create(token, idempotency_key, model_path, body, self._create)
 
-    def _replay(self, seen: tuple[bytes, Answer], fingerprint: bytes) -> Answer:
-        """The first answer to an Idempotency-Key again, or 409 for a different body."""
-        if seen[0] != fingerprint:
-            return error_answer(
-                409, "CONFLICT", "Idempotency-Key was already used with a different request body"
-            )
-        self._ledger.replays += 1
-        return seen[1]
+    def arrive(
+        self, token: str, model_path: str, body: bytes, key: str, mode: str, left: float
+    ) -> Answer | str:
+        """See :meth:`IdempotencyKeys.arrive` (a create processed when its service ends)."""
+        with self._lock:
+            return self._keys.arrive(token, key, model_path, body, mode, left)
+
+    def finish(self, token: str, model_path: str, body: bytes, key: str) -> Answer:
+        with self._lock:
+            return self._keys.finish(token, key, model_path, body, self._create)
+
+    def in_flight(self, token: str, key: str) -> bool:
+        with self._lock:
+            return self._keys.busy(token, key)
+
+    def after_wait(self, token: str, model_path: str, body: bytes, key: str) -> Answer:
+        with self._lock:
+            return self._keys.create(token, key, model_path, body, self._create, counted=True)
 
     def _create(self, token: str, model_path: str, body: bytes) -> Answer:
         request = _create_request(self._models.get(model_path), model_path, body)
