@@ -346,6 +346,7 @@ class AsyncRunflowClient:
         """``_send``, saying once if the answer takes longer than ``timeout``: the request is
         then still being processed on the server, and is waited for rather than sent again."""
         done = anyio.Event()
+        started = anyio.current_time()
 
         async def tell() -> None:
             with anyio.move_on_after(self.timeout):
@@ -368,6 +369,15 @@ class AsyncRunflowClient:
                     done.set()
         except BaseExceptionGroup as group:  # the task group wraps what the request raised
             raise group.exceptions[0] from group.exceptions[0].__cause__
+        took = anyio.current_time() - started
+        if took > self.timeout:
+            _log.warning(
+                "%s: answered after %.2f s on the server, past the client's timeout (%g s), "
+                "and sent once",
+                what,
+                took,
+                self.timeout,
+            )
         return answered
 
 

@@ -68,6 +68,9 @@ def test_a_create_slower_than_the_timeout_is_waited_for_not_sent_twice(
     said = [r.getMessage() for r in caplog.records if "still processing" in r.getMessage()]
     assert len(said) == 5  # one line per create, naming the client's timeout
     assert "timeout (0.2 s)" in said[0]
+    took = [r.getMessage() for r in caplog.records if "answered after" in r.getMessage()]
+    assert len(took) == 5  # and then how long the server took
+    assert all(0.55 < float(t.split("answered after ")[1].split(" s")[0]) < 2 for t in took)
 
 
 @pytest.mark.slow
