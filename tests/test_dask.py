@@ -108,33 +108,47 @@ def test_a_429_slows_every_worker_and_the_rate_settles_under_the_limit(
     assert seen.faults.get("limited", 0) <= 120
 
 
+@pytest.mark.parametrize("kept", ["in a directory", "in a bucket"])
 def test_a_worker_killed_mid_job_costs_no_duplicate_run(
-    client: distributed.Client, tmp_path: Path
+    client: distributed.Client, tmp_path: Path, kept: str, request: pytest.FixtureRequest
 ) -> None:
+    """In a bucket: workers that share nothing but it. The partition a killed worker held is
+    re-run elsewhere, waits out the dead run's lease and resumes from its objects."""
     # 48 creates, 4 at a time, 0.2 s each: the job runs for about 2.4 s, and the kill lands
     # right after the 8th create, with seconds of work left whatever the machine's load.
     emulator = Emulator(timing=Timing(create_latency=0.2))
     ddf = frame(4800, partitions=12)
+    checkpoint: str | Path = tmp_path
+    storage = None
+    if kept == "in a bucket":
+        checkpoint = f"{request.getfixturevalue('bucket')}/ck"
+        # The workers started before the S3 server: they are told where it is explicitly.
+        endpoint = request.getfixturevalue("s3_server")
+        storage = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
     pids = client.run(os.getpid)  # asked before the job starts: nothing between event and kill
     with serve(emulator) as url:
         out = rfd.run_batches(
             ddf,
             "acme",
             "echo",
-            checkpoint=tmp_path,
+            checkpoint=checkpoint,
             max_concurrency=4,
             api_key=API_KEY,
             base_url=url,
+            storage_options=storage,
         )
         future = client.compute(out)
         wait_until(lambda: emulator.accounting().batches_created >= 8, "the job's 8th create")
         os.kill(pids[sorted(pids)[0]], signal.SIGKILL)
         created_before_the_kill = emulator.accounting().batches_created
-        result = future.result(timeout=120)
+        result = future.result(timeout=180)
     assert created_before_the_kill < 48  # the worker died mid-job
     assert result["runflow_run_id"].notna().all()
     assert_one_run_per_row_matching(result, emulator)
     assert emulator.accounting().batches_created == 48
+    if isinstance(checkpoint, str):
+        partitions = {name.split("/")[0] for name in objects(checkpoint)}
+        assert partitions == {f"partition-{n:06d}" for n in range(12)}
 
 
 def test_collect_works_on_the_dask_result(client: distributed.Client, tmp_path: Path) -> None:
@@ -161,37 +175,3 @@ def test_collect_works_on_the_dask_result(client: distributed.Client, tmp_path: 
 def test_a_dask_job_without_a_checkpoint_is_refused(client: distributed.Client) -> None:
     with pytest.raises(InputError, match="checkpoint"):
         rfd.run_batches(frame(10, 2), "acme", "echo", checkpoint=None, api_key=API_KEY)  # type: ignore[arg-type]
-
-
-def test_a_worker_killed_mid_job_with_the_checkpoint_in_a_bucket_costs_no_duplicate(
-    client: distributed.Client, bucket: str, s3_server: str
-) -> None:
-    """Workers that share nothing but the bucket: the partition a killed worker held is re-run
-    elsewhere, waits out the dead run's lease and resumes from its objects."""
-    emulator = Emulator(timing=Timing(create_latency=0.2))
-    ddf = frame(4800, partitions=12)
-    # The workers started before this test's S3 server: they are told where it is explicitly.
-    storage = {"endpoint_url": s3_server, "key": "testing", "secret": "testing"}
-    pids = client.run(os.getpid)
-    with serve(emulator) as url:
-        out = rfd.run_batches(
-            ddf,
-            "acme",
-            "echo",
-            checkpoint=f"{bucket}/ck",
-            max_concurrency=4,
-            api_key=API_KEY,
-            base_url=url,
-            storage_options=storage,
-        )
-        future = client.compute(out)
-        wait_until(lambda: emulator.accounting().batches_created >= 8, "the job's 8th create")
-        os.kill(pids[sorted(pids)[0]], signal.SIGKILL)
-        created_before_the_kill = emulator.accounting().batches_created
-        result = future.result(timeout=180)
-    assert created_before_the_kill < 48  # the worker died mid-job
-    assert result["runflow_run_id"].notna().all()
-    assert_one_run_per_row_matching(result, emulator)
-    assert emulator.accounting().batches_created == 48
-    partitions = {name.split("/")[0] for name in objects(f"{bucket}/ck")}
-    assert partitions == {f"partition-{n:06d}" for n in range(12)}

@@ -108,6 +108,13 @@ def mock(*answers: httpx.Response) -> tuple[httpx.MockTransport, list[httpx.Requ
     return httpx.MockTransport(handler), got
 
 
+def submit(transport: httpx.MockTransport, retry: RetryPolicy = FAST) -> pd.DataFrame:
+    return run_batches(
+        frame(3), "acme/echo", api_key=API_KEY, base_url="https://api.example",
+        transport=transport, retry=retry,
+    )  # fmt: skip
+
+
 def created(rows: int) -> httpx.Response:
     items = [
         {"id": f"i{n}", "sequence_index": n, "run_id": f"run{n}", "status": "queued",
@@ -125,10 +132,7 @@ def test_an_in_progress_409_is_waited_out_and_retried_with_the_same_key_and_byte
     )
     transport, got = mock(in_use, in_use, in_use, created(3))
     # One attempt allowed: "in progress" is no failed try, only "later".
-    out = run_batches(
-        frame(3), "acme/echo", api_key=API_KEY, base_url="https://api.example",
-        transport=transport, retry=RetryPolicy(attempts=1, timeout=10),
-    )  # fmt: skip
+    out = submit(transport, RetryPolicy(attempts=1, timeout=10))
     assert out["runflow_run_id"].tolist() == ["run0", "run1", "run2"]
     assert len(got) == 4
     assert len({r.headers["Idempotency-Key"] for r in got}) == 1
@@ -146,10 +150,7 @@ def test_an_in_progress_409_is_waited_out_and_retried_with_the_same_key_and_byte
 def test_any_other_409_is_a_refusal_that_may_have_created_the_batch(answer: httpx.Response) -> None:
     transport, got = mock(answer)
     with pytest.raises(SubmissionError) as info:
-        run_batches(
-            frame(3), "acme/echo", api_key=API_KEY, base_url="https://api.example",
-            transport=transport, retry=FAST,
-        )  # fmt: skip
+        submit(transport)
     assert len(got) == 1  # not retried
     cause = info.value.__cause__
     assert isinstance(cause, RequestRejectedError)
@@ -161,10 +162,7 @@ def test_an_oversized_answer_is_a_protocol_error_not_read_to_its_end() -> None:
     huge = httpx.Response(201, content=b'{"items": [' + b" " * (5 * 2**20) + b"]}")
     transport, got = mock(huge)
     with pytest.raises(SubmissionError) as info:
-        run_batches(
-            frame(3), "acme/echo", api_key=API_KEY, base_url="https://api.example",
-            transport=transport, retry=FAST,
-        )  # fmt: skip
+        submit(transport)
     assert isinstance(info.value.__cause__, ProtocolError)
     assert "over 4 MiB" in str(info.value.__cause__)
     assert len(got) == 1

@@ -194,28 +194,26 @@ def test_a_file_job_reads_a_bucket_and_writes_to_one(bucket: str, tmp_path: Path
         df.to_parquet(f, index=False)
     emulator = Emulator(timing=FAST)
     with serve(emulator) as url:
-        options = {"api_key": API_KEY, "base_url": url, "progress": False, "key": "id"}
-        counts = run_batches_file(
-            f"{bucket}/in/prompts.parquet",
-            "acme/echo",
-            output=f"{bucket}/out/result.parquet",
-            checkpoint=tmp_path / "ck",
-            block_rows=1000,
-            **options,
-        )
-        assert counts == {"rows": 2500, "blocks": 3, "blocks_skipped": 0, "failed_rows": 0}
-        # The source changed in the bucket: the same job is refused before any request.
-        with fs.open(f"{bucket}/in/prompts.parquet", "wb") as f:
-            df.head(10).to_parquet(f, index=False)
-        with pytest.raises(CheckpointError, match="changed: source"):
-            run_batches_file(
+
+        def job() -> dict[str, int]:
+            return run_batches_file(
                 f"{bucket}/in/prompts.parquet",
                 "acme/echo",
                 output=f"{bucket}/out/result.parquet",
                 checkpoint=tmp_path / "ck",
                 block_rows=1000,
-                **options,
+                api_key=API_KEY,
+                base_url=url,
+                progress=False,
+                key="id",
             )
+
+        assert job() == {"rows": 2500, "blocks": 3, "blocks_skipped": 0, "failed_rows": 0}
+        # The source changed in the bucket: the same job is refused before any request.
+        with fs.open(f"{bucket}/in/prompts.parquet", "wb") as f:
+            df.head(10).to_parquet(f, index=False)
+        with pytest.raises(CheckpointError, match="changed: source"):
+            job()
     with fs.open(f"{bucket}/out/result.parquet", "rb") as f:
         written = pq.read_table(f).to_pandas()
     received = {r["client_ref"]: r["run_id"] for r in emulator.received()}
