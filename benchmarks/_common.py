@@ -41,9 +41,7 @@ def append_results(title: str, command: str, lines: Sequence[str]) -> None:
     block += [f"- {line}" for line in lines]
     text = "\n".join(block) + "\n\n"
     if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Benchmark results\n\nAppended by the scripts in this folder; newest last.\n\n"
-        )
+        RESULTS.write_text("# Benchmark results\n\n## Log of runs (newest last)\n\n")
     with RESULTS.open("a") as f:
         f.write(text)
     print(text)
