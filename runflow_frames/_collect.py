@@ -1,5 +1,5 @@
 """collect / acollect and the job summary: the public collect functions, thin, over
-``_polling.py`` (polling and paging) and a checkpoint's ``ResultsStore``."""
+``_polling.py`` (polling and paging) and a checkpoint's ``Results`` (``_stores.py``)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ before anything is sent. A frame or block job's directory::
     journal-000007.log      append-only records of one run: intents, then done records
     segment-000003.parquet  done rows: written every SEGMENT_ROWS during a run, the rest at
                             close, and those of older journals at start
-    results-000001.parquet  outcomes collected from finished batches (``ResultsStore``)
+    results-000001.parquet  outcomes collected from finished batches (``_stores.Results``)
     pace.json               the pace and concurrency cap learned from the server's 429s, so
                             that a resumed job starts from them (``_admission.Pace``)
 
@@ -90,7 +90,6 @@ SYNC_INTERVAL: Final = 1.0
 _FRAME: Final = struct.Struct("<IQ")
 _JOURNAL_RE: Final = re.compile(r"journal-(\d{6})\.log")
 _SEGMENT_RE: Final = re.compile(r"segment-(\d{6})\.parquet")
-_RESULTS_RE: Final = re.compile(r"results-(\d{6})\.parquet")
 # Collected outcomes of finished batches, as text (outputs as JSON, cost as a decimal string):
 # written once per collect, read back so that a finished batch is never fetched again.
 RESULTS_SCHEMA: Final = pa.schema(

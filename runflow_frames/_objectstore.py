@@ -11,7 +11,7 @@ objects' numbers give the order::
                                 are one object, confirmed before any of the group's POSTs,
                                 with the answers that came since the previous one
     segment-00000043.parquet    answered rows, folded when a run starts and when it ends
-    pace.json, results-00000001.parquet   as in a directory
+    pace.json, results-000001.parquet     as in a directory (``_stores.Results``)
 
 One writer at a time. The lease keeps a second run out; the numbers make it safe when a lease
 is lost (a run paused past its expiry and then back): every log and segment object is created
@@ -69,7 +69,6 @@ SYNC_INTERVAL: Final = 5.0
 _logger = logging.getLogger("runflow_frames")
 _LOG_RE: Final = re.compile(r"log/(\d{8})\.json")
 _SEGMENT_RE: Final = re.compile(r"segment-(\d{8})\.parquet")
-_RESULTS_RE: Final = re.compile(r"results-(\d{8})\.parquet")
 
 
 def is_url(location: object) -> TypeGuard[str]:
