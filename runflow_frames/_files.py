@@ -53,8 +53,8 @@ from ._stores import (
     lock,
     open_checkpoint,
     opened,
-    read_checkpoint,
     read_pace,
+    recorded_at,
     store_for,
 )
 from ._sync import sync_twin
@@ -379,7 +379,8 @@ def _take_over(root: Store) -> bool:
     by the server (a mistyped model) binds nothing: the fixed job takes its directory over."""
     guard = lock(root)
     try:
-        progress = read_checkpoint(root.location()).attrs["progress"]
+        # Through ``root`` itself: its location alone would lose the storage_options.
+        progress = recorded_at(root).attrs["progress"]
         if progress["kind"] != "file" or progress["rows_submitted"] or progress["rows_pending"]:
             return False
         clear(root)

@@ -275,7 +275,11 @@ def read_checkpoint(
     >>> done.attrs["progress"]["rows_submitted"]  # doctest: +SKIP
     1000
     """
-    root = store_for(path, storage_options)
+    return recorded_at(store_for(path, storage_options))
+
+
+def recorded_at(root: Store) -> pd.DataFrame:
+    """:func:`read_checkpoint` of the checkpoint ``root`` is."""
     manifest = read_manifest(root)
     if manifest is None:
         raise CheckpointError(f"{root.url} is not a checkpoint (no {MANIFEST})")
