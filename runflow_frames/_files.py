@@ -395,10 +395,11 @@ def _finished_blocks(root: Store) -> dict[str, int]:
     failed is resumed, never skipped). Read once, under the job's lock: nothing else changes
     them meanwhile."""
     finished = {}
-    names = set(root.names())
-    for block in block_stores(root):
+    names = root.names()
+    listed = set(names)
+    for block in block_stores(root, names):
         part = f"{block.url.rsplit('/', 1)[-1]}.parquet"
-        if part not in names:
+        if part not in listed:
             continue
         with opened(root, part) as handle:
             metadata = pq.read_metadata(handle)

@@ -180,9 +180,11 @@ def read_pace(store: Store) -> Pace | None:
     return parse_pace(store.read(PACE))
 
 
-def block_stores(root: Store) -> list[Store]:
-    """The block jobs of a file job's checkpoint, in order."""
-    blocks = sorted({m.group(1) for n in root.names() if (m := _BLOCK_RE.fullmatch(n))})
+def block_stores(root: Store, names: Sequence[str] | None = None) -> list[Store]:
+    """The block jobs of a file job's checkpoint, in order (from ``names``, its listing, when
+    the caller has it: one listing is a walk of the whole tree, or a LIST request)."""
+    listed = root.names() if names is None else names
+    blocks = sorted({m.group(1) for n in listed if (m := _BLOCK_RE.fullmatch(n))})
     return [root.child(name) for name in blocks]
 
 

@@ -641,7 +641,8 @@ def _collect_into(
 
     root = store_for(checkpoint)
     parts = _guarded(debug, lambda: job_parts(root))
-    joined = [_joined(root, part) for part in parts]
+    listed = set(root.names())  # once: a walk of the whole tree, or a LIST request
+    joined = [_joined(root, part, listed) for part in parts]
     total = sum(_rows(root, j) for j in joined if j is not None)
     reporter = Reporter(progress, total=total, desc="collected")
     summary: list[pd.DataFrame] = []  # what the summary needs of each block, not its outputs
@@ -695,13 +696,14 @@ def _report_outcomes(collected: Any) -> None:
 _SUMMARY_COLUMNS = ("runflow_status", "runflow_cost", "runflow_failure_code")
 
 
-def _joined(root: Store, part: Store) -> str | None:
+def _joined(root: Store, part: Store, listed: set[str]) -> str | None:
     """A file job's block's joined result (the input columns and the handles, the layout
-    `submit -o` writes): what its outcomes are joined onto. None: collect the checkpoint."""
+    `submit -o` writes), when ``listed`` has it: what its outcomes are joined onto. None:
+    collect the checkpoint."""
     if part is root:
         return None
     joined = f"{part.url.rsplit('/', 1)[-1]}.parquet"
-    return joined if joined in root.names() else None
+    return joined if joined in listed else None
 
 
 def _rows(root: Store, name: str) -> int:
