@@ -13,7 +13,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, Self
 from urllib.parse import quote
@@ -99,15 +99,42 @@ class ConnectionPerRequest(httpx.AsyncBaseTransport):
         pool = idle.pop() if idle else self._new_pool(scheme)
         try:
             response = await pool.handle_async_request(request)
-            # Our bodies are small JSON: read it here, so the pool is free once it is idle.
-            await response.aread()
-        finally:
+        except BaseException:
             idle.append(pool)
-        return response
+            raise
+        # The body is read by the caller (no further than its size cap); the pool is free
+        # again once the response is closed, read or not.
+        stream = _ReleasedOnClose(response.stream, lambda: idle.append(pool))
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=stream,
+            extensions=response.extensions,
+        )
 
     async def aclose(self) -> None:
         for pool in self._pools:
             await pool.aclose()
+
+
+class _ReleasedOnClose(httpx.AsyncByteStream):
+    """A response body that calls ``release`` once, when it is closed."""
+
+    def __init__(self, stream: Any, release: Callable[[], None]) -> None:
+        self._stream = stream
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for piece in self._stream:
+            yield piece
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            if self._release is not None:
+                self._release()
+                self._release = None
 
 
 def model_path(owner: str, slug: str | None = None) -> str:

@@ -193,3 +193,30 @@ def test_the_emulator_answers_an_in_use_key_with_409_and_retry_after() -> None:
     assert third.status_code == 201  # the first one's replay
     assert emulator.accounting().batches_created == 1
     assert emulator.accounting().idempotent_replays == 1
+
+
+@pytest.mark.slow
+def test_an_oversized_answer_over_http_is_not_read_to_its_end() -> None:
+    """Through the default transport, on a real socket: a server that trickles 100 MiB over
+    2 s is given up on once 4 MiB came, not waited for to its end."""
+    import time
+
+    import anyio
+
+    from .conftest import serve_app
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        assert callable(send)
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        for _ in range(100):
+            await send({"type": "http.response.body", "body": b" " * 2**20, "more_body": True})
+            await anyio.sleep(0.02)
+        await send({"type": "http.response.body", "body": b""})
+
+    with serve_app(app) as url:
+        started = time.monotonic()
+        with pytest.raises(SubmissionError) as info:
+            run_batches(frame(3), "acme/echo", api_key=API_KEY, base_url=url, retry=FAST)
+        took = time.monotonic() - started
+    assert "over 4 MiB" in str(info.value.__cause__)
+    assert took < 1.0  # about 5 chunks' time, not 100's
