@@ -8,6 +8,7 @@ import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
+import anyio.to_thread
 import pandas as pd
 
 from ._client import model_path
@@ -206,7 +207,10 @@ async def submit_frame(
 ) -> pd.DataFrame:
     """One submit job over ``frame``, then, with ``wait``, its outcomes (every face's path)."""
     job = SubmitJob(frame, model, options, connection)
-    result = await job.run(job.journal(checkpoint, kind), progress)
+    # Opening a checkpoint reads it (and on object storage may wait for a lease): off the
+    # event loop, which an async caller's other tasks share.
+    journal = await anyio.to_thread.run_sync(job.journal, checkpoint, kind)
+    result = await job.run(journal, progress)
     if wait:
         result = await collect_frame(result, connection, checkpoint=checkpoint, progress=progress)
     return result

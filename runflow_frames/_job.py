@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
 import anyio
+import anyio.to_thread
 import pandas as pd
 
 from ._config import Connection, JobOptions, fingerprint
@@ -83,7 +84,7 @@ class SubmitJob:
         leaves that frame with the sync bridge (``keep_partial``)."""
         started = time.monotonic()
         try:
-            resume = journal.plan(self.refs, self.items)
+            resume = await anyio.to_thread.run_sync(journal.plan, self.refs, self.items)
         except BaseException:
             journal.close()  # refused before anything was sent
             raise

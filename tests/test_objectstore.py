@@ -3,6 +3,7 @@ exactly-once guarantee as a directory, with the runs per client_ref counted on t
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -103,6 +104,49 @@ def test_an_expired_lease_is_taken_over(bucket: str) -> None:
         )
     assert out["runflow_run_id"].notna().all()
     assert "lease.json" not in objects(ckpt)
+
+
+def test_waiting_for_a_lease_leaves_the_event_loop_free(bucket: str) -> None:
+    """An async caller's other tasks go on while the job waits for a crashed run's lease to
+    expire (the wait is off the event loop)."""
+    import anyio
+
+    from runflow_frames import _objectstore, arun_batches
+
+    ckpt = f"{bucket}/ck"
+    soon = orjson.dumps({"holder": "crashed", "expires_at": time.time() + 1.5})
+    _objectstore.ObjectStore(ckpt).put("lease.json", soon)
+    ticks: list[float] = []
+
+    async def main(url: str) -> pd.DataFrame:
+        async with anyio.create_task_group() as tasks:
+
+            async def tick() -> None:
+                while True:
+                    ticks.append(time.monotonic())
+                    await anyio.sleep(0.05)
+
+            tasks.start_soon(tick)
+            started = time.monotonic()
+            out = await arun_batches(
+                frame(10),
+                "acme/echo",
+                checkpoint=ckpt,
+                api_key=API_KEY,
+                base_url=url,
+                progress=False,
+            )
+            assert time.monotonic() - started >= 1.0  # it did wait for the lease
+            tasks.cancel_scope.cancel()
+        return out
+
+    emulator = Emulator(timing=FAST)
+    with serve(emulator) as url:
+        out = anyio.run(main, url)
+    assert out["runflow_run_id"].notna().all()
+    runs_once(emulator, 10)
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert max(gaps) < 0.5, f"the event loop stood still for {max(gaps):.2f} s"
 
 
 def test_wait_and_collect_keep_outcomes_in_the_bucket(bucket: str) -> None:
