@@ -45,3 +45,13 @@ def append_results(title: str, command: str, lines: Sequence[str]) -> None:
     with RESULTS.open("a") as f:
         f.write(text)
     print(text)
+
+
+# Code for a child process's script: its own peak RSS, in kB. Not ``ru_maxrss``: Linux keeps
+# that across ``execve``, so a child of a parent that held 400 MB when it forked reports at
+# least 400 MB whatever it used itself. VmHWM belongs to the process's own address space.
+PEAK_KB = """
+def peak_kb():
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1])
+"""

@@ -22,11 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import append_results, spread
+from _common import PEAK_KB, append_results, spread
 from bench_files import s3_server, write
 
-LAYER = """
-import json, resource, sys, time
+LAYER = (
+    PEAK_KB
+    + """
+import json, sys, time
 import pyarrow.parquet as pq
 layer, rows, creates = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t0 = time.perf_counter()
@@ -68,8 +70,9 @@ for i in range(creates):
 created = time.perf_counter() - t
 print(json.dumps({"import": imported, "read": read, "write": wrote,
                   "create_ms": created * 1000 / max(1, creates),
-                  "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "rss": peak_kb() / 1024}))
 """
+)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from ._errors import InputError
-from ._objectstore import filesystem, is_url
+from ._objectstore import filesystem, is_url, open_file
 
 Format = Literal["parquet", "csv"]
 FORMATS: Final[dict[str, Format]] = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
@@ -58,7 +58,7 @@ class Input:
     partition_types: dict[str, pa.DataType] = field(default_factory=dict)
 
     def open(self, path: str) -> Any:
-        return path if self.local else self.fs.open(path, "rb")
+        return path if self.local else open_file(self.fs, path, "rb")
 
     def identity(self) -> dict[str, Any]:
         """What the manifest keeps of the source: a file's path, size and version (a local
@@ -199,7 +199,7 @@ class Output:
         """Block ``number``'s result as its own part file (a directory output)."""
         name = f"part-{number:06d}.parquet"
         if self.fs is not None:
-            with self.fs.open(f"{self.path}/{name}", "wb") as f:
+            with open_file(self.fs, f"{self.path}/{name}", "wb") as f:
                 pq.write_table(table, f)
             return
         from ._journal import atomic_write, make_private_dir
@@ -215,7 +215,7 @@ class Output:
         """The whole result into one file, a table at a time."""
         csv = file_format(self.location) == "csv"
         if self.fs is not None:
-            with self.fs.open(self.path, "wb") as f:
+            with open_file(self.fs, self.path, "wb") as f:
                 _write_all(f, schema, tables, csv, OUTPUT_BATCH_ROWS)
             return
         output = Path(self.path)

@@ -418,7 +418,7 @@ def _write_part(
     sink = pa.BufferOutputStream()
     # Row groups of OUTPUT_BATCH_ROWS: they are streamed into the output a group at a time.
     pq.write_table(table, sink, row_group_size=OUTPUT_BATCH_ROWS)
-    root.put(part, sink.getvalue().to_pybytes())
+    root.put(part, memoryview(sink.getvalue()))
 
 
 def _read_part(root: Store, part: str) -> pa.Table:

@@ -49,7 +49,7 @@ class Store(Protocol):
 
     def child(self, name: str) -> Store: ...
     def read(self, name: str) -> bytes | None: ...
-    def put(self, name: str, data: bytes) -> None: ...
+    def put(self, name: str, data: bytes | memoryview) -> None: ...
     def names(self) -> list[str]: ...
     def delete(self, names: Sequence[str]) -> None: ...
     def open(self, name: str) -> Any: ...
@@ -79,7 +79,7 @@ class LocalStore:
         except FileNotFoundError:
             return None
 
-    def put(self, name: str, data: bytes) -> None:
+    def put(self, name: str, data: bytes | memoryview) -> None:
         make_private_dir(self.path)
         atomic_write(self.path / name, lambda tmp: tmp.write_bytes(data))
 
@@ -234,7 +234,7 @@ class Results:
         number = max((n for n, _ in self._found()), default=0) + 1
         sink = pa.BufferOutputStream()
         pq.write_table(table.cast(RESULTS_SCHEMA), sink)
-        self.store.put(f"results-{number:06d}.parquet", sink.getvalue().to_pybytes())
+        self.store.put(f"results-{number:06d}.parquet", memoryview(sink.getvalue()))
 
     def close(self) -> None:
         self._lock.release()

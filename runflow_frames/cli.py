@@ -222,7 +222,9 @@ class _Sink:
             return
         if self.writer is None:
             self.schema = table.schema
-            self.file = self.fs.open(self._tmp, "wb") if self.fs else self._tmp
+            from ._objectstore import open_file
+
+            self.file = open_file(self.fs, self._tmp, "wb") if self.fs else self._tmp
             kind = pacsv.CSVWriter if self.format == "csv" else pq.ParquetWriter
             self.writer = kind(self.file, self.schema)
         self.writer.write_table(table.cast(self.schema))
