@@ -82,6 +82,13 @@ class ModelSpec:
     check : callable, optional
         Why an item that meets its declarations still fails (a value out of range, an output
         too large), or None; it fails as the declarations do. Runs after them.
+    price_per : str, optional
+        An input field (a number) the price is multiplied by, e.g. ``"seconds"``: a run's cost
+        is ``price * item[price_per]`` (a missing or non-numeric field counts as 1).
+    fail_share : float, default 0
+        The share of valid runs that fail at preprocessing (``PREPROCESSING_FAILED``), chosen by
+        a rule on the input and ``fail_seed``: the same input always fails or always succeeds,
+        and about ``fail_share`` of distinct inputs fail.
     """
 
     path: str
@@ -91,8 +98,13 @@ class ModelSpec:
     price: Decimal = Decimal("0.001")
     output: Callable[[dict[str, Any]], dict[str, Any]] = _echo
     check: Callable[[Mapping[str, Any]], str | None] | None = None
+    price_per: str | None = None
+    fail_share: float = 0.0
+    fail_seed: int = 0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.fail_share <= 1.0:
+            raise ValueError(f"fail_share must be between 0 and 1, got {self.fail_share!r}")
         segments = self.path.split("/")
         if len(segments) < 2 or any(s in ("", ".", "..") for s in segments):
             raise ValueError(f"model path {self.path!r} needs two or more non-empty segments")
@@ -106,6 +118,24 @@ class ModelSpec:
         if failure is None and self.check is not None:
             failure = self.check(item)
         return failure
+
+    def preprocess_failure(self, item: Mapping[str, Any]) -> str | None:
+        """Why a valid ``item`` fails at preprocessing under ``fail_share``'s rule, or None."""
+        if not self.fail_share:
+            return None
+        draw = hashlib.sha256(f"{self.fail_seed}:{_digest(item)}".encode()).digest()
+        if int.from_bytes(draw[:8], "big") / 2**64 >= self.fail_share:
+            return None
+        return f"the model could not preprocess this input (emulated: {self.fail_share:.0%} fail)"
+
+    def cost(self, item: Mapping[str, Any]) -> Decimal:
+        """What a successful run of ``item`` costs."""
+        if self.price_per is None:
+            return self.price
+        units = item.get(self.price_per)
+        if isinstance(units, bool) or not isinstance(units, int | float):
+            return self.price
+        return self.price * Decimal(str(units))
 
     def _declarations(self, item: Mapping[str, Any]) -> str | None:
         if self.required is None:

@@ -83,7 +83,9 @@ def _run() -> Schema:
             "completed_at": _null(_TIME),
             "callback_url": _null(_STRING),
             "metadata": _null(_OBJECT),
-            "failure_code": _null({"type": "string", "enum": ["INPUT_VALIDATION_FAILED"]}),
+            "failure_code": _null(
+                {"type": "string", "enum": ["INPUT_VALIDATION_FAILED", "PREPROCESSING_FAILED"]}
+            ),
             "failure_message": _null(_STRING),
             "failure_stage_code": _null({"type": "string", "enum": ["preprocess"]}),
             "links": _closed({"self": _STRING}),

@@ -53,9 +53,10 @@ class Run:
     input: dict[str, Any]
     model: ModelSpec
     created: float
-    failure: str | None  # why the input fails the model's declarations
+    failure: str | None  # why the input fails the model's declarations, or its preprocessing
     metadata: dict[str, Any] | None
     callback_url: str | None
+    failure_code: str = "INPUT_VALIDATION_FAILED"
 
 
 @dataclass

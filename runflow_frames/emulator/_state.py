@@ -331,6 +331,9 @@ def _new_batch(
     for index, raw in enumerate(data["input"]):
         item = dict(raw)
         ref = item.pop("client_ref", None)
+        failure, code = model.validate(item), "INPUT_VALIDATION_FAILED"
+        if failure is None:
+            failure, code = model.preprocess_failure(item), "PREPROCESSING_FAILED"
         run = Run(
             id=_uuid7(rng, now),
             batch_id=batch_id,
@@ -340,9 +343,10 @@ def _new_batch(
             input=item,
             model=model,
             created=now,
-            failure=model.validate(item),
+            failure=failure,
             metadata=metadata,
             callback_url=callback_url,
+            failure_code=code,
         )
         runs.append(run)
     return Batch(batch_id, token, model, now, runs, data["input"], metadata, callback_url)

@@ -49,7 +49,7 @@ class Snapshot:
             "input": run.input,
             "output": run.model.output(run.input) if succeeded else None,
             "duration_ms": None if completed is None else round((completed - run.created) * 1000),
-            "cost": str(run.model.price) if succeeded else ("0" if failed else None),
+            "cost": str(run.model.cost(run.input)) if succeeded else ("0" if failed else None),
             "batch_id": run.batch_id,
             "client_ref": run.client_ref,
             "created_at": iso(run.created),
@@ -57,7 +57,7 @@ class Snapshot:
             "completed_at": iso(completed),
             "callback_url": run.callback_url,
             "metadata": run.metadata,
-            "failure_code": "INPUT_VALIDATION_FAILED" if failed else None,
+            "failure_code": run.failure_code if failed else None,
             "failure_message": run.failure if failed else None,
             "failure_stage_code": "preprocess" if failed else None,
             "links": {"self": f"/v1/runs/{run.id}"},
@@ -104,7 +104,11 @@ class Snapshot:
         started = [p[1] for p in phases if p[1] is not None]
         completed_at = max(p[2] for p in phases if p[2] is not None) if finished else None
         cost = sum(
-            (r.model.price for r, p in zip(batch.runs, phases, strict=True) if p[0] == "succeeded"),
+            (
+                r.model.cost(r.input)
+                for r, p in zip(batch.runs, phases, strict=True)
+                if p[0] == "succeeded"
+            ),
             Decimal(0),
         )
         view: dict[str, Any] = {
