@@ -2,6 +2,7 @@
 
 from ._accessor import RunflowAccessor
 from ._api import aretry_failed, arun_batches, retry_failed, run_batches
+from ._canary import CanaryReport
 from ._client import AsyncRunflowClient
 from ._collect import Summary, acollect, collect, summarize
 from ._errors import (
@@ -10,6 +11,7 @@ from ._errors import (
     APIStatusError,
     APITimeoutError,
     AuthenticationError,
+    CanaryFailedError,
     CheckpointError,
     CollectError,
     DeadlineExceeded,
@@ -41,6 +43,8 @@ __all__ = [
     "APITimeoutError",
     "AsyncRunflowClient",
     "AuthenticationError",
+    "CanaryFailedError",
+    "CanaryReport",
     "CheckpointError",
     "CollectError",
     "DeadlineExceeded",

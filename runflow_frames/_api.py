@@ -4,6 +4,7 @@ journal, run it, and collect when asked to wait."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 import anyio.to_thread
 import pandas as pd
 
+from ._canary import Canary, CanaryReport, judge
 from ._client import model_path
 from ._collect import collect_frame
 from ._config import (
@@ -22,16 +24,18 @@ from ._config import (
     Errors,
     JobOptions,
 )
-from ._errors import InputError
+from ._errors import CanaryFailedError, InputError
 from ._frames import to_pandas
 from ._job import SubmitJob
-from ._journal import Kind
+from ._journal import Journal, Kind, MemoryJournal
 from ._objectstore import inside
 from ._polling import is_result_column
 from ._progress import ProgressOption
 from ._retry import RetryPolicy
 from ._rows import Missing
 from ._sync import sync_twin
+
+_log = logging.getLogger("runflow_frames.canary")
 
 if TYPE_CHECKING:
     import httpx
@@ -58,6 +62,8 @@ async def arun_batches(
     errors: Errors = "raise",
     retry: RetryPolicy | None = None,
     wait: bool = False,
+    canary: int | bool = False,
+    canary_max_failed: float = 0.5,
     progress: ProgressOption = None,
     api_key: str | None = None,
     base_url: str | None = None,
@@ -120,6 +126,14 @@ async def arun_batches(
         request, and concurrency adapts down and back up to ``max_concurrency``.
     wait : bool, default False
         Also wait for the runs to end and join their outcomes, as :func:`collect` does.
+    canary : int or bool, default False
+        Send this many first rows (``True``: one chunk), wait for their runs, and send the rest
+        only when at most ``canary_max_failed`` of them failed; else CanaryFailedError, with
+        nothing else sent. The canary's rows are part of the job: with ``checkpoint=`` a re-run
+        does not send them again. The report (success rate, cost per run, failures by code) is
+        logged and kept in the result's ``attrs["runflow"]["canary"]``.
+    canary_max_failed : float, default 0.5
+        The share of the canary's runs that may fail (failed, cancelled, or refused).
     progress : bool or callable, optional
         A progress bar of rows submitted (tqdm.auto: a widget in notebooks, a bar in terminals;
         by default shown only where someone can see it), ``False`` for none, ``True`` to force
@@ -146,6 +160,8 @@ async def arun_batches(
         Before any request, for bad keys, unencodable values or impossible options.
     CheckpointError
         Before any request, when ``checkpoint`` is corrupted or belongs to another job.
+    CanaryFailedError
+        Too many of the canary's runs failed; nothing else was sent (a SubmissionError).
     SubmissionError
         When the job stopped part-way (or its checkpoint could not be written); ``.result``
         holds every submitted row's handle.
@@ -189,7 +205,14 @@ async def arun_batches(
         storage_options=storage_options,
     )
     result = await submit_frame(
-        frame, model, options, connection, checkpoint=checkpoint, wait=wait, progress=progress
+        frame,
+        model,
+        options,
+        connection,
+        checkpoint=checkpoint,
+        wait=wait,
+        progress=progress,
+        canary=Canary.of(canary, canary_max_failed, chunk_size),
     )
     return cast(Frame, back(result))
 
@@ -204,16 +227,66 @@ async def submit_frame(
     wait: bool,
     progress: ProgressOption,
     kind: Kind = "frame",
+    canary: Canary | None = None,
 ) -> pd.DataFrame:
-    """One submit job over ``frame``, then, with ``wait``, its outcomes (every face's path)."""
+    """One submit job over ``frame`` (after its canary, if any), then, with ``wait``, its
+    outcomes (every face's path)."""
     job = SubmitJob(frame, model, options, connection)
-    # Opening a checkpoint reads it (and on object storage may wait for a lease): off the
-    # event loop, which an async caller's other tasks share.
-    journal = await anyio.to_thread.run_sync(job.journal, checkpoint, kind)
-    result = await job.run(journal, progress)
+    memory = MemoryJournal() if checkpoint is None else None  # one for the canary and the rest
+
+    async def journal() -> Journal:
+        if memory is not None:
+            return memory
+        # Opening a checkpoint reads it (and on object storage may wait for a lease): off
+        # the event loop, which an async caller's other tasks share.
+        return await anyio.to_thread.run_sync(job.journal, checkpoint, kind)
+
+    report = None
+    if canary is not None:
+        report = await _fly(job, canary, connection, await journal(), checkpoint, progress)
+    result = await job.run(await journal(), progress)
     if wait:
         result = await collect_frame(result, connection, checkpoint=checkpoint, progress=progress)
+    if report is not None:
+        result.attrs.setdefault("runflow", {})["canary"] = report.to_json()
     return result
+
+
+async def _fly(
+    job: SubmitJob,
+    canary: Canary,
+    connection: Connection,
+    journal: Journal,
+    checkpoint: str | os.PathLike[str] | None,
+    progress: ProgressOption,
+) -> CanaryReport:
+    """Send the canary's rows, wait for their runs and judge them: CanaryFailedError when too
+    many failed (nothing else sent), else the report."""
+    rows = min(canary.rows, len(job.refs))
+    sent = await job.run(journal, progress, limit=rows)
+    head = await collect_frame(
+        sent.iloc[:rows], connection, checkpoint=checkpoint, progress=progress
+    )
+    report = judge(head, canary.max_failed)
+    if report.passed:
+        _log.info("%s: sending the rest", report)
+        return report
+    result = sent.copy()  # the rows after the canary's were not sent: no handle, no outcome
+    for column in head.columns:
+        if column not in sent.columns or is_result_column(column):
+            result[column] = head[column].reindex(result.index)
+    resume = (
+        f"with checkpoint={os.fspath(checkpoint)!r}, re-running sends no canary row again"
+        if checkpoint is not None
+        else "pass checkpoint= to keep the canary's runs when you re-run"
+    )
+    raise CanaryFailedError(
+        f"{report}. Nothing else was sent: fix the cause (or raise canary_max_failed) and "
+        f"re-run; {resume}. This error's .canary holds the canary's rows and outcomes",
+        result=result,
+        canary=head,
+        report=report,
+    )
 
 
 run_batches = sync_twin(arun_batches)

@@ -205,6 +205,31 @@ class SubmissionError(RunflowError):
         self.uncertain = uncertain
 
 
+class CanaryFailedError(SubmissionError):
+    """More of the canary's runs failed than ``canary_max_failed`` allows: nothing but the
+    canary's rows was sent.
+
+    Attributes
+    ----------
+    result : pandas.DataFrame
+        The whole input with the canary rows' handles and outcomes (the other rows have none).
+    canary : pandas.DataFrame
+        The canary's rows alone, with their outcomes.
+    report : CanaryReport
+        Its success rate, cost per run and failures by code (``str(report)`` reads them).
+    """
+
+    def __init__(
+        self, message: str, *, result: pd.DataFrame, canary: pd.DataFrame, report: Any
+    ) -> None:
+        submitted = int(result["runflow_run_id"].notna().sum())
+        super().__init__(
+            message, result=result, submitted=submitted, not_submitted=len(result) - submitted
+        )
+        self.canary = canary
+        self.report = report
+
+
 class CollectError(RunflowError):
     """Waiting for the runs stopped before every batch was over (polling retries exhausted, an
     API error). The runs exist: ``result`` holds every row's handle and the outcomes collected

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from ._admission import Pace
 from ._api import submit_frame
+from ._canary import Canary
 from ._client import model_path
 from ._config import Connection, JobOptions, fingerprint
 from ._datasets import OUTPUT_BATCH_ROWS, Input, Output, resolve_input
@@ -221,12 +222,15 @@ async def arun_batches_file(
     ...                  checkpoint="ckpt")  # doctest: +SKIP
     {'rows': 5000000, 'blocks': 50, 'blocks_skipped': 0, 'failed_rows': 0}
     """
+    canary = options.pop("canary", False)
+    max_failed = options.pop("canary_max_failed", 0.5)
     unknown = set(options) - _JOB_KEYS - _CONNECTION_KEYS
     if unknown:
         raise InputError(f"run_batches_file got unexpected option(s) {sorted(unknown)}")
     job = {k: v for k, v in options.items() if k in _JOB_KEYS}
     job.setdefault("errors", "keep")
     opts = JobOptions(key=key, columns=columns, **job)
+    flight = Canary.of(canary, max_failed, opts.chunk_size)
     connection = Connection.resolve(**{k: v for k, v in options.items() if k in _CONNECTION_KEYS})
     model = model_path(owner, slug)
     # File work runs in a worker thread, so an async caller's loop is never blocked by it.
@@ -252,6 +256,7 @@ async def arun_batches_file(
             opts,
             connection,
             progress,
+            flight,
         )
     finally:
         lock.release()
@@ -279,6 +284,7 @@ async def _run_blocks(
     options: JobOptions,
     connection: Connection,
     progress: ProgressOption,
+    canary: Canary | None = None,
 ) -> dict[str, int]:
     # One bar for the whole file, its total known from the start; the blocks an earlier run
     # finished count as done, not as speed.
@@ -310,6 +316,7 @@ async def _run_blocks(
                 wait=False,
                 progress=reporter.part(),
                 kind="block",
+                canary=canary if number == 0 else None,  # the file's first rows
             )
             failed = int(result["runflow_run_id"].isna().sum())
             totals["failed_rows"] += failed

@@ -21,8 +21,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Final
 
 import anyio
@@ -76,8 +78,11 @@ class SubmitJob:
             return ObjectJournal.open(checkpoint, kind, job, key, age, storage)
         return DirectoryJournal.open(checkpoint, kind, job, key, age)
 
-    async def run(self, journal: Journal, progress: ProgressOption = None) -> pd.DataFrame:
-        """Send what the journal does not have yet; the joined frame. Closes the journal.
+    async def run(
+        self, journal: Journal, progress: ProgressOption = None, *, limit: int | None = None
+    ) -> pd.DataFrame:
+        """Send what the journal does not have yet (of the first ``limit`` rows only, when
+        given: a canary); the joined frame. Closes the journal.
 
         Raises SubmissionError (``.result``: every handle) when chunks failed and ``errors``
         says stop, or when the checkpoint could not be written; any other way out (Ctrl-C)
@@ -85,6 +90,8 @@ class SubmitJob:
         started = time.monotonic()
         try:
             resume = await anyio.to_thread.run_sync(journal.plan, self.refs, self.items)
+            if limit is not None:  # unsent is in frame order
+                resume = replace(resume, unsent=resume.unsent[: bisect_left(resume.unsent, limit)])
         except BaseException:
             journal.close()  # refused before anything was sent
             raise

@@ -649,16 +649,26 @@ class Journal(ABC):
 
 
 class MemoryJournal(Journal):
-    """No checkpoint: handles are kept in memory, column by column, for the join."""
+    """No checkpoint: handles are kept in memory, column by column, for the join. A second run
+    through the same journal (the rest of a job after its canary) sends only rows no chunk of
+    an earlier run held, whatever became of them."""
 
     def __init__(self) -> None:
         self._handles = HandleTable()
+        self._job_id = uuid.uuid4().hex
+        self._tried: set[str] = set()  # refs some chunk held
+        self._next = 0  # chunk numbers are never reused
 
     def plan(self, refs: Sequence[str], items: Sequence[bytes]) -> Resume:  # noqa: ARG002
-        return Resume(uuid.uuid4().hex, [], range(len(refs)), 0, 0)
+        if not self._tried:
+            return Resume(self._job_id, [], range(len(refs)), 0, 0)
+        unsent = [n for n, ref in enumerate(refs) if ref not in self._tried]
+        return Resume(self._job_id, [], unsent, self._next, len(refs) - len(unsent))
 
-    async def intend(self, chunks: Sequence[Chunk]) -> None:  # noqa: ARG002
-        return None  # nothing to make durable
+    async def intend(self, chunks: Sequence[Chunk]) -> None:
+        for chunk in chunks:  # nothing to make durable: only remembered
+            self._tried.update(chunk.refs)
+            self._next = max(self._next, chunk.number + 1)
 
     def answered(self, chunk: Chunk, handles: Handles) -> None:
         self._handles.add(chunk.refs, handles)

@@ -31,6 +31,7 @@ DEMO_KEY = "rf_live_demo"
 T = TypeVar("T")
 
 EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_REFUSED, EXIT_ACCESS, EXIT_API = 1, 2, 3, 4, 5
+EXIT_CANARY = 6  # the canary failed: nothing but its rows was sent
 EXIT_INTERRUPTED = 130  # as a shell reports a SIGINT
 OUTPUT_HELP = "a .parquet or .csv file, or a directory of part files; a path or a URL"
 JSON_HELP = "also print one JSON object on stdout as it exits (its keys are in the README)"
@@ -78,6 +79,7 @@ def _guarded(
     from ._errors import (
         APIError,
         AuthenticationError,
+        CanaryFailedError,
         CheckpointError,
         CollectError,
         InputError,
@@ -99,6 +101,8 @@ def _guarded(
         cause = exc.__cause__
         if isinstance(exc, InputError | CheckpointError):
             code = EXIT_REFUSED
+        elif isinstance(exc, CanaryFailedError):
+            code = EXIT_CANARY
         elif isinstance(
             cause, AuthenticationError | InsufficientCreditError | PermissionDeniedError
         ):
@@ -107,16 +111,30 @@ def _guarded(
             code = EXIT_FAILED_ROWS  # rows failed or are not done: their columns say why
         else:
             code = EXIT_API
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if isinstance(exc, CollectError):  # its own text gives advice for Python code
-            message = f"waiting for the runs stopped: {cause or exc}"
-        if isinstance(exc, SubmissionError):  # its own text gives advice for Python code
-            rows = exc.submitted + exc.not_submitted
-            message = f"{exc.not_submitted:,} of {rows:,} rows were not submitted: {cause or exc}"
+        message = _one_line(exc)
         result = getattr(exc, "result", None)
         if keep is not None and result is not None:
             message += keep(result)
         _fail(message, code)
+
+
+def _one_line(exc: BaseException) -> str:
+    """What went wrong, in the command's words (the errors' own texts give advice for Python
+    code)."""
+    from ._errors import CanaryFailedError, CollectError, SubmissionError
+
+    cause = exc.__cause__
+    if isinstance(exc, CanaryFailedError):
+        return (
+            f"{exc.report}; nothing else was sent. Fix the cause (or raise --canary-max-failed) "
+            "and re-run (with --checkpoint the canary's rows are not sent again)"
+        )
+    if isinstance(exc, CollectError):
+        return f"waiting for the runs stopped: {cause or exc}"
+    if isinstance(exc, SubmissionError):
+        rows = exc.submitted + exc.not_submitted
+        return f"{exc.not_submitted:,} of {rows:,} rows were not submitted: {cause or exc}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _api_key(required: bool = True) -> str | None:
@@ -290,6 +308,9 @@ def main(log_level: str) -> None:
     logger = logging.getLogger("runflow_frames")
     logger.addHandler(handler)
     logger.setLevel(log_level.upper())
+    # A canary's report is shown whatever the level: it is what the user waits for.
+    canary = logging.getLogger("runflow_frames.canary")
+    canary.setLevel(min(logging.INFO, logger.level))
 
 
 @main.command()
@@ -312,6 +333,20 @@ def main(log_level: str) -> None:
     "N/A, null, NaN, empty...; '' for empty fields only)",
 )
 @click.option("--wait/--no-wait", default=False, help="wait for outputs and write them too")
+@click.option(
+    "--canary",
+    type=click.IntRange(0),
+    default=0,
+    help="send this many first rows, wait for their runs, and send the rest only if at most "
+    "--canary-max-failed of them failed (100 is one chunk; 0: no canary)",
+)
+@click.option(
+    "--canary-max-failed",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="the share of the canary's runs that may fail",
+)
 @click.option("--dry-run", is_flag=True, help="validate every row, print the plan, send nothing")
 @click.option("--base-url", envvar="RUNFLOW_BASE_URL")
 @click.option("--org-id", envvar="RUNFLOW_ORG_ID")
@@ -332,6 +367,8 @@ def submit(
     errors: str,
     csv_nulls: str | None,
     wait: bool,
+    canary: int,
+    canary_max_failed: float,
     dry_run: bool,
     base_url: str | None,
     org_id: str | None,
@@ -357,6 +394,8 @@ def submit(
         "metadata": meta,
         "callback_url": callback_url,
         "errors": errors,
+        "canary": canary,
+        "canary_max_failed": canary_max_failed,
         "progress": progress,
         "api_key": _api_key(),
         "base_url": base_url,

@@ -143,7 +143,7 @@ def test_the_readme_output_column_tables_are_what_the_frames_hold() -> None:
 def test_the_readme_exit_code_table_is_what_the_command_exits_with(tmp_path: Path) -> None:
     """Each code's case through the entry point (130, Ctrl-C, is test_seams' interrupt test)."""
     table = readme_table("From a shell or a scheduler")
-    assert sorted(map(int, table)) == [0, 1, 2, 3, 4, 5, 130]
+    assert sorted(map(int, table)) == [0, 1, 2, 3, 4, 5, 6, 130]
     good = tmp_path / "good.csv"
     pd.DataFrame({"id": ["a", "b", "c"], "text": ["x", "", "z"]}).to_csv(good, index=False)
     doubled = tmp_path / "doubled.csv"
@@ -161,6 +161,8 @@ def test_the_readme_exit_code_table_is_what_the_command_exits_with(tmp_path: Pat
             1: submit(url, good, "acme/uppercase", "--wait"),  # the empty text fails its run
             2: cli("submit", str(good), "-m", "acme/echo").returncode,  # no --output
             3: submit(url, doubled, "acme/echo"),  # a repeated key
+            # One run of the canary's three fails (the empty text): more than a fifth.
+            6: submit(url, good, "acme/uppercase", "--canary", "3", "--canary-max-failed", "0.2"),
         }
     with serve(Emulator(timing=timing, api_keys={"rf_live_another_key"})) as url:
         exits[4] = submit(url, good, "acme/echo")

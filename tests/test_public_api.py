@@ -23,6 +23,8 @@ def test_public_names() -> None:
             "APITimeoutError",
             "AsyncRunflowClient",
             "AuthenticationError",
+            "CanaryFailedError",
+            "CanaryReport",
             "CheckpointError",
             "CollectError",
             "DeadlineExceeded",
