@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import anyio.to_thread
 import pandas as pd
 
+from ._budget import Budget
 from ._canary import Canary, CanaryReport, judge
 from ._client import model_path
 from ._collect import collect_frame
@@ -64,6 +66,7 @@ async def arun_batches(
     wait: bool = False,
     canary: int | bool = False,
     canary_max_failed: float = 0.5,
+    max_cost: Decimal | float | str | None = None,
     progress: ProgressOption = None,
     api_key: str | None = None,
     base_url: str | None = None,
@@ -134,6 +137,13 @@ async def arun_batches(
         logged and kept in the result's ``attrs["runflow"]["canary"]``.
     canary_max_failed : float, default 0.5
         The share of the canary's runs that may fail (failed, cancelled, or refused).
+    max_cost : Decimal, number or decimal text, optional
+        A budget, in the account's currency. While it sends, the job polls its batches for
+        the cost of finished runs and starts no chunk that could take what was spent, what
+        the runs still going will cost (at the price learned) and that chunk over it; until a
+        first run has a price, one round of chunks at most. Then the requests in flight finish
+        and BudgetExceeded says what was spent and committed. With ``checkpoint=``, what
+        earlier runs sent counts against the budget of a re-run.
     progress : bool or callable, optional
         A progress bar of rows submitted (tqdm.auto: a widget in notebooks, a bar in terminals;
         by default shown only where someone can see it), ``False`` for none, ``True`` to force
@@ -162,6 +172,8 @@ async def arun_batches(
         Before any request, when ``checkpoint`` is corrupted or belongs to another job.
     CanaryFailedError
         Too many of the canary's runs failed; nothing else was sent (a SubmissionError).
+    BudgetExceeded
+        The next chunk could have gone over ``max_cost`` (a SubmissionError).
     SubmissionError
         When the job stopped part-way (or its checkpoint could not be written); ``.result``
         holds every submitted row's handle.
@@ -213,6 +225,7 @@ async def arun_batches(
         wait=wait,
         progress=progress,
         canary=Canary.of(canary, canary_max_failed, chunk_size),
+        budget=Budget.of(max_cost, max_concurrency),
     )
     return cast(Frame, back(result))
 
@@ -228,6 +241,7 @@ async def submit_frame(
     progress: ProgressOption,
     kind: Kind = "frame",
     canary: Canary | None = None,
+    budget: Budget | None = None,
 ) -> pd.DataFrame:
     """One submit job over ``frame`` (after its canary, if any), then, with ``wait``, its
     outcomes (every face's path)."""
@@ -243,8 +257,8 @@ async def submit_frame(
 
     report = None
     if canary is not None:
-        report = await _fly(job, canary, connection, await journal(), checkpoint, progress)
-    result = await job.run(await journal(), progress)
+        report = await _fly(job, canary, connection, await journal(), checkpoint, progress, budget)
+    result = await job.run(await journal(), progress, budget=budget)
     if wait:
         result = await collect_frame(result, connection, checkpoint=checkpoint, progress=progress)
     if report is not None:
@@ -259,11 +273,12 @@ async def _fly(
     journal: Journal,
     checkpoint: str | os.PathLike[str] | None,
     progress: ProgressOption,
+    budget: Budget | None,
 ) -> CanaryReport:
     """Send the canary's rows, wait for their runs and judge them: CanaryFailedError when too
     many failed (nothing else sent), else the report."""
     rows = min(canary.rows, len(job.refs))
-    sent = await job.run(journal, progress, limit=rows)
+    sent = await job.run(journal, progress, limit=rows, budget=budget)
     head = await collect_frame(
         sent.iloc[:rows], connection, checkpoint=checkpoint, progress=progress
     )

@@ -230,6 +230,27 @@ class CanaryFailedError(SubmissionError):
         self.report = report
 
 
+class BudgetExceeded(SubmissionError):  # noqa: N818 - reads as what happened
+    """The next chunk could have taken the job over ``max_cost``: no chunk started after it,
+    the requests in flight finished.
+
+    Attributes
+    ----------
+    result : pandas.DataFrame
+        The joined frame, with handles for the rows that were submitted.
+    budget : dict
+        ``max_cost``, ``spent`` (runs over), ``committed`` (runs still going, at the price
+        learned), ``price_per_run``, as decimal text.
+    """
+
+    def __init__(self, message: str, *, result: pd.DataFrame, budget: dict[str, Any]) -> None:
+        submitted = int(result["runflow_run_id"].notna().sum())
+        super().__init__(
+            message, result=result, submitted=submitted, not_submitted=len(result) - submitted
+        )
+        self.budget = budget
+
+
 class CollectError(RunflowError):
     """Waiting for the runs stopped before every batch was over (polling retries exhausted, an
     API error). The runs exist: ``result`` holds every row's handle and the outcomes collected

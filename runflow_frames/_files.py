@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from ._admission import Pace
 from ._api import submit_frame
+from ._budget import Budget
 from ._canary import Canary
 from ._client import model_path
 from ._config import Connection, JobOptions, fingerprint
@@ -224,6 +225,7 @@ async def arun_batches_file(
     """
     canary = options.pop("canary", False)
     max_failed = options.pop("canary_max_failed", 0.5)
+    max_cost = options.pop("max_cost", None)
     unknown = set(options) - _JOB_KEYS - _CONNECTION_KEYS
     if unknown:
         raise InputError(f"run_batches_file got unexpected option(s) {sorted(unknown)}")
@@ -231,6 +233,7 @@ async def arun_batches_file(
     job.setdefault("errors", "keep")
     opts = JobOptions(key=key, columns=columns, **job)
     flight = Canary.of(canary, max_failed, opts.chunk_size)
+    budget = Budget.of(max_cost, opts.max_concurrency)  # one for every block
     connection = Connection.resolve(**{k: v for k, v in options.items() if k in _CONNECTION_KEYS})
     model = model_path(owner, slug)
     # File work runs in a worker thread, so an async caller's loop is never blocked by it.
@@ -257,6 +260,7 @@ async def arun_batches_file(
             connection,
             progress,
             flight,
+            budget,
         )
     finally:
         lock.release()
@@ -285,6 +289,7 @@ async def _run_blocks(
     connection: Connection,
     progress: ProgressOption,
     canary: Canary | None = None,
+    budget: Budget | None = None,
 ) -> dict[str, int]:
     # One bar for the whole file, its total known from the start; the blocks an earlier run
     # finished count as done, not as speed.
@@ -304,6 +309,9 @@ async def _run_blocks(
             totals["blocks"] += 1
             if part in finished:
                 totals["blocks_skipped"] += 1
+                if budget is not None:  # what it sent counts against the budget
+                    for batch_id, rows in (await _batches_of(root, part)).items():
+                        budget.sent(batch_id, rows)
                 if out.parts and not out.has_part(number):  # an earlier run's, not written yet
                     await anyio.to_thread.run_sync(_write_output_part, out, number, root, part)
                 continue
@@ -317,6 +325,7 @@ async def _run_blocks(
                 progress=reporter.part(),
                 kind="block",
                 canary=canary if number == 0 else None,  # the file's first rows
+                budget=budget,
             )
             failed = int(result["runflow_run_id"].isna().sum())
             totals["failed_rows"] += failed
@@ -426,6 +435,18 @@ def _write_part(
     # Row groups of OUTPUT_BATCH_ROWS: they are streamed into the output a group at a time.
     pq.write_table(table, sink, row_group_size=OUTPUT_BATCH_ROWS)
     root.put(part, memoryview(sink.getvalue()))
+
+
+async def _batches_of(root: Store, part: str) -> dict[str, int]:
+    """Rows per batch of a finished block's result."""
+
+    def read() -> dict[str, int]:
+        with opened(root, part) as handle:
+            column = pq.read_table(handle, columns=["runflow_batch_id"]).column(0)
+        counts = pc.value_counts(column.drop_null())
+        return {str(c["values"]): int(c["counts"]) for c in counts.to_pylist()}
+
+    return await anyio.to_thread.run_sync(read)
 
 
 def _read_part(root: Store, part: str) -> pa.Table:

@@ -20,24 +20,29 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import anyio.to_thread
 import pandas as pd
+import pyarrow as pa
 
+from ._budget import Budget, Guard
+from ._client import AsyncRunflowClient
 from ._config import Connection, JobOptions, fingerprint
-from ._errors import APIStatusError, CheckpointError, SubmissionError
+from ._errors import APIStatusError, BudgetExceeded, CheckpointError, SubmissionError
 from ._handles import Handles, check_no_collision, join_handles
 from ._journal import DirectoryJournal, Journal, Kind, MemoryJournal, Resume
 from ._objectstore import ObjectJournal, is_url
 from ._pipeline import ChunkFailure, ends_the_job, job_gate, one_error, submit_chunks
 from ._progress import ProgressOption, Reporter
+from ._retry import Gate, retrying
 from ._rows import Chunk, body_suffix, chunk_body, client_refs, encode_rows, item_columns
 from ._sync import keep_partial
 
@@ -79,10 +84,15 @@ class SubmitJob:
         return DirectoryJournal.open(checkpoint, kind, job, key, age)
 
     async def run(
-        self, journal: Journal, progress: ProgressOption = None, *, limit: int | None = None
+        self,
+        journal: Journal,
+        progress: ProgressOption = None,
+        *,
+        limit: int | None = None,
+        budget: Budget | None = None,
     ) -> pd.DataFrame:
         """Send what the journal does not have yet (of the first ``limit`` rows only, when
-        given: a canary); the joined frame. Closes the journal.
+        given: a canary; within ``budget``, when given); the joined frame. Closes the journal.
 
         Raises SubmissionError (``.result``: every handle) when chunks failed and ``errors``
         says stop, or when the checkpoint could not be written; any other way out (Ctrl-C)
@@ -98,7 +108,7 @@ class SubmitJob:
         reporter = Reporter(progress, total=len(self.refs), desc="submitted")
         try:
             reporter.advance(resume.submitted)
-            failures = await self._send(journal, resume, reporter)
+            failures = await self._send(journal, resume, reporter, budget)
         except BaseException as exc:
             reporter.close()
             result, _ = self._join(journal, [], exc)
@@ -112,6 +122,8 @@ class SubmitJob:
             raise self._stopped(closing_failed, failures, result, journal, started) from (
                 closing_failed
             )
+        if budget is not None and budget.stopped:
+            raise _over_budget(budget, result, journal)
         errors = self.options.errors
         if failures and (errors == "raise" or any(ends_the_job(f.error) for f in failures)):
             error = failures[0].error
@@ -126,14 +138,21 @@ class SubmitJob:
         return result
 
     async def _send(
-        self, journal: Journal, resume: Resume, reporter: Reporter
+        self, journal: Journal, resume: Resume, reporter: Reporter, budget: Budget | None
     ) -> list[ChunkFailure]:
+        guard = None if budget is None else Guard(budget)
+        if budget is not None:  # what earlier runs sent counts against it
+            for batch_id, rows in _rows_by_batch(journal.handles()).items():
+                budget.sent(batch_id, rows)
+
         def on_failed(failure: ChunkFailure) -> None:
             # A refused chunk created nothing: its rows go back to unsent, so a resume sends
             # them again (maybe fixed). An uncertain one stays pending, to be re-sent as is.
             if not failure.maybe_created:
                 journal.created_nothing(failure.chunk)
             reporter.advance(len(failure.chunk.refs))
+            if guard is not None:
+                guard.answered(None, len(failure.chunk.refs))
 
         def on_unsent(chunk: Chunk) -> None:
             # Intended ahead of its POST, never sent (the job stopped): unsent again.
@@ -147,10 +166,18 @@ class SubmitJob:
             journal.answered(chunk, handles)
             journal.remember_pace(gate.pace())
             reporter.advance(len(chunk.refs))
+            if guard is not None:
+                guard.answered(handles.batch_id, len(chunk.refs))
+
+        async def admit(chunk: Chunk) -> bool:
+            assert guard is not None
+            return await guard.admit(len(chunk.refs))
 
         with one_error():
             async with self.connection.client() as client, anyio.create_task_group() as syncing:
                 syncing.start_soon(journal.keep_syncing)
+                if guard is not None:
+                    syncing.start_soon(guard.watch, _poller(client, gate, self.connection))
                 failures = await submit_chunks(
                     client,
                     self.model,
@@ -164,6 +191,7 @@ class SubmitJob:
                     errors=self.options.errors,
                     policy=self.connection.retry,
                     gate=gate,
+                    admit=None if guard is None else admit,
                 )
                 syncing.cancel_scope.cancel()
         return failures
@@ -244,6 +272,52 @@ class SubmitJob:
             not_submitted=rows - submitted,
             uncertain=uncertain,
         )
+
+
+def _poller(
+    client: AsyncRunflowClient, gate: Gate, connection: Connection
+) -> Callable[[str], Awaitable[dict[str, Any]]]:
+    """``GET /v1/batches/{id}`` with the job's retries, through its throttle."""
+    rng = random.Random()  # noqa: S311 - jitter, not secrets
+
+    async def get(batch_id: str) -> dict[str, Any]:
+        return await retrying(
+            lambda: client.get_batch(batch_id),
+            policy=connection.retry,
+            gate=gate,
+            clock=anyio.current_time,
+            sleep=anyio.sleep,
+            rng=rng,
+        )
+
+    return get
+
+
+def _over_budget(budget: Budget, result: pd.DataFrame, journal: Journal) -> BudgetExceeded:
+    submitted, rows = int(result["runflow_run_id"].notna().sum()), len(result)
+    again = (
+        f"re-run the same call with checkpoint={os.fspath(journal.where)!r} and a higher "
+        "max_cost to send the rest (what was spent counts against it; nothing is sent twice)"
+        if journal.where is not None
+        else "to send the rest, pass df[err.result['runflow_run_id'].isna()] with a budget "
+        "for it (use checkpoint= to make a job resumable)"
+    )
+    return BudgetExceeded(
+        f"the next chunk could take the job over its budget of {budget.max_cost}: spent "
+        f"{budget.spent} (runs over), committed about {budget.committed()} more (runs still "
+        f"going, at {budget.price()} per run); {rows - submitted} of {rows} rows were not "
+        f"sent. The {submitted} submitted rows' handles are in this error's .result; {again}.",
+        result=result,
+        budget=budget.to_json(),
+    )
+
+
+def _rows_by_batch(handles: pa.Table) -> dict[str, int]:
+    """Rows per batch of a handle table, in the order the batches first appear."""
+    counts: dict[str, int] = {}
+    for batch_id in handles.column("batch_id").to_pylist():
+        counts[batch_id] = counts.get(batch_id, 0) + 1
+    return counts
 
 
 def _error_messages(failures: Sequence[ChunkFailure]) -> dict[str, str]:

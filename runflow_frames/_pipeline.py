@@ -194,10 +194,13 @@ async def submit_chunks(
     policy: RetryPolicy | None = None,
     rng: random.Random | None = None,
     gate: Gate | None = None,
+    admit: Callable[[Chunk], Awaitable[bool]] | None = None,
 ) -> list[ChunkFailure]:
     """POST every chunk with retries; ``on_submitted`` gets verified handles (in the chunk's row
     order), ``on_failed`` each chunk that failed for good, ``on_unsent`` each chunk taken
-    ahead (``before_send`` saw it) but never sent because the job stopped.
+    ahead (``before_send`` saw it) but never sent because the job stopped. ``admit`` (a
+    budget) may hold a chunk back before its first POST, or refuse it: then no chunk starts
+    again.
 
     With ``errors="raise"`` the first failure stops new chunks; with ``"keep"`` only an error
     that ends the job does (``ends_the_job``). Requests in flight always finish. Returns the
@@ -212,6 +215,7 @@ async def submit_chunks(
         policy=policy or RetryPolicy(),
         rng=rng or random.Random(),  # noqa: S311 - jitter, not secrets
         throttle=gate or job_gate(max_concurrency),
+        admit=admit,
     )
 
     def failed(failure: ChunkFailure) -> None:
@@ -249,9 +253,10 @@ class _Sender:
         policy: RetryPolicy,
         rng: random.Random,
         throttle: Gate,
+        admit: Callable[[Chunk], Awaitable[bool]] | None = None,
     ) -> None:
         self.client, self.path, self.source = client, path, source
-        self.group, self.before_send = group, before_send
+        self.group, self.before_send, self.admit = group, before_send, admit
         self.policy, self.rng, self.throttle = policy, rng, throttle
         self.ready: deque[Chunk] = deque()
         self.failures: list[ChunkFailure] = []
@@ -288,6 +293,10 @@ class _Sender:
         on_failed: Callable[[ChunkFailure], None],
     ) -> None:
         while not self.stopped and (chunk := await self.take(tg)) is not None:
+            if self.admit is not None and not (await self.admit(chunk) and not self.stopped):
+                self.ready.appendleft(chunk)  # never sent: on_unsent has it
+                self.stopped = True
+                return
             outcome = await self.send(chunk)
             if isinstance(outcome, ChunkFailure):
                 self.failures.append(outcome)

@@ -32,6 +32,7 @@ T = TypeVar("T")
 
 EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_REFUSED, EXIT_ACCESS, EXIT_API = 1, 2, 3, 4, 5
 EXIT_CANARY = 6  # the canary failed: nothing but its rows was sent
+EXIT_BUDGET = 7  # the next chunk could have gone over --max-cost
 EXIT_INTERRUPTED = 130  # as a shell reports a SIGINT
 OUTPUT_HELP = "a .parquet or .csv file, or a directory of part files; a path or a URL"
 JSON_HELP = "also print one JSON object on stdout as it exits (its keys are in the README)"
@@ -79,6 +80,7 @@ def _guarded(
     from ._errors import (
         APIError,
         AuthenticationError,
+        BudgetExceeded,
         CanaryFailedError,
         CheckpointError,
         CollectError,
@@ -103,6 +105,8 @@ def _guarded(
             code = EXIT_REFUSED
         elif isinstance(exc, CanaryFailedError):
             code = EXIT_CANARY
+        elif isinstance(exc, BudgetExceeded):
+            code = EXIT_BUDGET
         elif isinstance(
             cause, AuthenticationError | InsufficientCreditError | PermissionDeniedError
         ):
@@ -121,9 +125,17 @@ def _guarded(
 def _one_line(exc: BaseException) -> str:
     """What went wrong, in the command's words (the errors' own texts give advice for Python
     code)."""
-    from ._errors import CanaryFailedError, CollectError, SubmissionError
+    from ._errors import BudgetExceeded, CanaryFailedError, CollectError, SubmissionError
 
     cause = exc.__cause__
+    if isinstance(exc, BudgetExceeded):
+        spent, committed = exc.budget["spent"], exc.budget["committed"]
+        return (
+            f"the next chunk could take the job over --max-cost {exc.budget['max_cost']}: spent "
+            f"{spent}, committed about {committed} more (runs still going); "
+            f"{exc.not_submitted:,} rows not sent. Re-run with --checkpoint and a higher "
+            "--max-cost to send the rest (what was spent counts against it)"
+        )
     if isinstance(exc, CanaryFailedError):
         return (
             f"{exc.report}; nothing else was sent. Fix the cause (or raise --canary-max-failed) "
@@ -347,6 +359,11 @@ def main(log_level: str) -> None:
     show_default=True,
     help="the share of the canary's runs that may fail",
 )
+@click.option(
+    "--max-cost",
+    help="a budget in the account's currency (e.g. 100): no chunk starts that could take what "
+    "was spent, what runs still going will cost and that chunk over it",
+)
 @click.option("--dry-run", is_flag=True, help="validate every row, print the plan, send nothing")
 @click.option("--base-url", envvar="RUNFLOW_BASE_URL")
 @click.option("--org-id", envvar="RUNFLOW_ORG_ID")
@@ -369,6 +386,7 @@ def submit(
     wait: bool,
     canary: int,
     canary_max_failed: float,
+    max_cost: str | None,
     dry_run: bool,
     base_url: str | None,
     org_id: str | None,
@@ -396,6 +414,7 @@ def submit(
         "errors": errors,
         "canary": canary,
         "canary_max_failed": canary_max_failed,
+        "max_cost": max_cost,
         "progress": progress,
         "api_key": _api_key(),
         "base_url": base_url,

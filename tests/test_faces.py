@@ -107,6 +107,9 @@ def test_the_readme_names_every_option_of_every_command() -> None:
         assert missing == [], f"{command}: {missing}"
 
 
+ONE_BY_ONE = ("--chunk-size", "1", "--concurrency", "1")
+
+
 def readme_table(after: str) -> dict[str, list[str]]:
     """The README's first table after the text ``after``: first cell (unquoted) -> the rest."""
     readme = Path(__file__).parents[1].joinpath("README.md").read_text()
@@ -143,7 +146,7 @@ def test_the_readme_output_column_tables_are_what_the_frames_hold() -> None:
 def test_the_readme_exit_code_table_is_what_the_command_exits_with(tmp_path: Path) -> None:
     """Each code's case through the entry point (130, Ctrl-C, is test_seams' interrupt test)."""
     table = readme_table("From a shell or a scheduler")
-    assert sorted(map(int, table)) == [0, 1, 2, 3, 4, 5, 6, 130]
+    assert sorted(map(int, table)) == [0, 1, 2, 3, 4, 5, 6, 7, 130]
     good = tmp_path / "good.csv"
     pd.DataFrame({"id": ["a", "b", "c"], "text": ["x", "", "z"]}).to_csv(good, index=False)
     doubled = tmp_path / "doubled.csv"
@@ -163,6 +166,8 @@ def test_the_readme_exit_code_table_is_what_the_command_exits_with(tmp_path: Pat
             3: submit(url, doubled, "acme/echo"),  # a repeated key
             # One run of the canary's three fails (the empty text): more than a fifth.
             6: submit(url, good, "acme/uppercase", "--canary", "3", "--canary-max-failed", "0.2"),
+            # A row per chunk, one at a time: after the first run (0.002) the next would cross.
+            7: submit(url, good, "acme/uppercase", "--max-cost", "0.003", *ONE_BY_ONE),
         }
     with serve(Emulator(timing=timing, api_keys={"rf_live_another_key"})) as url:
         exits[4] = submit(url, good, "acme/echo")

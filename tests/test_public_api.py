@@ -23,6 +23,7 @@ def test_public_names() -> None:
             "APITimeoutError",
             "AsyncRunflowClient",
             "AuthenticationError",
+            "BudgetExceeded",
             "CanaryFailedError",
             "CanaryReport",
             "CheckpointError",

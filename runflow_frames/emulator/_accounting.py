@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 
@@ -21,6 +22,9 @@ class Accounting:
     faults: dict[str, int]
     # (time.monotonic(), created) of every batch created and every create refused by a limit
     timeline: list[tuple[float, bool]] = field(default_factory=list)
+    # What the runs created bill once they are over: the price of each that succeeds (a
+    # failed run costs nothing), whether it is over yet or not.
+    billed: Decimal = Decimal(0)
 
     def duplicate_refs(self) -> dict[str, int]:
         """client_refs that got more than one run."""
@@ -29,6 +33,7 @@ class Accounting:
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         data["responses_by_status"] = {str(k): v for k, v in self.responses_by_status.items()}
+        data["billed"] = str(self.billed)
         return data
 
 
@@ -47,6 +52,7 @@ class Ledger:
     max_creates_in_flight: int = 0
     faults_struck: Counter[str] = field(default_factory=Counter)
     timeline: list[tuple[float, bool]] = field(default_factory=list)
+    billed: Decimal = Decimal(0)
 
     def create_started(self) -> None:
         self.creates_in_flight += 1
@@ -63,4 +69,5 @@ class Ledger:
             max_creates_in_flight=self.max_creates_in_flight,
             faults=dict(self.faults_struck),
             timeline=list(self.timeline),
+            billed=self.billed,
         )

@@ -218,6 +218,8 @@ class Emulator:
             self._runs[run.id] = run
             if run.client_ref is not None:
                 self._ledger.runs_by_ref[run.client_ref] += 1
+            if run.failure is None:
+                self._ledger.billed += run.model.cost(run.input)
         self._ledger.batches_created += 1
         self._ledger.timeline.append((time.monotonic(), True))
 
