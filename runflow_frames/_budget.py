@@ -34,18 +34,19 @@ from ._polling import batch_is_over
 POLL_EVERY: Final = 0.5  # seconds between sweeps of the batches still running
 
 
-def budget_of(max_cost: Any) -> Decimal | None:
-    """``max_cost`` as a Decimal (None: no budget); refuses what cannot be one."""
-    if max_cost is None:
+def budget_of(value: Any, name: str = "max_cost") -> Decimal | None:
+    """``value`` as a Decimal amount (None: none given); refuses what cannot be one, naming
+    the option ``name``."""
+    if value is None:
         return None
-    if isinstance(max_cost, bool):
-        raise InputError(f"max_cost must be an amount, got {max_cost!r}")
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be an amount, got {value!r}")
     try:
-        amount = Decimal(str(max_cost)) if isinstance(max_cost, float) else Decimal(max_cost)
+        amount = Decimal(str(value)) if isinstance(value, float) else Decimal(value)
     except (InvalidOperation, TypeError, ValueError):
-        raise InputError(f"max_cost must be an amount, got {max_cost!r}") from None
+        raise InputError(f"{name} must be an amount, got {value!r}") from None
     if not amount.is_finite() or amount < 0:
-        raise InputError(f"max_cost must be a finite amount of 0 or more, got {max_cost!r}")
+        raise InputError(f"{name} must be a finite amount of 0 or more, got {value!r}")
     return amount
 
 

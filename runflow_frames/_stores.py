@@ -10,6 +10,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -306,7 +307,7 @@ def recorded_at(root: Store) -> pd.DataFrame:
         "chunks_pending": len(pending),
         "oldest_pending_at": min((i.at for i in pending), default=None),
         "rows_in_source": _source_rows(manifest),
-        "outcomes": _outcomes(parts),
+        **_outcomes(parts),
         "pace": next((p for p in map(read_pace, reversed(parts)) if p is not None), None),
     }
     return df
@@ -323,19 +324,28 @@ def _source_rows(manifest: Mapping[str, Any]) -> int | None:
         return None
 
 
-def _outcomes(parts: Sequence[Store]) -> dict[str, int]:
-    """Rows by outcome, as collected so far (later results files win)."""
-    latest: dict[str, str] = {}
+def _outcomes(parts: Sequence[Store]) -> dict[str, Any]:
+    """``outcomes`` (rows by status), ``spent`` (their cost) and ``price_per_run`` (spent per
+    succeeded run; None before one), as collected so far (later results files win); amounts as
+    decimal text."""
+    latest: dict[str, tuple[str, str | None]] = {}
     for part in parts:
         names = sorted(n for n in part.names() if _RESULTS_RE.fullmatch(n))
         for name in names:
-            table = _read_table(part, name, columns=["item_key", "runflow_status"])
-            keys, statuses = table.column(0).to_pylist(), table.column(1).to_pylist()
-            latest.update(zip(keys, statuses, strict=True))
+            columns = ["item_key", "runflow_status", "runflow_cost"]
+            keys, statuses, costs = _read_table(part, name, columns=columns).to_pydict().values()
+            latest.update(zip(keys, zip(statuses, costs, strict=True), strict=True))
     counts: dict[str, int] = {}
-    for status in latest.values():
+    spent, succeeded = Decimal(0), 0
+    for status, cost in latest.values():
         counts[str(status)] = counts.get(str(status), 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+        spent += Decimal(cost) if cost else 0
+        succeeded += status == "succeeded"
+    return {
+        "outcomes": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+        "spent": str(spent),
+        "price_per_run": str(spent / succeeded) if succeeded else None,
+    }
 
 
 def recorded_rows(state: State) -> tuple[pd.DataFrame, list[Intent]]:

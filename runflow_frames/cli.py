@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -365,6 +366,15 @@ def main(log_level: str) -> None:
     "was spent, what runs still going will cost and that chunk over it",
 )
 @click.option("--dry-run", is_flag=True, help="validate every row, print the plan, send nothing")
+@click.option(
+    "--price-per-run",
+    help="with --dry-run: project the whole input's cost at this price per run",
+)
+@click.option(
+    "--price-from",
+    help="with --dry-run: project the cost at the price per run a finished job's checkpoint "
+    "learned (its collected outcomes)",
+)
 @click.option("--base-url", envvar="RUNFLOW_BASE_URL")
 @click.option("--org-id", envvar="RUNFLOW_ORG_ID")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: on a tty)")
@@ -388,6 +398,8 @@ def submit(
     canary_max_failed: float,
     max_cost: str | None,
     dry_run: bool,
+    price_per_run: str | None,
+    price_from: str | None,
     base_url: str | None,
     org_id: str | None,
     progress: bool | None,
@@ -401,7 +413,10 @@ def submit(
     chosen = [c.strip() for c in columns.split(",")] if columns else None
     nulls = None if csv_nulls is None else csv_nulls.split(",")
     if dry_run:
-        _dry_run(source, owner, slug, key, chosen, chunk_size, meta, debug, nulls)
+        price = _price(price_per_run, price_from, debug)
+        _dry_run(source, owner, slug, key, chosen, chunk_size, meta, debug, nulls, price)
+    if price_per_run is not None or price_from is not None:
+        raise click.UsageError("--price-per-run and --price-from go with --dry-run")
     if output is None:
         raise click.UsageError("--output is required (or use --dry-run)")
     options: dict[str, Any] = {
@@ -450,6 +465,7 @@ def _dry_run(
     metadata: dict[str, Any] | None,
     debug: bool,
     nulls: list[str] | None,
+    price: Decimal | None = None,
 ) -> NoReturn:
     from ._files import plan_file
 
@@ -467,7 +483,35 @@ def _dry_run(
         ),
     )
     click.echo(str(plan))
-    sys.exit(0 if plan.ok else EXIT_REFUSED)
+    if price is not None:
+        projected = (price * plan.rows).quantize(Decimal("0.01"))
+        click.echo(
+            f"{'cost':<13}about {projected} if every run succeeds ({plan.rows:,} rows x "
+            f"{price.normalize():f} per run)"
+        )
+        _report(projected_cost=str(projected), price_per_run=str(price))
+    _exit(0 if plan.ok else EXIT_REFUSED)
+
+
+def _price(per_run: str | None, learned_from: str | None, debug: bool) -> Decimal | None:
+    """The price a dry run projects at: given, or learned by a finished job's checkpoint."""
+    from ._budget import budget_of
+    from ._stores import read_checkpoint
+
+    if per_run is not None and learned_from is not None:
+        raise click.UsageError("give --price-per-run or --price-from, not both")
+    if per_run is not None:
+        return _guarded(debug, lambda: budget_of(per_run, "--price-per-run"))
+    if learned_from is None:
+        return None
+    progress = _guarded(debug, lambda: read_checkpoint(learned_from)).attrs["progress"]
+    if progress["price_per_run"] is None:
+        _fail(
+            f"checkpoint {learned_from} has no collected run with a cost yet: run "
+            "'runflow-frames collect' on it first",
+            EXIT_USAGE,
+        )
+    return Decimal(progress["price_per_run"])
 
 
 def _submit_file(
@@ -615,6 +659,16 @@ def _status_lines(p: dict[str, Any]) -> list[tuple[str, str]]:
         lines.append(("collected", f"{collected:,} of {submitted:,} rows: {counts}"))
     else:
         lines.append(("collected", "nothing yet (runflow-frames collect)"))
+    if p.get("price_per_run") is not None:
+        price = Decimal(p["price_per_run"])
+        rows = total or submitted
+        lines.append(
+            (
+                "cost",
+                f"{p['spent']} spent on the runs collected ({price.normalize():f} per succeeded "
+                f"run); about {(price * rows).quantize(Decimal('0.01'))} for all {rows:,} rows",
+            )
+        )
     pace = p["pace"] or {}
     if pace.get("rate") or pace.get("cap"):
         learned = [f"{pace['rate']:.1f} requests/s" if pace.get("rate") else "", ""]

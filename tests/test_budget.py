@@ -126,3 +126,28 @@ def test_the_command_line_stops_at_its_budget_exits_7_and_resumes_with_more(
     assert done.returncode == 0, done.stderr
     assert server.accounting().runs_by_client_ref == {f"r{i}": 1 for i in range(3_000)}
     assert pd.read_parquet(tmp_path / "out.parquet")["runflow_run_id"].notna().all()
+
+
+@pytest.mark.slow
+def test_status_shows_the_money_and_a_dry_run_projects_the_cost(tmp_path: Path) -> None:
+    import json
+
+    done, planned = tmp_path / "done.parquet", tmp_path / "planned.parquet"
+    frame(300).rename_axis("id").reset_index().to_parquet(done)
+    frame(1_000).rename_axis("id").reset_index().to_parquet(planned)
+    ckpt = str(tmp_path / "ckpt")
+    with serve(Emulator(timing=TIMING, models=MODELS)) as url:
+        args = ["submit", str(done), "-m", "acme/paid", "--key", "id", "--base-url", url]
+        ran = cli(*args, "-o", str(tmp_path / "out.parquet"), "--checkpoint", ckpt, "--wait")
+    assert ran.returncode == 0, ran.stderr
+    status = json.loads(cli("status", ckpt, "--json").stdout)
+    assert (status["spent"], status["price_per_run"]) == ("15.00", "0.05")
+    assert "15.00 spent on the runs collected" in cli("status", ckpt).stdout
+    dry = ["submit", str(planned), "-m", "acme/paid", "--key", "id", "--dry-run"]
+    learned = cli(*dry, "--price-from", ckpt)
+    assert learned.returncode == 0, learned.stderr
+    assert "about 50.00 if every run succeeds (1,000 rows x 0.05 per run)" in learned.stdout
+    given = cli(*dry, "--price-per-run", "0.1", "--json")
+    assert json.loads(given.stdout.splitlines()[-1])["projected_cost"] == "100.00"
+    assert cli(*dry, "--price-per-run", "cheap").returncode == 3
+    assert cli("submit", str(planned), "-m", "acme/paid", "--price-per-run", "1").returncode == 2
