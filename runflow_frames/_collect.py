@@ -22,12 +22,12 @@ from ._frames import to_pandas
 from ._polling import (
     STORED_COLUMNS,
     PollPolicy,
+    ResultRows,
     collect_items,
     decode_outputs,
     encode_outputs,
     finish_columns,
     is_result_column,
-    results_frame,
 )
 from ._progress import ProgressOption, Reporter
 from ._retry import RetryPolicy
@@ -369,8 +369,10 @@ async def _fetch(
     reporter = Reporter(progress, total=int(plan.handled.sum()), desc="collected")
     reporter.advance(int(known.sum()))
 
+    rows = ResultRows()
+
     def on_batch(batch_id: str, batch_items: list[dict[str, Any]]) -> None:
-        fresh.append(results_frame(batch_id, batch_items))
+        rows.add(batch_id, batch_items)
         reporter.advance(int(rows_in.get(batch_id, 0)))
 
     try:
@@ -386,6 +388,8 @@ async def _fetch(
                 on_malformed=plan.malformed.__setitem__,
             )
     finally:
+        if rows.keys:  # kept whatever stopped the collection
+            fresh.append(rows.frame())
         reporter.close()
 
 

@@ -242,6 +242,9 @@ def outcome(item: Mapping[str, Any]) -> dict[str, Any]:
 # Rounds the oldest unfinished batch may be seen running before the younger ones are swept
 # all the same (a batch stuck behind one slow item must not hold back every other one).
 STUCK_ROUNDS: Final = 3
+# Seconds to the next round after one that found batches over: batches made close together
+# end close together, so the rest follow; a grown interval would leave them waiting.
+FOLLOW: Final = 0.2
 
 
 @dataclass(frozen=True)
@@ -275,7 +278,8 @@ async def collect_items(
     ``GET /v1/batches/{id}``). Once it is over, the others are swept in order through their item
     lists, ``max_concurrency`` at a time; a batch whose items have all ended is collected by that
     same request, and the sweep stops at the first window in which none had. A finished batch
-    thus costs one request (a page of up to 500 items), plus one poll per waiting round. When
+    thus costs one request (a page of up to 500 items), plus one poll per waiting round; after
+    a round that found batches over, the next comes ``FOLLOW`` seconds later. When
     the oldest is still running after ``STUCK_ROUNDS`` rounds, the younger ones are swept all
     the same, each round; at the deadline every batch is looked at once more, so every row that
     finished is returned.
@@ -319,6 +323,10 @@ async def collect_items(
         if left <= 0:  # a last look at every batch: every row that finished is returned
             done = set(await sweeper.sweep_all(pending, until_idle=False))
             return [b for b in pending if b not in done]
+        if done:  # batches are ending now: the next ones end soon after
+            await anyio.sleep(min(FOLLOW, left))
+            interval = poll.initial
+            continue
         await anyio.sleep(min(interval, left))
         interval = min(poll.max, interval * poll.growth)
     return pending
@@ -462,15 +470,34 @@ def item_key(batch_id: str, item_id: str) -> str:
     return f"{batch_id}/{item_id}"
 
 
+class ResultRows:
+    """Item outcomes gathered batch by batch, column by column, made one frame at the end (a
+    frame per batch cost more than fetching the batch)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.columns: dict[str, list[Any]] = {name: [] for name in STORED_COLUMNS}
+
+    def add(self, batch_id: str, items: Sequence[Mapping[str, Any]]) -> None:
+        for item in items:
+            if not isinstance(item.get("id"), str):
+                continue
+            self.keys.append(item_key(batch_id, item["id"]))
+            row = {**outcome(item), "client_ref": item.get("client_ref")}
+            for name, values in self.columns.items():
+                values.append(row.get(name))
+
+    def frame(self) -> pd.DataFrame:
+        """Indexed by ``item_key`` (result columns, still raw: see ``finish_columns``), with the
+        ``client_ref`` each item came back with, to check the join."""
+        return pd.DataFrame(self.columns, index=pd.Index(self.keys, dtype=object))
+
+
 def results_frame(batch_id: str, items: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """Item outcomes indexed by ``item_key`` (result columns, still raw: see ``finish_columns``),
-    with the ``client_ref`` each item came back with, to check the join."""
-    rows = {
-        item_key(batch_id, item["id"]): {**outcome(item), "client_ref": item.get("client_ref")}
-        for item in items
-        if isinstance(item.get("id"), str)
-    }
-    return pd.DataFrame.from_dict(rows, orient="index", columns=list(STORED_COLUMNS))
+    """One batch's ``ResultRows`` frame."""
+    rows = ResultRows()
+    rows.add(batch_id, items)
+    return rows.frame()
 
 
 def finish_columns(df: pd.DataFrame, *, flatten: bool) -> pd.DataFrame:
