@@ -31,7 +31,8 @@ from ._frames import to_pandas
 from ._job import SubmitJob
 from ._journal import Journal, Kind, MemoryJournal
 from ._objectstore import inside
-from ._polling import is_result_column
+from ._pipeline import one_error
+from ._polling import PollPolicy, Prefetch, is_result_column
 from ._progress import ProgressOption
 from ._retry import RetryPolicy
 from ._rows import Missing
@@ -258,9 +259,24 @@ async def submit_frame(
     report = None
     if canary is not None:
         report = await _fly(job, canary, connection, await journal(), checkpoint, progress, budget)
-    result = await job.run(await journal(), progress, budget=budget)
-    if wait:
-        result = await collect_frame(result, connection, checkpoint=checkpoint, progress=progress)
+    if not wait:
+        result = await job.run(await journal(), progress, budget=budget)
+    else:  # outcomes are collected while the job still sends, the rest after it
+        prefetch = Prefetch(connection.client(), PollPolicy(), connection.retry)
+        with one_error():
+            async with prefetch.client, anyio.create_task_group() as collecting:
+                collecting.start_soon(prefetch.run)
+                result = await job.run(
+                    await journal(), progress, budget=budget, on_submitted=prefetch.sent
+                )
+                collecting.cancel_scope.cancel()
+        result = await collect_frame(
+            result,
+            connection,
+            checkpoint=checkpoint,
+            progress=progress,
+            prefetched=prefetch.rows.frame(),
+        )
     if report is not None:
         result.attrs.setdefault("runflow", {})["canary"] = report.to_json()
     return result

@@ -239,10 +239,12 @@ async def collect_frame(
     flatten: bool = False,
     progress: ProgressOption = None,
     unconfirmed: pd.Series | None = None,
+    prefetched: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """``frame``'s outcomes joined on (see :func:`collect`); ``unconfirmed`` marks rows a
-    checkpoint recorded as sent without an answer. However it stops, the error carries every
-    row's handle and what was collected."""
+    checkpoint recorded as sent without an answer; ``prefetched``, outcomes collected while the
+    job sent (``_polling.Prefetch``), are not fetched again. However it stops, the error
+    carries every row's handle and what was collected."""
     started = time.monotonic()
     missing = [c for c in NEEDED if c not in frame.columns]
     if missing:
@@ -252,7 +254,7 @@ async def collect_frame(
         )
     plan = _Plan(frame)
     store = None if checkpoint is None else Results(checkpoint, connection.storage_options)
-    fresh: list[pd.DataFrame] = []
+    fresh: list[pd.DataFrame] = [] if prefetched is None or prefetched.empty else [prefetched]
     stopped: BaseException | None = None
     unfinished: list[str] = []
     client = connection.client()
@@ -260,8 +262,9 @@ async def collect_frame(
         if store is not None:
             connection.check_server(store.manifest, checkpoint)
         cached = _from_store(store.read()) if store is not None else _empty_results()
+        known = pd.concat([cached, *fresh]) if fresh else cached
         try:
-            unfinished = await _fetch(client, plan, cached, poll or PollPolicy(), progress, fresh)
+            unfinished = await _fetch(client, plan, known, poll or PollPolicy(), progress, fresh)
         except BaseException as exc:  # noqa: BLE001 - re-raised below, with what was collected
             stopped = exc
     finally:

@@ -90,6 +90,7 @@ class SubmitJob:
         *,
         limit: int | None = None,
         budget: Budget | None = None,
+        on_submitted: Callable[[str, Sequence[str]], None] | None = None,
     ) -> pd.DataFrame:
         """Send what the journal does not have yet (of the first ``limit`` rows only, when
         given: a canary; within ``budget``, when given); the joined frame. Closes the journal.
@@ -108,7 +109,7 @@ class SubmitJob:
         reporter = Reporter(progress, total=len(self.refs), desc="submitted")
         try:
             reporter.advance(resume.submitted)
-            failures = await self._send(journal, resume, reporter, budget)
+            failures = await self._send(journal, resume, reporter, budget, on_submitted)
         except BaseException as exc:
             reporter.close()
             result, _ = self._join(journal, [], exc)
@@ -138,12 +139,22 @@ class SubmitJob:
         return result
 
     async def _send(
-        self, journal: Journal, resume: Resume, reporter: Reporter, budget: Budget | None
+        self,
+        journal: Journal,
+        resume: Resume,
+        reporter: Reporter,
+        budget: Budget | None,
+        tell: Callable[[str, Sequence[str]], None] | None,
     ) -> list[ChunkFailure]:
-        guard = None if budget is None else Guard(budget)
-        if budget is not None:  # what earlier runs sent counts against it
-            for batch_id, rows in _rows_by_batch(journal.handles()).items():
-                budget.sent(batch_id, rows)
+        guard = None if budget is None else _guard(budget, journal)
+        # Who hears of each chunk's POST ending: its batch, or None when it failed.
+        heard: list[Callable[[Chunk, Handles | None], None]] = []
+        if guard is not None:
+            heard.append(
+                lambda c, h: guard.answered(None if h is None else h.batch_id, len(c.refs))
+            )
+        if tell is not None:
+            heard.append(lambda _c, h: None if h is None else tell(h.batch_id, h.item_ids))
 
         def on_failed(failure: ChunkFailure) -> None:
             # A refused chunk created nothing: its rows go back to unsent, so a resume sends
@@ -151,8 +162,8 @@ class SubmitJob:
             if not failure.maybe_created:
                 journal.created_nothing(failure.chunk)
             reporter.advance(len(failure.chunk.refs))
-            if guard is not None:
-                guard.answered(None, len(failure.chunk.refs))
+            for listener in heard:
+                listener(failure.chunk, None)
 
         def on_unsent(chunk: Chunk) -> None:
             # Intended ahead of its POST, never sent (the job stopped): unsent again.
@@ -166,8 +177,8 @@ class SubmitJob:
             journal.answered(chunk, handles)
             journal.remember_pace(gate.pace())
             reporter.advance(len(chunk.refs))
-            if guard is not None:
-                guard.answered(handles.batch_id, len(chunk.refs))
+            for listener in heard:
+                listener(chunk, handles)
 
         async def admit(chunk: Chunk) -> bool:
             assert guard is not None
@@ -310,6 +321,13 @@ def _over_budget(budget: Budget, result: pd.DataFrame, journal: Journal) -> Budg
         result=result,
         budget=budget.to_json(),
     )
+
+
+def _guard(budget: Budget, journal: Journal) -> Guard:
+    """The budget's guard for a run; what earlier runs sent counts against it."""
+    for batch_id, rows in _rows_by_batch(journal.handles()).items():
+        budget.sent(batch_id, rows)
+    return Guard(budget)
 
 
 def _rows_by_batch(handles: pa.Table) -> dict[str, int]:
