@@ -136,9 +136,10 @@ class Guard:
     """A budget in a running job: the gate each chunk passes (``admit``), the account of
     what was answered (``answered``) and the poller (``watch``) that learns the costs."""
 
-    def __init__(self, budget: Budget) -> None:
+    def __init__(self, budget: Budget, show: Callable[..., None] | None = None) -> None:
         self.budget = budget
         self._changed = anyio.Event()
+        self._show = show  # the progress bar's postfix
 
     async def admit(self, rows: int) -> bool:
         """Wait until the chunk may start (True) or must not (False: the job stops)."""
@@ -158,6 +159,13 @@ class Guard:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
+        if self._show is not None:
+            committed = self.budget.committed()
+            self._show(
+                spent=f"{self.budget.spent:f}",
+                committed="?" if committed is None else f"{committed:.2f}",
+                budget=f"{self.budget.max_cost:f}",
+            )
 
     async def watch(self, get: Callable[[str], Awaitable[dict[str, Any]]]) -> None:
         """Poll the batches whose runs are not over, oldest first, one at a time (the creates

@@ -373,9 +373,14 @@ async def _fetch(
     reporter.advance(int(known.sum()))
 
     rows = ResultRows()
+    costs = rows.columns["runflow_cost"]
+    spent = [sum((c for c in cached["runflow_cost"] if isinstance(c, Decimal)), Decimal(0))]
 
     def on_batch(batch_id: str, batch_items: list[dict[str, Any]]) -> None:
+        before = len(costs)
         rows.add(batch_id, batch_items)
+        spent[0] += sum((c for c in costs[before:] if c is not None), Decimal(0))
+        reporter.note(spent=f"{spent[0]:f}")
         reporter.advance(int(rows_in.get(batch_id, 0)))
 
     try:

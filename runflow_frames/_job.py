@@ -146,7 +146,7 @@ class SubmitJob:
         budget: Budget | None,
         tell: Callable[[str, Sequence[str]], None] | None,
     ) -> list[ChunkFailure]:
-        guard = None if budget is None else _guard(budget, journal)
+        guard = None if budget is None else _guard(budget, journal, reporter.note)
         # Who hears of each chunk's POST ending: its batch, or None when it failed.
         heard: list[Callable[[Chunk, Handles | None], None]] = []
         if guard is not None:
@@ -323,11 +323,11 @@ def _over_budget(budget: Budget, result: pd.DataFrame, journal: Journal) -> Budg
     )
 
 
-def _guard(budget: Budget, journal: Journal) -> Guard:
+def _guard(budget: Budget, journal: Journal, show: Callable[..., None]) -> Guard:
     """The budget's guard for a run; what earlier runs sent counts against it."""
     for batch_id, rows in _rows_by_batch(journal.handles()).items():
         budget.sent(batch_id, rows)
-    return Guard(budget)
+    return Guard(budget, show)
 
 
 def _rows_by_batch(handles: pa.Table) -> dict[str, int]:

@@ -55,6 +55,11 @@ class Reporter:
         if self._callback is not None:
             self._callback(self.done, self.total)
 
+    def note(self, **fields: str) -> None:
+        """Shown beside the count (the bar's postfix): money spent, a budget."""
+        if self._bar is not None:
+            self._bar.set_postfix(fields, refresh=False)
+
     def part(self) -> Callable[[int, int], None]:
         """A ``progress`` callback for a part of this job (a block, a block's collect) that
         starts now: its ``(done, total)`` moves this one's count on from here."""

@@ -151,3 +151,21 @@ def test_status_shows_the_money_and_a_dry_run_projects_the_cost(tmp_path: Path) 
     assert json.loads(given.stdout.splitlines()[-1])["projected_cost"] == "100.00"
     assert cli(*dry, "--price-per-run", "cheap").returncode == 3
     assert cli("submit", str(planned), "-m", "acme/paid", "--price-per-run", "1").returncode == 2
+
+
+def test_the_progress_bars_show_the_money(capfd: pytest.CaptureFixture[str]) -> None:
+    server = Emulator(timing=TIMING, models=MODELS)
+    with serve(server) as url:
+        run_batches(
+            frame(1_000),
+            "acme/paid",
+            max_cost=1_000,
+            wait=True,
+            api_key=API_KEY,
+            base_url=url,
+            progress=True,
+        )
+    shown = capfd.readouterr().err
+    assert "budget=1000" in shown  # the submit bar: spent, committed and the budget
+    assert "committed=" in shown
+    assert "spent=50.00" in shown  # the collect bar, once every run is in
