@@ -239,6 +239,56 @@ def outcome(item: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def outcome_row(item: Mapping[str, Any], scrub: Callable[[str], str] = redact) -> dict[str, Any]:
+    """``outcome(check_item(item, scrub=scrub))`` and the ``client_ref`` the item came back with,
+    in one pass over only the fields an outcome uses (no copy of the answer): what collect
+    keeps of each item. ``tests/test_answers.py`` holds the two to the same values."""
+    run: Mapping[str, Any] = item["run"] if isinstance(item.get("run"), dict) else {}
+    error: Mapping[str, Any] = item["error"] if isinstance(item.get("error"), dict) else {}
+    notes: list[str] = []
+    times: dict[str, str | None] = {}
+    costs: dict[str, Decimal | None] = {}
+    for where, answer in (("", item), ("run.", run), ("error.", error)):
+        for name in TIMESTAMP_FIELDS:
+            if name in answer:
+                value = _checked_time(answer[name], where + name, notes)
+                if where != "error.":  # an error's times are checked, never shown
+                    times[name] = times.get(name) or value
+        if "cost" in answer:
+            costs[where] = _checked_cost(answer["cost"], where, notes)
+    output = item.get("output")
+    code = _text(error.get("code"), scrub) or _text(run.get("failure_code"), scrub)
+    message = _text(error.get("message"), scrub) or _text(run.get("failure_message"), scrub)
+    return {
+        "runflow_status": _status(item),
+        "runflow_output": run.get("output") if output is None else output,
+        "runflow_cost": costs[""] if "" in costs else costs.get("run."),
+        "runflow_failure_code": _text(code),
+        "runflow_failure_message": _text(message),
+        "runflow_created_at": times.get("created_at"),
+        "runflow_started_at": times.get("started_at"),
+        "runflow_completed_at": times.get("completed_at"),
+        "runflow_error": f"malformed answer: {'; '.join(notes)}" if notes else None,
+        "client_ref": item.get("client_ref"),
+    }
+
+
+def _checked_cost(value: Any, where: str, notes: list[str]) -> Decimal | None:
+    try:
+        return _parse_decimal(value)
+    except (InvalidOperation, ValueError, TypeError):
+        notes.append(f"{where}cost {_shown(value)} is not a decimal number")
+        return None
+
+
+def _checked_time(value: Any, name: str, notes: list[str]) -> str | None:
+    try:
+        return canonical_timestamp(value)
+    except (ValueError, TypeError, OverflowError):
+        notes.append(f"{name} {_shown(value)} is not a timestamp")
+        return None
+
+
 # Rounds the oldest unfinished batch may be seen running before the younger ones are swept
 # all the same (a batch stuck behind one slow item must not hold back every other one).
 STUCK_ROUNDS: Final = 3
@@ -288,7 +338,8 @@ async def collect_items(
     hold for a batch: pages that lack one (a cursor that repeats, a page that goes missing) are
     a ProtocolError, never a silently short result. An API error whose retries are spent raises.
 
-    ``on_batch`` gets items ``check_item`` has checked: what it keeps holds no malformed value.
+    ``on_batch`` gets each finished batch's items as outcome rows (``outcome_row``: what
+    ``check_item`` then ``outcome`` make of them, with the item's ``id``): no malformed value.
     A batch whose items cannot be filed by id (an item without a string id, an id that repeats)
     never reaches ``on_batch``: ``on_malformed(batch_id, message)`` hears of it, and it counts
     as done (not polled again by this call), so the other batches are still collected. Without
@@ -450,19 +501,32 @@ class _Sweeper:
         finished.append(batch_id)
 
     def checked(self, batch_id: str, items: list[Any]) -> list[dict[str, Any]]:
-        """``items`` through ``check_item`` (redacting this client's key too); malformed
-        values are logged once per batch."""
-        checked = [check_item(i, scrub=self.client.redact) for i in items]
-        noted = [i for i in checked if _NOTES in i]
+        """``items`` as outcome rows (``outcome_row``, redacting this client's key too) with
+        their ``id``; malformed values are logged once per batch."""
+        rows = _rows_of(items, self.client.redact)
+        noted = [r for r in rows if r["runflow_error"]]
         if noted:
             _log.warning(
                 "batch %s: %d item answer(s) malformed, their bad values dropped; e.g. item %s: %s",
                 batch_id,
                 len(noted),
                 noted[0]["id"],
-                "; ".join(noted[0][_NOTES]),
+                noted[0]["runflow_error"].removeprefix("malformed answer: "),
             )
-        return checked
+        return rows
+
+
+def _rows_of(
+    items: Sequence[Mapping[str, Any]], scrub: Callable[[str], str]
+) -> list[dict[str, Any]]:
+    """The outcome rows of the items that have a string id, each with its ``id``."""
+    rows = []
+    for item in items:
+        if isinstance(item.get("id"), str):
+            row = outcome_row(item, scrub)
+            row["id"] = item["id"]
+            rows.append(row)
+    return rows
 
 
 class Prefetch:
@@ -512,14 +576,12 @@ class ResultRows:
         self.keys: list[str] = []
         self.columns: dict[str, list[Any]] = {name: [] for name in STORED_COLUMNS}
 
-    def add(self, batch_id: str, items: Sequence[Mapping[str, Any]]) -> None:
-        for item in items:
-            if not isinstance(item.get("id"), str):
-                continue
-            self.keys.append(item_key(batch_id, item["id"]))
-            row = {**outcome(item), "client_ref": item.get("client_ref")}
+    def add(self, batch_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """A batch's outcome rows (``_Sweeper.checked``'s)."""
+        for row in rows:
+            self.keys.append(item_key(batch_id, row["id"]))
             for name, values in self.columns.items():
-                values.append(row.get(name))
+                values.append(row[name])
 
     def frame(self) -> pd.DataFrame:
         """Indexed by ``item_key`` (result columns, still raw: see ``finish_columns``), with the
@@ -528,9 +590,9 @@ class ResultRows:
 
 
 def results_frame(batch_id: str, items: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """One batch's ``ResultRows`` frame."""
+    """One batch's ``ResultRows`` frame, from its item answers."""
     rows = ResultRows()
-    rows.add(batch_id, items)
+    rows.add(batch_id, _rows_of(items, redact))
     return rows.frame()
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import orjson
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import runflow_frames
 from runflow_frames._client import AsyncRunflowClient, redact
@@ -26,6 +28,7 @@ from runflow_frames._polling import (
     collect_items,
     finish_columns,
     outcome,
+    outcome_row,
     results_frame,
 )
 from runflow_frames._retry import RetryPolicy
@@ -415,3 +418,44 @@ def test_collect_reports_a_batch_repeating_an_item_id_on_its_rows_and_keeps_the_
     done = runflow_frames.collect(out, checkpoint=ck, **options)
     assert emu.accounting().requests_by_route["GET /v1/batches/{id}/items"] == pages + 1
     assert (done["runflow_status"] == "succeeded").all()
+
+
+_TIMES = st.sampled_from(
+    [
+        None,
+        "",
+        "2024-05-01T12:00:00Z",
+        "2024-05-01T14:00:00+02:00",
+        "soon",
+        5,
+        "0001-01-01T00:00:00",
+    ]
+)
+_COSTS = st.sampled_from([None, "", "0.05", 0.05, 3, "NaN", "12abc", True, "Infinity"])
+_TEXTS = st.sampled_from([None, "", "QUOTA", "Bearer abcdefgh123", {"nested": 1}, 7])
+
+
+def _answer(*, with_texts: tuple[str, ...] = ()) -> st.SearchStrategy[dict[str, Any]]:
+    fields = dict.fromkeys(("created_at", "started_at", "completed_at"), _TIMES)
+    fields |= {"cost": _COSTS, "status_code": st.sampled_from([None, "succeeded", "failed"])}
+    fields |= {"output": st.sampled_from([None, {"text": "A"}, [1]])}
+    fields |= dict.fromkeys(with_texts, _TEXTS)
+    return st.fixed_dictionaries({}, optional=fields)
+
+
+@given(
+    item=_answer(),
+    run=st.one_of(st.none(), st.just("x"), _answer(with_texts=("failure_code", "failure_message"))),
+    error=st.one_of(st.none(), _answer(with_texts=("code", "message"))),
+    ref=st.sampled_from([None, "r1"]),
+)
+def test_the_one_pass_outcome_is_the_checked_outcome(
+    item: dict[str, Any], run: Any, error: Any, ref: str | None
+) -> None:
+    answer = {**item, "id": "i", "client_ref": ref}
+    if run is not None:
+        answer["run"] = run
+    if error is not None:
+        answer["error"] = error
+    expected = {**outcome(check_item(answer)), "client_ref": ref}
+    assert outcome_row(answer) == expected
