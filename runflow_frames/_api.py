@@ -39,6 +39,9 @@ from ._rows import Missing
 from ._sync import sync_twin
 
 _log = logging.getLogger("runflow_frames.canary")
+# wait=True polls the oldest batch sooner than collect() does: its runs were just created,
+# and the user is waiting for them (at most one lean GET per 2 s while they run).
+WAIT_POLL = PollPolicy(initial=0.25, max=2.0)
 
 if TYPE_CHECKING:
     import httpx
@@ -262,7 +265,7 @@ async def submit_frame(
     if not wait:
         result = await job.run(await journal(), progress, budget=budget)
     else:  # outcomes are collected while the job still sends, the rest after it
-        prefetch = Prefetch(connection.client(), PollPolicy(), connection.retry)
+        prefetch = Prefetch(connection.client(), WAIT_POLL, connection.retry)
         with one_error():
             async with prefetch.client, anyio.create_task_group() as collecting:
                 collecting.start_soon(prefetch.run)
@@ -275,6 +278,7 @@ async def submit_frame(
             connection,
             checkpoint=checkpoint,
             progress=progress,
+            poll=WAIT_POLL,
             prefetched=prefetch.rows.frame(),
         )
     if report is not None:
