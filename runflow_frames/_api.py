@@ -272,7 +272,7 @@ async def submit_frame(
                 result = await job.run(
                     await journal(), progress, budget=budget, on_submitted=prefetch.sent
                 )
-                collecting.cancel_scope.cancel()
+                prefetch.stop()
         result = await collect_frame(
             result,
             connection,

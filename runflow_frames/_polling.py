@@ -532,8 +532,9 @@ def _rows_of(
 class Prefetch:
     """Outcomes collected while the job still sends (``wait=True``): batches are added as they
     are created (``sent``), and ``run`` sweeps the oldest ones as they end, the way
-    ``collect_items`` does, until cancelled. What it gathered (``rows``) the final collect does
-    not fetch again; a batch it could not file, or an API error, is left to that collect."""
+    ``collect_items`` does, until ``stop`` (it ends after the round under way: a page asked
+    for is never thrown away). What it gathered (``rows``) the final collect does not fetch
+    again; a batch it could not file, or an API error, is left to that collect."""
 
     def __init__(self, client: AsyncRunflowClient, poll: PollPolicy, retry: RetryPolicy) -> None:
         self.client = client
@@ -543,21 +544,27 @@ class Prefetch:
         self._sweeper = _Sweeper(
             client, poll, retry, self.rows.add, lambda _b, _m: None, seen={}, expected=self.expected
         )
+        self._stop = anyio.Event()
 
     def sent(self, batch_id: str, item_ids: Sequence[str]) -> None:
         """A batch was created with these items."""
         self.expected.setdefault(batch_id, set()).update(item_ids)
 
+    def stop(self) -> None:
+        """The job has sent everything: end after the round under way."""
+        self._stop.set()
+
     async def run(self) -> None:
         interval = self._sweeper.poll.initial
         try:
-            while True:
+            while not self._stop.is_set():
                 pending = [b for b in self.expected if b not in self.done]
                 done: set[str] = set()
                 if pending and await self._sweeper.probe(pending[0]):
                     done = set(await self._sweeper.sweep_all(pending))
                     self.done |= done
-                await anyio.sleep(FOLLOW if done or not pending else interval)
+                with anyio.move_on_after(FOLLOW if done or not pending else interval):
+                    await self._stop.wait()
                 interval = FOLLOW if done else min(self._sweeper.poll.max, interval * 1.5)
         except APIError as error:  # the final collect tries again, and reports
             _log.info("collecting while sending stopped (%s); collecting after it instead", error)
