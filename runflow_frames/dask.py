@@ -89,8 +89,10 @@ def run_batches(
     """Submit every row of a Dask DataFrame, partition by partition, exactly once.
 
     Lazy, like any Dask operation: nothing is sent until the result is computed (or written).
-    Takes the options of :func:`runflow_frames.run_batches`; ``max_concurrency`` caps requests
-    in flight across the whole cluster. Row keys must be unique within each partition (they
+    Takes the options of :func:`runflow_frames.run_batches` but ``canary`` and ``max_cost``
+    (each partition would judge and spend on its own: a budget needs one account for the
+    cluster, not built yet); ``max_concurrency`` caps requests in flight across the whole
+    cluster. Row keys must be unique within each partition (they
     are checked there); a key repeated in two partitions is sent twice, as two rows.
 
     Raises
