@@ -300,7 +300,7 @@ async def _fly(
     rows = min(canary.rows, len(job.refs))
     sent = await job.run(journal, progress, limit=rows, budget=budget)
     head = await collect_frame(
-        sent.iloc[:rows], connection, checkpoint=checkpoint, progress=progress
+        sent.iloc[:rows], connection, checkpoint=checkpoint, progress=progress, poll=WAIT_POLL
     )
     report = judge(head, canary.max_failed)
     if report.passed:
