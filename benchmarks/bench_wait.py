@@ -23,7 +23,9 @@ from runflow_frames import run_batches
 
 def once(url: str, rows: int) -> tuple[float, float]:
     """(seconds from the last run's end to the return, seconds the whole call took)."""
-    df = pd.DataFrame({"text": [f"t{i}" for i in range(rows)]}, index=[f"r{i}" for i in range(rows)])
+    df = pd.DataFrame(
+        {"text": [f"t{i}" for i in range(rows)]}, index=[f"r{i}" for i in range(rows)]
+    )
     started = time.time()
     out = run_batches(df, "acme/echo", wait=True, api_key="bench", base_url=url, progress=False)
     returned = time.time()
