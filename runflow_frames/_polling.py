@@ -39,8 +39,6 @@ DEFAULT_POLL_INITIAL: Final = 1.0
 DEFAULT_POLL_MAX: Final = 15.0
 # The timestamps of an item answer, and of the run it carries.
 TIMESTAMP_FIELDS: Final = ("created_at", "started_at", "completed_at")
-# Where a checked item keeps what was malformed in its answer: our key, never a server field.
-_NOTES: Final = "runflow_frames.notes"
 # Years inside what pandas' datetime64[ns] holds (1677-09-21 to 2262-04-11).
 _YEARS: Final = range(1678, 2262)
 _log = logging.getLogger("runflow_frames")
@@ -93,14 +91,6 @@ def next_cursor(page: Mapping[str, Any]) -> str | None:
     return value
 
 
-def _decimal(value: Any) -> Decimal | None:
-    """A cost as a finite Decimal; None for None, ``""`` and anything else (see ``check_item``)."""
-    try:
-        return _parse_decimal(value)
-    except (InvalidOperation, ValueError, TypeError):
-        return None
-
-
 def _parse_decimal(value: Any) -> Decimal | None:
     if value is None or value == "":
         return None
@@ -146,56 +136,6 @@ def _text(value: Any, scrub: Callable[[str], str] = redact) -> str | None:
     return scrub(value if isinstance(value, str) else orjson.dumps(value).decode())
 
 
-def _checked(
-    answer: Mapping[str, Any],
-    where: str,
-    notes: list[str],
-    texts: Sequence[str],
-    scrub: Callable[[str], str],
-) -> dict[str, Any]:
-    """A copy of ``answer`` (an item, its run or its error) with canonical timestamps, a cost
-    that is a number and redacted ``texts``; a malformed value becomes None and a note."""
-    out = dict(answer)
-    for name in TIMESTAMP_FIELDS:
-        if name in out:
-            try:
-                out[name] = canonical_timestamp(out[name])
-            except (ValueError, TypeError, OverflowError):
-                notes.append(f"{where}{name} {_shown(out[name])} is not a timestamp")
-                out[name] = None
-    if "cost" in out:
-        try:
-            _parse_decimal(out["cost"])
-        except (InvalidOperation, ValueError, TypeError):
-            notes.append(f"{where}cost {_shown(out['cost'])} is not a decimal number")
-            out["cost"] = None
-    for name in texts:
-        out[name] = _text(out.get(name), scrub)
-    return out
-
-
-def check_item(item: Mapping[str, Any], *, scrub: Callable[[str], str] = redact) -> dict[str, Any]:
-    """An item answer fit to keep: a copy whose timestamps (its own and its run's) are canonical
-    UTC text, whose cost is a finite number and whose failure texts went through ``scrub``.
-
-    A value that is malformed is dropped (None) and noted: ``outcome`` gives the notes as
-    ``runflow_error``. Outcomes are cached once fetched, so only checked values may reach the
-    cache: one bad value must never fail this collect, nor every later one.
-    """
-    notes: list[str] = []
-    checked = _checked(item, "", notes, (), scrub)
-    checked.pop(_NOTES, None)
-    if isinstance(item.get("run"), dict):
-        checked["run"] = _checked(
-            item["run"], "run.", notes, ("failure_code", "failure_message"), scrub
-        )
-    if isinstance(item.get("error"), dict):
-        checked["error"] = _checked(item["error"], "error.", notes, ("code", "message"), scrub)
-    if notes:
-        checked[_NOTES] = notes
-    return checked
-
-
 def _unfiled(batch_id: str, items: Sequence[Any]) -> str | None:
     for n, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
@@ -217,32 +157,15 @@ def _status(item: Mapping[str, Any]) -> Any:
     return item.get("status_code") or (run.get("status_code") if isinstance(run, dict) else None)
 
 
-def outcome(item: Mapping[str, Any]) -> dict[str, Any]:
-    """One item's outcome as result-column values (every field optional), and ``runflow_error``:
-    what ``check_item`` found malformed in the answer, or None. Server text is redacted."""
-    run: Mapping[str, Any] = item["run"] if isinstance(item.get("run"), dict) else {}
-    error: Mapping[str, Any] = item["error"] if isinstance(item.get("error"), dict) else {}
-    output = item.get("output")
-    if output is None:
-        output = run.get("output")
-    notes = item.get(_NOTES)
-    return {
-        "runflow_status": _status(item),
-        "runflow_output": output,
-        "runflow_cost": _decimal(item.get("cost", run.get("cost"))),
-        "runflow_failure_code": _text(error.get("code") or run.get("failure_code")),
-        "runflow_failure_message": _text(error.get("message") or run.get("failure_message")),
-        "runflow_created_at": item.get("created_at") or run.get("created_at"),
-        "runflow_started_at": item.get("started_at") or run.get("started_at"),
-        "runflow_completed_at": item.get("completed_at") or run.get("completed_at"),
-        "runflow_error": f"malformed answer: {'; '.join(notes)}" if notes else None,
-    }
-
-
 def outcome_row(item: Mapping[str, Any], scrub: Callable[[str], str] = redact) -> dict[str, Any]:
-    """``outcome(check_item(item, scrub=scrub))`` and the ``client_ref`` the item came back with,
-    in one pass over only the fields an outcome uses (no copy of the answer): what collect
-    keeps of each item. ``tests/test_answers.py`` holds the two to the same values."""
+    """One item answer as the result-column values collect keeps (every field optional), the
+    ``client_ref`` it came back with, and ``runflow_error``: what was malformed in it.
+
+    Timestamps (the item's, its run's, its error's) become canonical UTC text and costs finite
+    Decimals; a malformed value is dropped (None) and noted. Failure texts go through ``scrub``
+    and ``redact``. Outcomes are cached once fetched, so only checked values may reach the
+    cache: one bad value must never fail this collect, nor every later one. One pass over only
+    the fields an outcome uses (no copy of the answer)."""
     run: Mapping[str, Any] = item["run"] if isinstance(item.get("run"), dict) else {}
     error: Mapping[str, Any] = item["error"] if isinstance(item.get("error"), dict) else {}
     notes: list[str] = []
@@ -338,8 +261,8 @@ async def collect_items(
     hold for a batch: pages that lack one (a cursor that repeats, a page that goes missing) are
     a ProtocolError, never a silently short result. An API error whose retries are spent raises.
 
-    ``on_batch`` gets each finished batch's items as outcome rows (``outcome_row``: what
-    ``check_item`` then ``outcome`` make of them, with the item's ``id``): no malformed value.
+    ``on_batch`` gets each finished batch's items as outcome rows (``outcome_row``, with the
+    item's ``id``): no malformed value.
     A batch whose items cannot be filed by id (an item without a string id, an id that repeats)
     never reaches ``on_batch``: ``on_malformed(batch_id, message)`` hears of it, and it counts
     as done (not polled again by this call), so the other batches are still collected. Without
@@ -565,7 +488,8 @@ class Prefetch:
                     self.done |= done
                 with anyio.move_on_after(FOLLOW if done or not pending else interval):
                     await self._stop.wait()
-                interval = FOLLOW if done else min(self._sweeper.poll.max, interval * 1.5)
+                poll = self._sweeper.poll
+                interval = FOLLOW if done else min(poll.max, interval * poll.growth)
         except APIError as error:  # the final collect tries again, and reports
             _log.info("collecting while sending stopped (%s); collecting after it instead", error)
 
@@ -607,7 +531,7 @@ def finish_columns(df: pd.DataFrame, *, flatten: bool) -> pd.DataFrame:
     """Typed result columns: timestamps as UTC datetimes, cost as Decimal (object), and the
     output dict spread into ``runflow_output.<key>`` columns when ``flatten``."""
     for col in ("runflow_created_at", "runflow_started_at", "runflow_completed_at"):
-        # Values were checked before they were kept (check_item); coerce is a last defence.
+        # Values were checked before they were kept (outcome_row); coerce is a last defence.
         df[col] = pd.to_datetime(df[col], utc=True, format="ISO8601", errors="coerce")
     for col in ("runflow_status", "runflow_failure_code", "runflow_failure_message"):
         df[col] = df[col].astype("string")

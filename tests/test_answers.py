@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,8 @@ from runflow_frames._errors import APIStatusError
 from runflow_frames._polling import (
     PollPolicy,
     canonical_timestamp,
-    check_item,
     collect_items,
     finish_columns,
-    outcome,
     outcome_row,
     results_frame,
 )
@@ -268,7 +267,7 @@ def test_what_is_not_a_timestamp_is_refused(value: Any) -> None:
         canonical_timestamp(value)
 
 
-def test_check_item_drops_and_notes_malformed_values() -> None:
+def test_an_outcome_row_drops_and_notes_malformed_values() -> None:
     item = {
         "id": "i1",
         "status_code": "succeeded",
@@ -277,9 +276,8 @@ def test_check_item_drops_and_notes_malformed_values() -> None:
         "cost": "12abc",
         "run": {"started_at": "soon", "cost": "NaN", "failure_message": "Bearer abcdefgh123"},
     }
-    checked = check_item(item)
+    got = outcome_row(item)
     assert item["completed_at"] == BAD_TIME  # the answer itself is left as it was
-    got = outcome(checked)
     assert got["runflow_created_at"] == "2024-05-01T12:00:00.000000Z"
     assert got["runflow_completed_at"] is None
     assert got["runflow_started_at"] is None
@@ -290,7 +288,7 @@ def test_check_item_drops_and_notes_malformed_values() -> None:
         "cost '12abc' is not a decimal number; run.started_at 'soon' is not a timestamp; "
         "run.cost 'NaN' is not a decimal number"
     )
-    assert outcome(check_item({"id": "i2", "cost": "0.5"}))["runflow_error"] is None
+    assert outcome_row({"id": "i2", "cost": "0.5"})["runflow_error"] is None
     # Whatever slips through, typing the columns does not fail on it.
     raw = results_frame("b", [item])
     typed = finish_columns(raw, flatten=False)
@@ -449,7 +447,7 @@ def _answer(*, with_texts: tuple[str, ...] = ()) -> st.SearchStrategy[dict[str, 
     error=st.one_of(st.none(), _answer(with_texts=("code", "message"))),
     ref=st.sampled_from([None, "r1"]),
 )
-def test_the_one_pass_outcome_is_the_checked_outcome(
+def test_an_outcome_row_keeps_only_well_formed_values_whatever_the_answer(
     item: dict[str, Any], run: Any, error: Any, ref: str | None
 ) -> None:
     answer = {**item, "id": "i", "client_ref": ref}
@@ -457,5 +455,30 @@ def test_the_one_pass_outcome_is_the_checked_outcome(
         answer["run"] = run
     if error is not None:
         answer["error"] = error
-    expected = {**outcome(check_item(answer)), "client_ref": ref}
-    assert outcome_row(answer) == expected
+    row = outcome_row(answer)
+    assert row["client_ref"] == ref
+    cost = row["runflow_cost"]
+    assert cost is None or (isinstance(cost, Decimal) and cost.is_finite())
+    for name in ("runflow_created_at", "runflow_started_at", "runflow_completed_at"):
+        assert row[name] is None or canonical_timestamp(row[name]) == row[name]
+    for name in ("runflow_failure_code", "runflow_failure_message"):
+        assert row[name] is None or "abcdefgh123" not in row[name]
+    malformed = any(v in (5, "soon", "0001-01-01T00:00:00") for v in _times_in(answer)) or any(
+        v in ("NaN", "12abc", True, "Infinity") for v in _costs_in(answer)
+    )
+    assert (row["runflow_error"] is not None) == malformed
+    # Whatever the answer, typing the columns does not fail on the row.
+    finish_columns(results_frame("b", [answer]), flatten=False)
+
+
+def _parts(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    return [answer] + [answer[k] for k in ("run", "error") if isinstance(answer.get(k), dict)]
+
+
+def _times_in(answer: dict[str, Any]) -> list[Any]:
+    names = ("created_at", "started_at", "completed_at")
+    return [part[n] for part in _parts(answer) for n in names if n in part]
+
+
+def _costs_in(answer: dict[str, Any]) -> list[Any]:
+    return [part["cost"] for part in _parts(answer) if "cost" in part]
