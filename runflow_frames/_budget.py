@@ -68,6 +68,10 @@ class Budget:
     batches: dict[str, _Seen] = field(default_factory=dict)  # in the order they were sent
     sending: int = 0  # rows of chunks started, not answered yet
     stopped: bool = False  # a chunk would have crossed the line
+    # Totals over ``batches``, kept as they change: every chunk consults them.
+    spent: Decimal = field(default=Decimal(0), init=False)
+    _succeeded: int = field(default=0, init=False)
+    _unended: int = field(default=0, init=False)  # rows of known batches whose runs go on
 
     @classmethod
     def of(cls, max_cost: Any, max_concurrency: int) -> Budget | None:
@@ -77,11 +81,14 @@ class Budget:
 
     def sent(self, batch_id: str, rows: int) -> None:
         """A batch exists (answered now, or recorded by an earlier run)."""
-        self.batches.setdefault(batch_id, _Seen(rows))
+        if batch_id not in self.batches:
+            self.batches[batch_id] = _Seen(rows)
+            self._unended += rows
 
     def seen(self, batch_id: str, batch: dict[str, Any]) -> None:
         """What a poll of the batch said."""
         entry = self.batches[batch_id]
+        was = (entry.cost, entry.succeeded, entry.ended)
         entry.cost = _amount(batch.get("cost")) or entry.cost
         counts = [batch.get(k) for k in ("items_succeeded", "items_failed", "items_cancelled")]
         numbers = [c if isinstance(c, int) else 0 for c in counts]
@@ -89,19 +96,17 @@ class Budget:
         entry.over = batch_is_over(batch)
         if entry.over:
             entry.ended = entry.rows
-
-    @property
-    def spent(self) -> Decimal:
-        return sum((b.cost for b in self.batches.values()), Decimal(0))
+        self.spent += entry.cost - was[0]
+        self._succeeded += entry.succeeded - was[1]
+        self._unended -= entry.ended - was[2]
 
     def price(self) -> Decimal | None:
         """Spent per succeeded run, or None before the first."""
-        succeeded = sum(b.succeeded for b in self.batches.values())
-        return self.spent / succeeded if succeeded else None
+        return self.spent / self._succeeded if self._succeeded else None
 
     def going(self) -> int:
         """Rows sent (or being sent) whose runs are not over."""
-        return self.sending + sum(b.rows - b.ended for b in self.batches.values())
+        return self.sending + self._unended
 
     def committed(self) -> Decimal | None:
         """What the runs still going will cost at the price (None: no price yet)."""
