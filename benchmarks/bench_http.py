@@ -3,14 +3,15 @@ at C = 1, 8 and 64 requests in flight, each option in its own process against th
 asyncio server (its own process; it only echoes one handle per item), a 100-item body.
 
 Through the project's own request path (``AsyncRunflowClient.create_batch``: headers, the
-streamed and capped body read, JSON parse, error mapping), with these transports beneath httpx:
+streamed and capped body read, JSON parse, error mapping), with each wire beneath it:
 
-- ``per-request``: httpx's own pools, one connection each (``ConnectionPerRequest``, today's);
-- ``httpx-pool``: httpx's default pool (httpcore), sized to C;
-- ``aiohttp``: httpx over aiohttp (``httpx_aiohttp.AiohttpTransport``; ``pip install
-  httpx-aiohttp``, not a dependency of the project);
+- ``ours``: the default, aiohttp directly (``_wire.AiohttpWire``);
+- ``httpx-pool``: httpx with its default pool (httpcore), sized to C: what a given
+  ``transport=`` runs on, and what the project ran on before aiohttp;
+- ``httpx-aiohttp``: httpx over aiohttp (``httpx_aiohttp.AiohttpTransport``; only when
+  ``pip install httpx-aiohttp`` was run, not a dependency of the project);
 
-and, for reference, ``aiohttp-alone``: the same POSTs with aiohttp and no httpx at all.
+and, for reference, ``aiohttp-alone``: the same POSTs with aiohttp and none of our code.
 
     python benchmarks/bench_http.py [--requests 2000] [--runs 3]
 """
@@ -18,6 +19,7 @@ and, for reference, ``aiohttp-alone``: the same POSTs with aiohttp and no httpx 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import statistics
@@ -29,11 +31,11 @@ import orjson
 from _common import append_results
 from run_all import _bare_server
 
-OPTIONS = ("per-request", "httpx-pool", "aiohttp", "aiohttp-alone")
+OPTIONS = ("ours", "httpx-pool", "httpx-aiohttp", "aiohttp-alone")
 CLIENT = """
 import asyncio, json, sys, time
 import httpx, orjson
-from runflow_frames._client import AsyncRunflowClient, ConnectionPerRequest
+from runflow_frames._client import AsyncRunflowClient
 from runflow_frames._config import Connection
 
 option, url, requests, concurrency = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -41,8 +43,8 @@ body = orjson.dumps({"input": [{"text": f"item {n} " * 8, "client_ref": f"r{n}"}
 
 
 def transport():
-    if option == "per-request":
-        return ConnectionPerRequest()
+    if option == "ours":
+        return None
     if option == "httpx-pool":
         return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=concurrency))
     from httpx_aiohttp import AiohttpTransport
@@ -93,13 +95,16 @@ def main() -> None:
     server = multiprocessing.Process(target=_bare_server, args=(port,), daemon=True)
     server.start()
     cpu_ms: dict[tuple[str, int], list[float]] = {}
+    options = [
+        o for o in OPTIONS if o != "httpx-aiohttp" or importlib.util.find_spec("httpx_aiohttp")
+    ]
     try:
         while not port.value:
             time.sleep(0.01)
         url = f"http://127.0.0.1:{port.value}"
         for _ in range(args.runs):
             for c in args.concurrency:
-                for option in OPTIONS:
+                for option in options:
                     done = subprocess.run(
                         [sys.executable, "-c", CLIENT, option, url, str(args.requests), str(c)],
                         capture_output=True,
@@ -118,7 +123,7 @@ def main() -> None:
     ]
     header = "| option | " + " | ".join(f"C = {c}" for c in args.concurrency) + " |"
     lines.append(header)
-    for option in OPTIONS:
+    for option in options:
         cells = [f"{statistics.median(cpu_ms[(option, c)]):.2f}" for c in args.concurrency]
         lines.append(f"| {option} | " + " | ".join(cells) + " |")
     append_results(

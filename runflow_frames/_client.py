@@ -1,7 +1,7 @@
-"""The Runflow HTTP client: the only module that imports httpx.
+"""The Runflow HTTP client: requests go out through a wire (``_wire.py``: aiohttp, or httpx).
 
-Every httpx exception and every error status is translated here, once, into the tree of
-``_errors.py``. The API key lives in one private attribute and in the Authorization header of
+Every exception of the wire's library and every error status is translated here, once, into the
+tree of ``_errors.py``. The API key lives in one private attribute and in the Authorization header of
 outgoing requests; it is never formatted into a message, a repr or a log line.
 """
 
@@ -11,9 +11,8 @@ import asyncio
 import functools
 import logging
 import re
-import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, Self
 from urllib.parse import quote
@@ -38,6 +37,7 @@ from ._errors import (
 )
 from ._retry import parse_retry_after
 from ._version import __version__
+from ._wire import BROKEN, MALFORMED, TIMEOUTS, Answer, Timeouts, Wire, open_wire
 
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 # The most of an answer read: a create's for 100 items is tens of KB, a page of items with
@@ -64,77 +64,6 @@ _SECRETS: Final = re.compile(
     r"|(?<![A-Za-z0-9])rf_(?:live|svc|test)_\w+",
     re.IGNORECASE,
 )
-
-
-class ConnectionPerRequest(httpx.AsyncBaseTransport):
-    """A keep-alive connection for each request in flight, each in a pool of its own.
-
-    httpcore 1.0's pool rescans every connection, and every pair of connections, each time a
-    request starts or ends (encode/httpcore#1035, unfixed in 1.0.9): at 64 connections that
-    bookkeeping took most of the client's CPU and throughput fell below what 32 gave. A pool of
-    one connection makes that O(1). Pools are reused last in, first out (the warmest
-    connection first); there are as many as requests were ever in flight at once.
-    """
-
-    def __init__(self) -> None:
-        self._idle: dict[str, list[httpx.AsyncHTTPTransport]] = {}
-        self._pools: list[httpx.AsyncHTTPTransport] = []
-        self._tls: ssl.SSLContext | None = None
-
-    def _new_pool(self, scheme: str) -> httpx.AsyncHTTPTransport:
-        if scheme == "https":
-            # One verified context for all pools (loading the CA bundle costs ~20 ms).
-            self._tls = self._tls or httpx.create_ssl_context()
-            tls = self._tls
-        else:
-            # Plain HTTP (the emulator) needs none; this one, with no CA, verifies nothing.
-            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        pool = httpx.AsyncHTTPTransport(verify=tls, limits=httpx.Limits(max_connections=1))
-        self._pools.append(pool)
-        return pool
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        scheme = request.url.scheme
-        idle = self._idle.setdefault(scheme, [])
-        pool = idle.pop() if idle else self._new_pool(scheme)
-        try:
-            response = await pool.handle_async_request(request)
-        except BaseException:
-            idle.append(pool)
-            raise
-        # The body is read by the caller (no further than its size cap); the pool is free
-        # again once the response is closed, read or not.
-        stream = _ReleasedOnClose(response.stream, lambda: idle.append(pool))
-        return httpx.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=stream,
-            extensions=response.extensions,
-        )
-
-    async def aclose(self) -> None:
-        for pool in self._pools:
-            await pool.aclose()
-
-
-class _ReleasedOnClose(httpx.AsyncByteStream):
-    """A response body that calls ``release`` once, when it is closed."""
-
-    def __init__(self, stream: Any, release: Callable[[], None]) -> None:
-        self._stream = stream
-        self._release: Callable[[], None] | None = release
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for piece in self._stream:
-            yield piece
-
-    async def aclose(self) -> None:
-        try:
-            await self._stream.aclose()
-        finally:
-            if self._release is not None:
-                self._release()
-                self._release = None
 
 
 def model_path(owner: str, slug: str | None = None) -> str:
@@ -205,7 +134,7 @@ class AsyncRunflowClient:
         self.timeout = connection.timeout
         self.__key = connection.api_key.reveal()
         self._transport = connection.transport
-        self._http: httpx.AsyncClient | None = None
+        self._wire: Wire | None = None
         self.requests_made = 0
 
     def key_fingerprint(self, salt: str) -> str:
@@ -231,12 +160,9 @@ class AsyncRunflowClient:
         }
         if self.org_id:
             headers["X-Organization-Id"] = self.org_id
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, DEFAULT_CONNECT_TIMEOUT)),
-            # The pipeline, not httpx, bounds concurrency.
-            transport=self._transport or ConnectionPerRequest(),
+        timeouts = Timeouts(connect=min(self.timeout, DEFAULT_CONNECT_TIMEOUT), io=self.timeout)
+        self._wire = open_wire(
+            headers, timeouts, self._transport, secure=self.base_url.startswith("https:")
         )
         return self
 
@@ -246,9 +172,9 @@ class AsyncRunflowClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        if self._wire is not None:
+            await self._wire.aclose()
+            self._wire = None
 
     # -- endpoints -------------------------------------------------------------------------
 
@@ -280,12 +206,8 @@ class AsyncRunflowClient:
         self, batch_id: str, *, limit: int = 100, cursor: str | None = None
     ) -> dict[str, Any]:
         """One page of ``GET /v1/batches/{id}/items``."""
-        params: dict[str, str | int] = {"limit": limit}
-        if cursor is not None:
-            params["pq"] = cursor
-        return await self._request(
-            "GET", f"/v1/batches/{quote(batch_id, safe='')}/items", params=params
-        )
+        query = f"limit={limit}" + ("" if cursor is None else f"&pq={quote(cursor, safe='')}")
+        return await self._request("GET", f"/v1/batches/{quote(batch_id, safe='')}/items?{query}")
 
     async def get_batch_item(self, batch_id: str, item_id: str) -> dict[str, Any]:
         """``GET /v1/batches/{batch_id}/items/{id}``."""
@@ -310,68 +232,46 @@ class AsyncRunflowClient:
         *,
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
-        params: Mapping[str, str | int] | None = None,
         read_timeout: float | None = None,
         max_bytes: int = MAX_ANSWER,
     ) -> dict[str, Any]:
-        if self._http is None:
+        if self._wire is None:
             raise RuntimeError("use the client as `async with AsyncRunflowClient() as client:`")
         what = f"{method} {path}"
         self.requests_made += 1
         waited = self.timeout if read_timeout is None else read_timeout
-        timeout = httpx.Timeout(
-            self.timeout, connect=min(self.timeout, DEFAULT_CONNECT_TIMEOUT), read=waited
+        send = functools.partial(
+            self._wire.send,
+            method,
+            self.base_url + path,
+            headers=headers,
+            content=content,
+            read_timeout=waited,
+            max_bytes=max_bytes,
+            what=what,
         )
         try:
-            request = self._http.build_request(
-                method, path, content=content, headers=headers, params=params, timeout=timeout
-            )
-            if waited > self.timeout:
-                status, answer, body = await self._watched(what, request, max_bytes)
-            else:
-                status, answer, body = await self._send(what, request, max_bytes)
-        except httpx.TimeoutException as exc:
+            answer = await (self._watched(what, send) if waited > self.timeout else send())
+        except TIMEOUTS as exc:
             raise APITimeoutError(f"{what} timed out after {waited:g} s") from exc
-        except httpx.TransportError as exc:
+        except BROKEN as exc:
             raise APIConnectionError(f"{what} failed: {self._redact(exc)}") from exc
-        except httpx.HTTPError as exc:  # a body that cannot be decoded, too many redirects...
+        except MALFORMED as exc:  # a body that cannot be decoded, a malformed answer...
             raise ProtocolError(f"{what}: {self._redact(exc)}") from exc
+        status = answer.status
         _log.debug("%s -> %d", what, status)
         if 200 <= status < 300:
             try:
-                data = orjson.loads(body)
+                data = orjson.loads(answer.body)
             except orjson.JSONDecodeError as exc:
                 raise ProtocolError(f"{what}: the {status} body is not JSON") from exc
             if not isinstance(data, dict):
                 raise ProtocolError(f"{what}: expected a JSON object, got {type(data).__name__}")
             return data
-        raise _status_error(what, answer, body, key=self.__key)
+        raise _status_error(what, answer, key=self.__key)
 
-    async def _send(
-        self, what: str, request: httpx.Request, max_bytes: int
-    ) -> tuple[int, httpx.Response, bytes]:
-        """The response and its body, read no further than ``max_bytes``: a bigger answer is a
-        protocol error, reported, never read into memory to its end."""
-        assert self._http is not None
-        response = await self._http.send(request, stream=True)
-        try:
-            body = bytearray()
-            async for piece in response.aiter_bytes():
-                body += piece
-                if len(body) > max_bytes:
-                    raise ProtocolError(
-                        f"{what}: the answer is over {max_bytes / 2**20:g} MiB; far more than "
-                        "the API sends, so it was not read to its end",
-                        retryable=False,
-                    )
-        finally:
-            await response.aclose()
-        return response.status_code, response, bytes(body)
-
-    async def _watched(
-        self, what: str, request: httpx.Request, max_bytes: int
-    ) -> tuple[int, httpx.Response, bytes]:
-        """``_send``, saying once if the answer takes longer than ``timeout``: the request is
+    async def _watched(self, what: str, send: Callable[[], Awaitable[Answer]]) -> Answer:
+        """``send()``, saying once if the answer takes longer than ``timeout``: the request is
         then still being processed on the server, and is waited for rather than sent again.
         The event loop's timer says it (a task per request cost a tenth of the round trip)."""
         started = time.monotonic()
@@ -389,7 +289,7 @@ class AsyncRunflowClient:
         except RuntimeError:  # another event loop than asyncio's: only the line after
             said = None
         try:
-            answered = await self._send(what, request, max_bytes)
+            answered = await send()
         finally:
             if said is not None:
                 said.cancel()
@@ -445,20 +345,16 @@ def redact_value(value: Any, *, key: str | None = None, _depth: int = 0) -> Any:
     }
 
 
-def _status_error(
-    what: str, response: httpx.Response, content: bytes, *, key: str | None = None
-) -> APIStatusError:
+def _status_error(what: str, answer: Answer, *, key: str | None = None) -> APIStatusError:
     """The exception for an error status. What the server said (code, message, errors[], request
     id) is redacted here, once, before it goes anywhere."""
-    status = response.status_code
+    status, headers, content = answer.status, answer.headers, answer.body
     body = _json_or_none(content)
     code, message, errors = _parse_error_body(body, content)
     code = None if code is None else redact(code, key=key)
     message = None if message is None else redact(message, key=key)
     errors = None if errors is None else redact_value(errors, key=key)
-    request_id = next(
-        (response.headers[h] for h in _REQUEST_ID_HEADERS if h in response.headers), None
-    )
+    request_id = next((headers[h] for h in _REQUEST_ID_HEADERS if h in headers), None)
     request_id = None if request_id is None else redact(request_id, key=key, limit=200)
     text = (
         f"{what} -> {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
@@ -481,7 +377,7 @@ def _status_error(
         cls = ServerError
     else:
         cls = RequestRejectedError
-    header = response.headers.get("retry-after")
+    header = headers.get("retry-after")
     retry_after = parse_retry_after(header, body, time.time())
     return cls(
         text,
@@ -490,7 +386,7 @@ def _status_error(
         errors=errors,
         request_id=request_id,
         retry_after=retry_after,
-        retry_after_precise=bool(header)
+        retry_after_precise=header is not None
         and re.fullmatch(r"\s*\d*\.\d*[1-9]\d*\s*", header) is not None,
     )
 

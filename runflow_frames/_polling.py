@@ -8,7 +8,6 @@ finished batch's items are paged through once and joined onto the rows by item i
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import random
@@ -111,17 +110,27 @@ def canonical_timestamp(value: Any) -> str | None:
         return None
     if not isinstance(value, str):
         raise TypeError(f"not text but {type(value).__name__}")
-    return _canonical_text(value)
-
-
-@functools.lru_cache(maxsize=4096)
-def _canonical_text(value: str) -> str:
-    # Cached: an item and its run repeat each timestamp, and a batch's items share some.
     when = datetime.fromisoformat(value)
     when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
     if when.year not in _YEARS:
         raise ValueError("a year pandas cannot hold")
     return when.isoformat(timespec="microseconds")[:-6] + "Z"  # strftime: 3x slower
+
+
+class _Seen(dict[str, Any]):
+    """Well-formed server texts already parsed (timestamps, costs), by their text: an item and
+    its run repeat each one, and a batch's items share most. Cleared when it grows past
+    ``limit``. Only texts go in: ``True == 1``, so a number could hit another's entry."""
+
+    def __init__(self, parse: Callable[[str], Any], limit: int = 4096) -> None:
+        super().__init__()
+        self.parse, self.limit = parse, limit
+
+    def __missing__(self, text: str) -> Any:
+        if len(self) >= self.limit:
+            self.clear()
+        value = self[text] = self.parse(text)
+        return value
 
 
 def _shown(value: Any) -> str:
@@ -172,9 +181,11 @@ def outcome_row(item: Mapping[str, Any], scrub: Callable[[str], str] = redact) -
     times: dict[str, str | None] = {}
     costs: dict[str, Decimal | None] = {}
     for where, answer in (("", item), ("run.", run), ("error.", error)):
+        if not answer:
+            continue
         for name in TIMESTAMP_FIELDS:
             if name in answer:
-                value = _checked_time(answer[name], where + name, notes)
+                value = _checked_time(answer[name], where, name, notes)
                 if where != "error.":  # an error's times are checked, never shown
                     times[name] = times.get(name) or value
         if "cost" in answer:
@@ -196,19 +207,23 @@ def outcome_row(item: Mapping[str, Any], scrub: Callable[[str], str] = redact) -
     }
 
 
+_TIMES: Final = _Seen(canonical_timestamp)
+_COSTS: Final = _Seen(_parse_decimal)
+
+
 def _checked_cost(value: Any, where: str, notes: list[str]) -> Decimal | None:
     try:
-        return _parse_decimal(value)
+        return _COSTS[value] if value.__class__ is str else _parse_decimal(value)
     except (InvalidOperation, ValueError, TypeError):
         notes.append(f"{where}cost {_shown(value)} is not a decimal number")
         return None
 
 
-def _checked_time(value: Any, name: str, notes: list[str]) -> str | None:
+def _checked_time(value: Any, where: str, name: str, notes: list[str]) -> str | None:
     try:
-        return canonical_timestamp(value)
+        return _TIMES[value] if value.__class__ is str else canonical_timestamp(value)
     except (ValueError, TypeError, OverflowError):
-        notes.append(f"{name} {_shown(value)} is not a timestamp")
+        notes.append(f"{where}{name} {_shown(value)} is not a timestamp")
         return None
 
 

@@ -1,0 +1,188 @@
+"""What carries a request: aiohttp on asyncio, httpx where a transport is given.
+
+httpx is the seam users and tests see (``transport=``: ``MockTransport``, ASGI transports). When
+none is given and the job runs on asyncio, requests go through aiohttp instead: measured by
+``benchmarks/bench_http.py`` against the same bare server, httpx 0.29 with httpcore's pool costs
+the client about 1 ms of CPU per request (it rescans its pool on every request, encode/httpcore
+#1035), aiohttp about 0.3 ms; on a 100-item page of outcomes (100 KB), 1.6 ms against 0.6.
+On another event loop (trio), httpx with its own pool.
+
+A wire sends one request and hands back the status, headers and body, read no further than a
+cap. It translates nothing: ``TIMEOUTS``, ``BROKEN`` and ``MALFORMED`` name the exceptions of
+both libraries for the one boundary in ``_client.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import aiohttp
+import httpx
+import yarl
+
+from ._errors import ProtocolError
+
+# Exceptions by what they mean, most specific first (aiohttp's timeouts are also connection
+# errors; httpx's are also transport errors).
+TIMEOUTS: Final = (httpx.TimeoutException, asyncio.TimeoutError)
+BROKEN: Final = (httpx.TransportError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+MALFORMED: Final = (httpx.HTTPError, aiohttp.ClientError)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    headers: Mapping[str, str]  # case-insensitive
+    body: bytes
+
+
+class Wire(Protocol):
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None,
+        content: bytes | None,
+        read_timeout: float,
+        max_bytes: int,
+        what: str,
+    ) -> Answer: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds: ``connect`` to open a connection, ``io`` for sending and each read unless a
+    request says otherwise."""
+
+    connect: float
+    io: float
+
+
+def open_wire(
+    headers: Mapping[str, str],
+    timeouts: Timeouts,
+    transport: httpx.AsyncBaseTransport | None,
+    *,
+    secure: bool,
+) -> Wire:
+    """The wire for this client, inside its event loop: aiohttp on asyncio without a given
+    transport, else httpx (over ``transport`` when given). ``secure``: the server is https."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        on_asyncio = False
+    else:
+        on_asyncio = True
+    if transport is None and on_asyncio:
+        return AiohttpWire(headers, timeouts, secure=secure)
+    return HttpxWire(headers, timeouts, transport)
+
+
+def too_big(what: str, max_bytes: int) -> ProtocolError:
+    return ProtocolError(
+        f"{what}: the answer is over {max_bytes / 2**20:g} MiB; far more than the API sends, so "
+        "it was not read to its end",
+        retryable=False,
+    )
+
+
+async def _capped(pieces: AsyncIterator[bytes], what: str, max_bytes: int) -> bytes:
+    body = bytearray()
+    async for piece in pieces:
+        body += piece
+        if len(body) > max_bytes:
+            raise too_big(what, max_bytes)
+    return bytes(body)
+
+
+class AiohttpWire:
+    """One aiohttp session: a keep-alive pool without a limit (the pipeline bounds what is in
+    flight), no redirects followed (as httpx), proxies from the environment (as httpx)."""
+
+    def __init__(self, headers: Mapping[str, str], timeouts: Timeouts, *, secure: bool) -> None:
+        self.timeouts = timeouts
+        # httpx's verified context (certifi, or SSL_CERT_FILE / SSL_CERT_DIR): the same trust
+        # as through httpx. Loading the CA bundle costs ~20 ms, which loopback never needs.
+        tls = httpx.create_ssl_context() if secure else True
+        self.session = aiohttp.ClientSession(
+            headers=dict(headers),
+            connector=aiohttp.TCPConnector(limit=0, ssl=tls),
+            trust_env=True,
+        )
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None,
+        content: bytes | None,
+        read_timeout: float,
+        max_bytes: int,
+        what: str,
+    ) -> Answer:
+        connect, io = self.timeouts.connect, self.timeouts.io
+        # Each read may take ``read_timeout``; the whole exchange at most that plus a
+        # connection and a send (aiohttp has no timeout of its own for sending).
+        timeout = aiohttp.ClientTimeout(
+            total=connect + io + read_timeout, connect=connect, sock_read=read_timeout
+        )
+        async with self.session.request(
+            method,
+            yarl.URL(url, encoded=True),  # our path segments are percent-encoded already
+            data=content,
+            headers=headers,
+            timeout=timeout,
+            allow_redirects=False,
+        ) as response:
+            if (response.content_length or 0) > max_bytes:
+                raise too_big(what, max_bytes)
+            body = await _capped(response.content.iter_any(), what, max_bytes)
+            return Answer(response.status, response.headers, body)
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+class HttpxWire:
+    """One httpx client over ``transport`` (httpx's own pool when None)."""
+
+    def __init__(
+        self,
+        headers: Mapping[str, str],
+        timeouts: Timeouts,
+        transport: httpx.AsyncBaseTransport | None,
+    ) -> None:
+        self.timeouts = timeouts
+        self.client = httpx.AsyncClient(headers=dict(headers), transport=transport)
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None,
+        content: bytes | None,
+        read_timeout: float,
+        max_bytes: int,
+        what: str,
+    ) -> Answer:
+        timeout = httpx.Timeout(self.timeouts.io, connect=self.timeouts.connect, read=read_timeout)
+        request = self.client.build_request(
+            method, url, content=content, headers=headers, timeout=timeout
+        )
+        response = await self.client.send(request, stream=True)
+        try:
+            body = await _capped(response.aiter_bytes(), what, max_bytes)
+        finally:
+            await response.aclose()
+        return Answer(response.status_code, response.headers, body)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
