@@ -161,9 +161,7 @@ class AsyncRunflowClient:
         if self.org_id:
             headers["X-Organization-Id"] = self.org_id
         timeouts = Timeouts(connect=min(self.timeout, DEFAULT_CONNECT_TIMEOUT), io=self.timeout)
-        self._wire = open_wire(
-            headers, timeouts, self._transport, secure=self.base_url.startswith("https:")
-        )
+        self._wire = open_wire(self.base_url, headers, timeouts, self._transport)
         return self
 
     async def __aexit__(

@@ -340,8 +340,9 @@ class _Plan:
             )
         # Rows of unfinished batches show the batch's last status, for now; rows a checkpoint
         # recorded as sent without an answer show "pending" (resume the job to settle them).
-        waiting = batches.isin(unfinished)
-        joined.loc[waiting.to_numpy(), "runflow_status"] = batches[waiting].map(self.statuses)
+        if unfinished:
+            waiting = batches.isin(unfinished)
+            joined.loc[waiting.to_numpy(), "runflow_status"] = batches[waiting].map(self.statuses)
         if unconfirmed is not None and unconfirmed.any():
             joined.loc[unconfirmed.to_numpy(), "runflow_status"] = "pending"
             _log.warning(
@@ -351,7 +352,8 @@ class _Plan:
             )
         # A row with a handle has no submission error: its runflow_error says what was wrong
         # with its answer, or with its batch's.
-        notes = notes.mask(batches.isin(self.malformed), batches.map(self.malformed))
+        if self.malformed:
+            notes = notes.mask(batches.isin(self.malformed), batches.map(self.malformed))
         errors = out["runflow_error"] if "runflow_error" in out else notes.where(~handled)
         out = out.assign(runflow_error=errors.astype("string").where(~handled, notes))
         return pd.concat([out, finish_columns(joined, flatten=flatten)], axis=1)
@@ -373,13 +375,12 @@ async def _fetch(
     reporter.advance(int(known.sum()))
 
     rows = ResultRows()
-    costs = rows.columns["runflow_cost"]
     spent = [sum((c for c in cached["runflow_cost"] if isinstance(c, Decimal)), Decimal(0))]
 
-    def on_batch(batch_id: str, batch_items: list[dict[str, Any]]) -> None:
-        before = len(costs)
-        rows.add(batch_id, batch_items)
-        spent[0] += sum((c for c in costs[before:] if c is not None), Decimal(0))
+    def on_batch(batch_id: str, batch_rows: list[tuple[Any, ...]]) -> None:
+        before = len(rows.rows)
+        rows.add(batch_id, batch_rows)
+        spent[0] += sum((c for c in rows.costs(before) if c is not None), Decimal(0))
         reporter.note(spent=f"{spent[0]:f}")
         reporter.advance(int(rows_in.get(batch_id, 0)))
 

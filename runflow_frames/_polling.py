@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from operator import itemgetter
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
@@ -167,16 +168,33 @@ def _status(item: Mapping[str, Any]) -> Any:
 
 
 def outcome_row(item: Mapping[str, Any], scrub: Callable[[str], str] = redact) -> dict[str, Any]:
-    """One item answer as the result-column values collect keeps (every field optional), the
-    ``client_ref`` it came back with, and ``runflow_error``: what was malformed in it.
+    """``outcome_values`` by column name."""
+    return dict(zip(OUTCOME_COLUMNS, outcome_values(item, scrub), strict=True))
+
+
+# What ``outcome_values`` gives, in order: the stored columns and the item's id.
+OUTCOME_COLUMNS: Final = (*STORED_COLUMNS, "id")
+_COST: Final = OUTCOME_COLUMNS.index("runflow_cost")
+_ERROR: Final = OUTCOME_COLUMNS.index("runflow_error")
+_NOTHING: Final[Mapping[str, Any]] = {}
+
+
+def outcome_values(
+    item: Mapping[str, Any], scrub: Callable[[str], str] = redact
+) -> tuple[Any, ...]:
+    """One item answer as the values collect keeps (``OUTCOME_COLUMNS``; every field optional):
+    the result columns, ``runflow_error`` (what was malformed in the answer), the ``client_ref``
+    it came back with and its ``id``.
 
     Timestamps (the item's, its run's, its error's) become canonical UTC text and costs finite
     Decimals; a malformed value is dropped (None) and noted. Failure texts go through ``scrub``
     and ``redact``. Outcomes are cached once fetched, so only checked values may reach the
     cache: one bad value must never fail this collect, nor every later one. One pass over only
-    the fields an outcome uses (no copy of the answer)."""
-    run: Mapping[str, Any] = item["run"] if isinstance(item.get("run"), dict) else {}
-    error: Mapping[str, Any] = item["error"] if isinstance(item.get("error"), dict) else {}
+    the fields an outcome uses (no copy of the answer), into a tuple: collect keeps a million."""
+    run = item.get("run")
+    run = run if isinstance(run, dict) else _NOTHING
+    error = item.get("error")
+    error = error if isinstance(error, dict) else _NOTHING
     notes: list[str] = []
     times: dict[str, str | None] = {}
     costs: dict[str, Decimal | None] = {}
@@ -191,20 +209,25 @@ def outcome_row(item: Mapping[str, Any], scrub: Callable[[str], str] = redact) -
         if "cost" in answer:
             costs[where] = _checked_cost(answer["cost"], where, notes)
     output = item.get("output")
-    code = _text(error.get("code"), scrub) or _text(run.get("failure_code"), scrub)
-    message = _text(error.get("message"), scrub) or _text(run.get("failure_message"), scrub)
-    return {
-        "runflow_status": _status(item),
-        "runflow_output": run.get("output") if output is None else output,
-        "runflow_cost": costs[""] if "" in costs else costs.get("run."),
-        "runflow_failure_code": _text(code),
-        "runflow_failure_message": _text(message),
-        "runflow_created_at": times.get("created_at"),
-        "runflow_started_at": times.get("started_at"),
-        "runflow_completed_at": times.get("completed_at"),
-        "runflow_error": f"malformed answer: {'; '.join(notes)}" if notes else None,
-        "client_ref": item.get("client_ref"),
-    }
+    if error or run.get("failure_code") is not None or run.get("failure_message") is not None:
+        code = _text(error.get("code"), scrub) or _text(run.get("failure_code"), scrub)
+        message = _text(error.get("message"), scrub) or _text(run.get("failure_message"), scrub)
+        code, message = _text(code), _text(message)
+    else:
+        code = message = None
+    return (
+        item.get("status_code") or run.get("status_code"),
+        run.get("output") if output is None else output,
+        costs[""] if "" in costs else costs.get("run."),
+        code,
+        message,
+        times.get("created_at"),
+        times.get("started_at"),
+        times.get("completed_at"),
+        f"malformed answer: {'; '.join(notes)}" if notes else None,
+        item.get("client_ref"),
+        item.get("id"),
+    )
 
 
 _TIMES: Final = _Seen(canonical_timestamp)
@@ -253,7 +276,7 @@ async def collect_items(
     *,
     poll: PollPolicy,
     retry: RetryPolicy,
-    on_batch: Callable[[str, list[dict[str, Any]]], None],
+    on_batch: Callable[[str, list[tuple[Any, ...]]], None],
     statuses: dict[str, str] | None = None,
     expected: Mapping[str, set[str]] | None = None,
     on_malformed: Callable[[str, str], None] | None = None,
@@ -276,8 +299,8 @@ async def collect_items(
     hold for a batch: pages that lack one (a cursor that repeats, a page that goes missing) are
     a ProtocolError, never a silently short result. An API error whose retries are spent raises.
 
-    ``on_batch`` gets each finished batch's items as outcome rows (``outcome_row``, with the
-    item's ``id``): no malformed value.
+    ``on_batch`` gets each finished batch's items as outcome values (``outcome_values``): no
+    malformed value.
     A batch whose items cannot be filed by id (an item without a string id, an id that repeats)
     never reaches ``on_batch``: ``on_malformed(batch_id, message)`` hears of it, and it counts
     as done (not polled again by this call), so the other batches are still collected. Without
@@ -329,7 +352,7 @@ class _Sweeper:
     client: AsyncRunflowClient
     poll: PollPolicy
     retry: RetryPolicy
-    on_batch: Callable[[str, list[dict[str, Any]]], None]
+    on_batch: Callable[[str, list[tuple[Any, ...]]], None]
     on_malformed: Callable[[str, str], None] | None
     seen: dict[str, str]
     expected: Mapping[str, set[str]]
@@ -438,33 +461,27 @@ class _Sweeper:
         self.on_malformed(batch_id, message)
         finished.append(batch_id)
 
-    def checked(self, batch_id: str, items: list[Any]) -> list[dict[str, Any]]:
-        """``items`` as outcome rows (``outcome_row``, redacting this client's key too) with
-        their ``id``; malformed values are logged once per batch."""
+    def checked(self, batch_id: str, items: list[Any]) -> list[tuple[Any, ...]]:
+        """``items`` as outcome values (``outcome_values``, redacting this client's key too);
+        malformed values are logged once per batch."""
         rows = _rows_of(items, self.client.redact)
-        noted = [r for r in rows if r["runflow_error"]]
+        noted = [r for r in rows if r[_ERROR]]
         if noted:
             _log.warning(
                 "batch %s: %d item answer(s) malformed, their bad values dropped; e.g. item %s: %s",
                 batch_id,
                 len(noted),
-                noted[0]["id"],
-                noted[0]["runflow_error"].removeprefix("malformed answer: "),
+                noted[0][-1],
+                noted[0][_ERROR].removeprefix("malformed answer: "),
             )
         return rows
 
 
 def _rows_of(
     items: Sequence[Mapping[str, Any]], scrub: Callable[[str], str]
-) -> list[dict[str, Any]]:
-    """The outcome rows of the items that have a string id, each with its ``id``."""
-    rows = []
-    for item in items:
-        if isinstance(item.get("id"), str):
-            row = outcome_row(item, scrub)
-            row["id"] = item["id"]
-            rows.append(row)
-    return rows
+) -> list[tuple[Any, ...]]:
+    """The outcome values of the items that have a string id."""
+    return [outcome_values(item, scrub) for item in items if isinstance(item.get("id"), str)]
 
 
 class Prefetch:
@@ -515,24 +532,30 @@ def item_key(batch_id: str, item_id: str) -> str:
 
 
 class ResultRows:
-    """Item outcomes gathered batch by batch, column by column, made one frame at the end (a
-    frame per batch cost more than fetching the batch)."""
+    """Item outcomes gathered batch by batch (``outcome_values``' tuples), made one frame at
+    the end (a frame per batch cost more than fetching the batch)."""
 
     def __init__(self) -> None:
         self.keys: list[str] = []
-        self.columns: dict[str, list[Any]] = {name: [] for name in STORED_COLUMNS}
+        self.rows: list[tuple[Any, ...]] = []
 
-    def add(self, batch_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        """A batch's outcome rows (``_Sweeper.checked``'s)."""
-        for row in rows:
-            self.keys.append(item_key(batch_id, row["id"]))
-            for name, values in self.columns.items():
-                values.append(row[name])
+    def add(self, batch_id: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """A batch's outcome values (``_Sweeper.checked``'s)."""
+        self.keys += [item_key(batch_id, row[-1]) for row in rows]
+        self.rows += rows
+
+    def costs(self, start: int = 0) -> list[Decimal | None]:
+        """The costs of the rows from ``start`` on."""
+        return [row[_COST] for row in self.rows[start:]]
 
     def frame(self) -> pd.DataFrame:
         """Indexed by ``item_key`` (result columns, still raw: see ``finish_columns``), with the
         ``client_ref`` each item came back with, to check the join."""
-        return pd.DataFrame(self.columns, index=pd.Index(self.keys, dtype=object))
+        # Column by column at C speed; raw (object) columns, typed once by finish_columns.
+        columns = {
+            name: list(map(itemgetter(n), self.rows)) for n, name in enumerate(STORED_COLUMNS)
+        }
+        return pd.DataFrame(columns, index=pd.Index(self.keys, dtype=object), dtype=object)
 
 
 def results_frame(batch_id: str, items: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -546,7 +569,7 @@ def finish_columns(df: pd.DataFrame, *, flatten: bool) -> pd.DataFrame:
     """Typed result columns: timestamps as UTC datetimes, cost as Decimal (object), and the
     output dict spread into ``runflow_output.<key>`` columns when ``flatten``."""
     for col in ("runflow_created_at", "runflow_started_at", "runflow_completed_at"):
-        # Values were checked before they were kept (outcome_row); coerce is a last defence.
+        # Values were checked before they were kept (outcome_values); coerce is a last defence.
         df[col] = pd.to_datetime(df[col], utc=True, format="ISO8601", errors="coerce")
     for col in ("runflow_status", "runflow_failure_code", "runflow_failure_message"):
         df[col] = df[col].astype("string")

@@ -15,9 +15,11 @@ both libraries for the one boundary in ``_client.py``.
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -65,14 +67,13 @@ class Timeouts:
 
 
 def open_wire(
+    base_url: str,
     headers: Mapping[str, str],
     timeouts: Timeouts,
     transport: httpx.AsyncBaseTransport | None,
-    *,
-    secure: bool,
 ) -> Wire:
     """The wire for this client, inside its event loop: aiohttp on asyncio without a given
-    transport, else httpx (over ``transport`` when given). ``secure``: the server is https."""
+    transport, else httpx (over ``transport`` when given)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:  # trio
@@ -80,8 +81,18 @@ def open_wire(
     else:
         on_asyncio = True
     if transport is None and on_asyncio:
-        return AiohttpWire(headers, timeouts, secure=secure)
+        return AiohttpWire(base_url, headers, timeouts)
     return HttpxWire(headers, timeouts, transport)
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy ``HTTPS_PROXY`` / ``HTTP_PROXY`` (or ``ALL_PROXY``) names for ``url``, unless
+    ``NO_PROXY`` exempts its host."""
+    parts = urlsplit(url)
+    if parts.hostname is None or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all")
 
 
 def too_big(what: str, max_bytes: int) -> ProtocolError:
@@ -103,17 +114,21 @@ async def _capped(pieces: AsyncIterator[bytes], what: str, max_bytes: int) -> by
 
 class AiohttpWire:
     """One aiohttp session: a keep-alive pool without a limit (the pipeline bounds what is in
-    flight), no redirects followed (as httpx), proxies from the environment (as httpx)."""
+    flight), no redirects followed and the proxy from the environment (as httpx)."""
 
-    def __init__(self, headers: Mapping[str, str], timeouts: Timeouts, *, secure: bool) -> None:
+    def __init__(self, base_url: str, headers: Mapping[str, str], timeouts: Timeouts) -> None:
         self.timeouts = timeouts
+        secure = base_url.startswith("https:")
         # httpx's verified context (certifi, or SSL_CERT_FILE / SSL_CERT_DIR): the same trust
         # as through httpx. Loading the CA bundle costs ~20 ms, which loopback never needs.
         tls = httpx.create_ssl_context() if secure else True
         self.session = aiohttp.ClientSession(
             headers=dict(headers),
             connector=aiohttp.TCPConnector(limit=0, ssl=tls),
-            trust_env=True,
+            # Not trust_env: it reads ~/.netrc and the proxy settings in a worker thread on
+            # every request (two thread hops each). The proxy is looked up once, here.
+            proxy=env_proxy(base_url),
+            cookie_jar=aiohttp.DummyCookieJar(),  # the API sets none
         )
 
     async def send(
