@@ -383,19 +383,29 @@ class _Sweeper:
         return batch_is_over(batch)
 
     async def sweep_all(self, pending: list[str], *, until_idle: bool = True) -> list[str]:
-        """Sweep ``pending`` in order, ``max_concurrency`` at a time, up to the first window in
-        which no batch was done (or through all of them); returns the batches done."""
+        """Sweep ``pending`` in order, ``max_concurrency`` at a time (the next starts as soon as
+        one ends: the server serves one page while the client reads another), until that many
+        in a row found their batch still running (the rest is younger: wait), or through all of
+        them; returns the batches done."""
         finished: list[str] = []
         size = self.poll.max_concurrency
-        for start in range(0, len(pending), size):
-            before = len(finished)
-            async with anyio.create_task_group() as tg:
-                for batch_id in pending[start : start + size]:
-                    tg.start_soon(self.sweep, batch_id, finished)
-            if self.errors:
-                raise self.errors[0]
-            if until_idle and len(finished) == before:
-                break  # a whole window still running: the rest is younger, wait
+        queue = iter(pending)
+        running = 0  # sweeps in a row that found their batch still running
+
+        async def worker() -> None:
+            nonlocal running
+            for batch_id in queue:
+                if self.errors or (until_idle and running >= size):
+                    return
+                before = len(finished)
+                await self.sweep(batch_id, finished)
+                running = 0 if batch_id in finished[before:] else running + 1
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(size, len(pending))):
+                tg.start_soon(worker)
+        if self.errors:
+            raise self.errors[0]
         return finished
 
     async def page_items(self, batch_id: str) -> list[Any]:
