@@ -19,6 +19,7 @@ import pyarrow as pa
 from ._config import DEFAULT_TIMEOUT, Connection
 from ._errors import APIError, CollectError, DeadlineExceeded, InputError, ProtocolError
 from ._frames import to_pandas
+from ._heap import keeping
 from ._polling import (
     STORED_COLUMNS,
     PollPolicy,
@@ -385,17 +386,18 @@ async def _fetch(
         reporter.advance(int(rows_in.get(batch_id, 0)))
 
     try:
-        async with client:
-            return await collect_items(
-                client,
-                todo,
-                poll=poll,
-                retry=client.connection.retry,
-                on_batch=on_batch,
-                statuses=plan.statuses,
-                expected=plan.expected,
-                on_malformed=plan.malformed.__setitem__,
-            )
+        with keeping():
+            async with client:
+                return await collect_items(
+                    client,
+                    todo,
+                    poll=poll,
+                    retry=client.connection.retry,
+                    on_batch=on_batch,
+                    statuses=plan.statuses,
+                    expected=plan.expected,
+                    on_malformed=plan.malformed.__setitem__,
+                )
     finally:
         if rows.keys:  # kept whatever stopped the collection
             fresh.append(rows.frame())

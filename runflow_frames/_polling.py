@@ -26,6 +26,7 @@ import pandas as pd
 
 from ._client import AsyncRunflowClient, redact
 from ._errors import APIError, ProtocolError
+from ._heap import keeping, settle
 from ._pipeline import job_gate
 from ._retry import Gate, RetryPolicy, retrying
 
@@ -521,19 +522,25 @@ class Prefetch:
 
     async def run(self) -> None:
         interval = self._sweeper.poll.initial
-        try:
-            while not self._stop.is_set():
-                pending = [b for b in self.expected if b not in self.done]
-                done: set[str] = set()
-                if pending and await self._sweeper.probe(pending[0]):
-                    done = set(await self._sweeper.sweep_all(pending))
-                    self.done |= done
-                with anyio.move_on_after(FOLLOW if done or not pending else interval):
-                    await self._stop.wait()
-                poll = self._sweeper.poll
-                interval = FOLLOW if done else min(poll.max, interval * poll.growth)
-        except APIError as error:  # the final collect tries again, and reports
-            _log.info("collecting while sending stopped (%s); collecting after it instead", error)
+        with keeping():
+            try:
+                await self._rounds(interval)
+            except APIError as error:  # the final collect tries again, and reports
+                _log.info(
+                    "collecting while sending stopped (%s); collecting after it instead", error
+                )
+
+    async def _rounds(self, interval: float) -> None:
+        while not self._stop.is_set():
+            pending = [b for b in self.expected if b not in self.done]
+            done: set[str] = set()
+            if pending and await self._sweeper.probe(pending[0]):
+                done = set(await self._sweeper.sweep_all(pending))
+                self.done |= done
+            with anyio.move_on_after(FOLLOW if done or not pending else interval):
+                await self._stop.wait()
+            poll = self._sweeper.poll
+            interval = FOLLOW if done else min(poll.max, interval * poll.growth)
 
 
 def item_key(batch_id: str, item_id: str) -> str:
@@ -553,6 +560,7 @@ class ResultRows:
         """A batch's outcome values (``_Sweeper.checked``'s)."""
         self.keys += [item_key(batch_id, row[-1]) for row in rows]
         self.rows += rows
+        settle()  # kept to the end: out of the collector's full passes (see _heap)
 
     def costs(self, start: int = 0) -> list[Decimal | None]:
         """The costs of the rows from ``start`` on."""
