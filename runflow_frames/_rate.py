@@ -20,6 +20,8 @@ apart (no bursts), and the rate follows the answers:
     a little over): a cut of ``MARGIN``, doubled with each cut within ``STRIKE_MEMORY`` of the
     one before, but not below ``FLOOR`` of what got through lately;
   - none admitted since the last cut: the limit is closed for now (a window spent): no cut.
+    When it is the first window (the job's opening burst spent it), until a request gets
+    through again none leaves faster than what got through so far.
 
   The rate cut from, or the rate requests really left at if lower (``offered``: a pause before
   a burst does not hide the burst's pace), is remembered as ``ceiling``.
@@ -108,6 +110,8 @@ class RateController:
         self._trial: _Trial | None = None
         self._fresh = [0, 0]  # [refused, answers] of the requests sent since the last cut
         self._strikes = 0  # cuts in a row, each within ``STRIKE_MEMORY`` of the one before
+        self._hold: float | None = None  # the pace while the limit is closed (see _refused)
+        self._paced_ok = rate is not None  # a request sent at a paced rate got through
 
     def delay(self, now: float) -> float:
         """Seconds until the next request may leave (0: now)."""
@@ -120,7 +124,8 @@ class RateController:
         self._sends.append(now)
         self._admitted += 1
         if self.rate is not None:
-            self._next = max(now, self._next) + 1 / self.rate
+            rate = self.rate if self._hold is None else min(self.rate, self._hold)
+            self._next = max(now, self._next) + 1 / rate
 
     def answered(self, now: float, sent_at: float, *, limited: bool) -> None:
         """The answer to a request sent at ``sent_at``: refused with a 429 or not."""
@@ -133,6 +138,9 @@ class RateController:
             self._admitted -= 1
             self._refused(now, sent_at)
         else:
+            self._hold = None
+            if self.paced_since is not None and sent_at >= self.paced_since:
+                self._paced_ok = True
             self._oks.append(now)
             self._grow(now)
         self._judge_trial()
@@ -174,7 +182,13 @@ class RateController:
         if now - self._cut_at > STRIKE_MEMORY:
             self._strikes = 0
         elif self._strikes and self._fresh[0] == self._fresh[1]:
-            return  # none admitted since the last cut: the limit is closed for now, not too slow
+            # None admitted since the last cut: the limit is closed for now (a window spent),
+            # which says nothing of the rate. Before anything got through at a paced rate (the
+            # first window, spent by the job's opening burst), send no faster than what got
+            # through until it opens: every try is refused.
+            if not self._paced_ok:
+                self._hold = self.through(now) or None
+            return
         self._strikes += 1
         offered = self.offered(sent_at)
         if self.rate is None:  # what was not refused so far (answered or not yet), or one

@@ -154,9 +154,12 @@ def test_a_job_over_http_meets_each_shape(name: str) -> None:
     # in 8 made 0.55 of the allowed rate over 300 creates): issue 14 leaves this open.
     floor = 0.5 if name == "cap" else 0.6
     assert len(created) / (end - start) >= floor * allowed
-    # No storm: a sliding window of 1 s refuses 60-110 of the 120 creates' tries while the
-    # pace is learned, and now and then (about 1 run in 5 under pytest on 2 cores) up to 230.
-    assert seen.faults.get("limited", 0) <= 2 * len(created)
+    # No storm. A sliding window of 1 s, spent by the job's opening burst, refuses every try
+    # until it opens: tries then leave no faster than what got through (_rate's hold), and it
+    # refuses 60-110 of the 120 creates' tries (115-270 before the hold, once the client's
+    # requests got cheaper with aiohttp).
+    storm = 1.5 if name == "sliding" else 2
+    assert seen.faults.get("limited", 0) <= storm * len(created)
     if name == "cap":
         assert seen.max_creates_in_flight <= 4
 
