@@ -37,7 +37,7 @@ from ._errors import (
 )
 from ._retry import parse_retry_after
 from ._version import __version__
-from ._wire import BROKEN, MALFORMED, TIMEOUTS, Answer, Timeouts, Wire, open_wire
+from ._wire import BROKEN, MALFORMED, TIMEOUTS, Answer, Outgoing, Timeouts, Wire, open_wire
 
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 # The most of an answer read: a create's for 100 items is tens of KB, a page of items with
@@ -238,16 +238,8 @@ class AsyncRunflowClient:
         what = f"{method} {path}"
         self.requests_made += 1
         waited = self.timeout if read_timeout is None else read_timeout
-        send = functools.partial(
-            self._wire.send,
-            method,
-            self.base_url + path,
-            headers=headers,
-            content=content,
-            read_timeout=waited,
-            max_bytes=max_bytes,
-            what=what,
-        )
+        out = Outgoing(method, self.base_url + path, headers, content, waited, max_bytes, what)
+        send = functools.partial(self._wire.send, out)
         try:
             answer = await (self._watched(what, send) if waited > self.timeout else send())
         except TIMEOUTS as exc:

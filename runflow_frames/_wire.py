@@ -35,6 +35,20 @@ MALFORMED: Final = (httpx.HTTPError, aiohttp.ClientError)
 
 
 @dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One request: ``what`` names it in errors; its answer is read for at most
+    ``read_timeout`` seconds at a time and no further than ``max_bytes``."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str] | None
+    content: bytes | None
+    read_timeout: float
+    max_bytes: int
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     status: int
     headers: Mapping[str, str]  # case-insensitive
@@ -42,17 +56,7 @@ class Answer:
 
 
 class Wire(Protocol):
-    async def send(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Mapping[str, str] | None,
-        content: bytes | None,
-        read_timeout: float,
-        max_bytes: int,
-        what: str,
-    ) -> Answer: ...
+    async def send(self, out: Outgoing) -> Answer: ...
 
     async def aclose(self) -> None: ...
 
@@ -95,20 +99,20 @@ def env_proxy(url: str) -> str | None:
     return proxies.get(parts.scheme) or proxies.get("all")
 
 
-def too_big(what: str, max_bytes: int) -> ProtocolError:
+def too_big(out: Outgoing) -> ProtocolError:
     return ProtocolError(
-        f"{what}: the answer is over {max_bytes / 2**20:g} MiB; far more than the API sends, so "
-        "it was not read to its end",
+        f"{out.what}: the answer is over {out.max_bytes / 2**20:g} MiB; far more than the API "
+        "sends, so it was not read to its end",
         retryable=False,
     )
 
 
-async def _capped(pieces: AsyncIterator[bytes], what: str, max_bytes: int) -> bytes:
+async def _capped(pieces: AsyncIterator[bytes], out: Outgoing) -> bytes:
     body = bytearray()
     async for piece in pieces:
         body += piece
-        if len(body) > max_bytes:
-            raise too_big(what, max_bytes)
+        if len(body) > out.max_bytes:
+            raise too_big(out)
     return bytes(body)
 
 
@@ -131,34 +135,24 @@ class AiohttpWire:
             cookie_jar=aiohttp.DummyCookieJar(),  # the API sets none
         )
 
-    async def send(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Mapping[str, str] | None,
-        content: bytes | None,
-        read_timeout: float,
-        max_bytes: int,
-        what: str,
-    ) -> Answer:
+    async def send(self, out: Outgoing) -> Answer:
         connect, io = self.timeouts.connect, self.timeouts.io
         # Each read may take ``read_timeout``; the whole exchange at most that plus a
         # connection and a send (aiohttp has no timeout of its own for sending).
         timeout = aiohttp.ClientTimeout(
-            total=connect + io + read_timeout, connect=connect, sock_read=read_timeout
+            total=connect + io + out.read_timeout, connect=connect, sock_read=out.read_timeout
         )
         async with self.session.request(
-            method,
-            yarl.URL(url, encoded=True),  # our path segments are percent-encoded already
-            data=content,
-            headers=headers,
+            out.method,
+            yarl.URL(out.url, encoded=True),  # our path segments are percent-encoded already
+            data=out.content,
+            headers=out.headers,
             timeout=timeout,
             allow_redirects=False,
         ) as response:
-            if (response.content_length or 0) > max_bytes:
-                raise too_big(what, max_bytes)
-            body = await _capped(response.content.iter_any(), what, max_bytes)
+            if (response.content_length or 0) > out.max_bytes:
+                raise too_big(out)
+            body = await _capped(response.content.iter_any(), out)
             return Answer(response.status, response.headers, body)
 
     async def aclose(self) -> None:
@@ -177,24 +171,16 @@ class HttpxWire:
         self.timeouts = timeouts
         self.client = httpx.AsyncClient(headers=dict(headers), transport=transport)
 
-    async def send(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Mapping[str, str] | None,
-        content: bytes | None,
-        read_timeout: float,
-        max_bytes: int,
-        what: str,
-    ) -> Answer:
-        timeout = httpx.Timeout(self.timeouts.io, connect=self.timeouts.connect, read=read_timeout)
+    async def send(self, out: Outgoing) -> Answer:
+        timeout = httpx.Timeout(
+            self.timeouts.io, connect=self.timeouts.connect, read=out.read_timeout
+        )
         request = self.client.build_request(
-            method, url, content=content, headers=headers, timeout=timeout
+            out.method, out.url, content=out.content, headers=out.headers, timeout=timeout
         )
         response = await self.client.send(request, stream=True)
         try:
-            body = await _capped(response.aiter_bytes(), what, max_bytes)
+            body = await _capped(response.aiter_bytes(), out)
         finally:
             await response.aclose()
         return Answer(response.status_code, response.headers, body)
