@@ -168,11 +168,6 @@ def _status(item: Mapping[str, Any]) -> Any:
     return item.get("status_code") or (run.get("status_code") if isinstance(run, dict) else None)
 
 
-def outcome_row(item: Mapping[str, Any], scrub: Callable[[str], str] = redact) -> dict[str, Any]:
-    """``outcome_values`` by column name."""
-    return dict(zip(OUTCOME_COLUMNS, outcome_values(item, scrub), strict=True))
-
-
 # What ``outcome_values`` gives, in order: the stored columns and the item's id.
 OUTCOME_COLUMNS: Final = (*STORED_COLUMNS, "id")
 _COST: Final = OUTCOME_COLUMNS.index("runflow_cost")
@@ -521,16 +516,16 @@ class Prefetch:
         self._stop.set()
 
     async def run(self) -> None:
-        interval = self._sweeper.poll.initial
         with keeping():
             try:
-                await self._rounds(interval)
+                await self._rounds()
             except APIError as error:  # the final collect tries again, and reports
                 _log.info(
                     "collecting while sending stopped (%s); collecting after it instead", error
                 )
 
-    async def _rounds(self, interval: float) -> None:
+    async def _rounds(self) -> None:
+        interval = self._sweeper.poll.initial
         while not self._stop.is_set():
             pending = [b for b in self.expected if b not in self.done]
             done: set[str] = set()

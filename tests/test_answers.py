@@ -23,17 +23,24 @@ import runflow_frames
 from runflow_frames._client import AsyncRunflowClient, redact
 from runflow_frames._errors import APIStatusError
 from runflow_frames._polling import (
+    OUTCOME_COLUMNS,
     PollPolicy,
     canonical_timestamp,
     collect_items,
     finish_columns,
-    outcome_row,
+    outcome_values,
     results_frame,
 )
 from runflow_frames._retry import RetryPolicy
 from runflow_frames.emulator import Emulator, serve
 
 from .conftest import API_KEY
+
+
+def outcome_row(item: dict[str, Any]) -> dict[str, Any]:
+    """``outcome_values`` by column name."""
+    return dict(zip(OUTCOME_COLUMNS, outcome_values(item), strict=True))
+
 
 FAST_POLL = (0.05, 0.2)
 FAST = RetryPolicy(attempts=3, wait_initial=0.005, wait_max=0.05, timeout=30)
