@@ -44,11 +44,13 @@ def test_the_last_of_two_collects_hands_them_back() -> None:
 def test_what_the_process_froze_itself_is_left_alone() -> None:
     gc.freeze()
     before = gc.get_freeze_count()
+    # Frozen objects can still be freed (by reference counting): the count may fall, never rise.
     with keeping():
-        _ = [{"n": n} for n in range(1000)]
+        kept = [{"n": n} for n in range(1000)]
         settle()
-        assert gc.get_freeze_count() == before
-    assert gc.get_freeze_count() == before
+        assert gc.get_freeze_count() <= before, "our objects went in with the process's"
+    assert 0 < gc.get_freeze_count() <= before, "the process's own frozen objects were thawed"
+    assert len(kept) == 1000
 
 
 def test_nothing_is_frozen_when_the_collector_is_off() -> None:
