@@ -25,6 +25,7 @@ from ._polling import (
     PollPolicy,
     ResultRows,
     collect_items,
+    cost_of,
     decode_outputs,
     encode_outputs,
     finish_columns,
@@ -379,9 +380,8 @@ async def _fetch(
     spent = [sum((c for c in cached["runflow_cost"] if isinstance(c, Decimal)), Decimal(0))]
 
     def on_batch(batch_id: str, batch_rows: list[tuple[Any, ...]]) -> None:
-        before = len(rows.rows)
         rows.add(batch_id, batch_rows)
-        spent[0] += sum((c for c in rows.costs(before) if c is not None), Decimal(0))
+        spent[0] += cost_of(batch_rows)
         reporter.note(spent=f"{spent[0]:f}")
         reporter.advance(int(rows_in.get(batch_id, 0)))
 

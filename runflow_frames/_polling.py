@@ -212,7 +212,7 @@ def outcome_values(
     else:
         code = message = None
     return (
-        item.get("status_code") or run.get("status_code"),
+        _status(item),
         run.get("output") if output is None else output,
         costs[""] if "" in costs else costs.get("run."),
         code,
@@ -543,6 +543,11 @@ def item_key(batch_id: str, item_id: str) -> str:
     return f"{batch_id}/{item_id}"
 
 
+def cost_of(rows: Iterable[tuple[Any, ...]]) -> Decimal:
+    """What the runs of these outcome values cost, in all (a missing cost counts nothing)."""
+    return sum((row[_COST] for row in rows if row[_COST] is not None), Decimal(0))
+
+
 class ResultRows:
     """Item outcomes gathered batch by batch (``outcome_values``' tuples), made one frame at
     the end (a frame per batch cost more than fetching the batch)."""
@@ -556,10 +561,6 @@ class ResultRows:
         self.keys += [item_key(batch_id, row[-1]) for row in rows]
         self.rows += rows
         settle()  # kept to the end: out of the collector's full passes (see _heap)
-
-    def costs(self, start: int = 0) -> list[Decimal | None]:
-        """The costs of the rows from ``start`` on."""
-        return [row[_COST] for row in self.rows[start:]]
 
     def frame(self) -> pd.DataFrame:
         """Indexed by ``item_key`` (result columns, still raw: see ``finish_columns``), with the

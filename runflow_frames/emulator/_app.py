@@ -44,10 +44,10 @@ class _Waker:
         self.lateness = 0.001
 
     async def sleep_until(self, deadline: float) -> None:
-        wait = deadline - anyio.current_time() - self.lateness
+        aimed = deadline - self.lateness
+        wait = aimed - anyio.current_time()
         if wait <= 0:
             return
-        aimed = anyio.current_time() + wait
         await anyio.sleep(wait)
         late = anyio.current_time() - aimed
         self.lateness += 0.1 * (min(late, 0.01) - self.lateness)
