@@ -29,7 +29,7 @@ from ._config import (
 from ._errors import CanaryFailedError, InputError
 from ._frames import to_pandas
 from ._job import SubmitJob
-from ._journal import Journal, Kind, MemoryJournal
+from ._journal import Journal, Kind
 from ._objectstore import inside
 from ._pipeline import one_error
 from ._polling import PollPolicy, Prefetch, is_result_column
@@ -250,11 +250,16 @@ async def submit_frame(
     """One submit job over ``frame`` (after its canary, if any), then, with ``wait``, its
     outcomes (every face's path)."""
     job = SubmitJob(frame, model, options, connection)
-    memory = MemoryJournal() if checkpoint is None else None  # one for the canary and the rest
+    opened: Journal | None = await job.open(checkpoint, kind)
+    memory = opened if checkpoint is None else None  # one for the canary and the rest
 
     async def journal() -> Journal:
+        nonlocal opened
         if memory is not None:
             return memory
+        if opened is not None:
+            first, opened = opened, None
+            return first
         # Opening a checkpoint reads it (and on object storage may wait for a lease): off
         # the event loop, which an async caller's other tasks share.
         return await anyio.to_thread.run_sync(job.journal, checkpoint, kind)

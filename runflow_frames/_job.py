@@ -5,8 +5,10 @@ each block of ``run_batches_file`` and the command line, ``retry_failed`` and ea
 partition. What it records goes to a ``Journal`` (``_journal.py``): in memory, or a checkpoint
 directory; the job never asks which.
 
-1. **Plan** (``SubmitJob(...)``): every row is keyed and encoded before anything is sent, so
-   every refusal (bad keys, values JSON cannot carry) happens while nothing is sent.
+1. **Plan** (``SubmitJob(...)``): every row is keyed, and its values hashed or else encoded,
+   before anything is sent, so every refusal (bad keys, values JSON cannot carry) happens while
+   nothing is sent (``_items.py``: a frame that can be hashed cannot fail to encode). The rows
+   to send are encoded once the journal says which they are (``run``).
 2. **Chunks**: the journal's pending intents first, byte for byte under their recorded keys,
    then the rows never sent, ``chunk_size`` at a time under fresh keys.
 3. **Run**: ``submit_chunks`` keeps ``max_concurrency`` requests in flight; each group of chunks
@@ -26,6 +28,7 @@ from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Final
 
 import anyio
@@ -38,12 +41,13 @@ from ._client import AsyncRunflowClient
 from ._config import Connection, JobOptions, fingerprint
 from ._errors import APIStatusError, BudgetExceeded, CheckpointError, SubmissionError
 from ._handles import Handles, check_no_collision, join_handles
-from ._journal import DirectoryJournal, Journal, Kind, MemoryJournal, Resume
+from ._items import Items
+from ._journal import MANIFEST, DirectoryJournal, Journal, Kind, MemoryJournal, Resume
 from ._objectstore import ObjectJournal, is_url
 from ._pipeline import ChunkFailure, ends_the_job, job_gate, one_error, submit_chunks
 from ._progress import ProgressOption, Reporter
 from ._retry import Gate, retrying
-from ._rows import Chunk, body_suffix, chunk_body, client_refs, encode_rows, item_columns
+from ._rows import Chunk, body_suffix, chunk_body, client_refs, item_columns
 from ._sync import keep_partial
 
 _log = logging.getLogger("runflow_frames")
@@ -54,7 +58,12 @@ INTENT_GROUP: Final = 64
 
 
 class SubmitJob:
-    """One submit job over a pandas frame, planned (validated and encoded) when made."""
+    """One submit job over a pandas frame. Made, it has checked the columns and the batch
+    options; ``open`` works out its rows' keys (``refs``) and ``items`` (values hashed, or
+    encoded), off the event loop."""
+
+    refs: list[str]
+    items: Items
 
     def __init__(
         self, frame: pd.DataFrame, model: str, options: JobOptions, connection: Connection
@@ -65,11 +74,31 @@ class SubmitJob:
         self.options = options
         self.connection = connection
         self.fields = item_columns(frame, options.key, options.columns)
-        self.refs = client_refs(frame, options.key)
-        # Encode everything before the first request: every refusal happens while nothing is
-        # sent.
-        self.items = encode_rows(frame, self.refs, self.fields, missing=options.missing)
         self.suffix = body_suffix(options.metadata, options.callback_url)
+
+    def _check_rows(self, checkpoint: str | os.PathLike[str] | None) -> None:
+        self.refs = client_refs(self.frame, self.options.key)
+        # Without a checkpoint nothing compares value hashes: every row is encoded now instead.
+        hashed = checkpoint is not None
+        self.items = Items(self.frame, self.refs, self.fields, self.options.missing, hashed=hashed)
+
+    async def open(self, checkpoint: str | os.PathLike[str] | None, kind: Kind) -> Journal:
+        """Check the rows (keys, values) and open the journal, both before anything is sent and
+        in threads. A checkpoint directory that exists is read meanwhile: on a big resume that
+        is a third of the time to the first request. A new checkpoint is made only once the
+        rows passed, so a refused frame leaves none behind."""
+        if not _is_directory_checkpoint(checkpoint):
+            await anyio.to_thread.run_sync(self._check_rows, checkpoint)
+            return await anyio.to_thread.run_sync(self.journal, checkpoint, kind)
+        with ThreadPoolExecutor(1, thread_name_prefix="runflow-checkpoint") as pool:
+            opening = pool.submit(self.journal, checkpoint, kind)
+            try:
+                await anyio.to_thread.run_sync(self._check_rows, checkpoint)
+            except BaseException:
+                if opening.exception() is None:  # waits for it
+                    opening.result().close()
+                raise
+            return await anyio.to_thread.run_sync(opening.result)
 
     def journal(self, checkpoint: str | os.PathLike[str] | None, kind: Kind = "frame") -> Journal:
         """Where this job records: in memory, or the checkpoint at ``checkpoint`` (refused
@@ -100,9 +129,7 @@ class SubmitJob:
         leaves that frame with the sync bridge (``keep_partial``)."""
         started = time.monotonic()
         try:
-            resume = await anyio.to_thread.run_sync(journal.plan, self.refs, self.items)
-            if limit is not None:  # unsent is in frame order
-                resume = replace(resume, unsent=resume.unsent[: bisect_left(resume.unsent, limit)])
+            resume = await anyio.to_thread.run_sync(self._plan, journal, limit)
         except BaseException:
             journal.close()  # refused before anything was sent
             raise
@@ -114,21 +141,19 @@ class SubmitJob:
             reporter.close()
             result, _ = self._join(journal, [], exc)
             if isinstance(exc, CheckpointError):  # a write failed mid-run
-                raise self._stopped(exc, [], result, journal, started) from exc
+                raise _stopped(exc, [], result, journal, started) from exc
             keep_partial(result)  # Ctrl-C: the sync bridge hands it over
             raise
         reporter.close()
         result, closing_failed = self._join(journal, failures)
         if closing_failed is not None:  # every answer is in the journal; the frame is here
-            raise self._stopped(closing_failed, failures, result, journal, started) from (
-                closing_failed
-            )
+            raise _stopped(closing_failed, failures, result, journal, started) from (closing_failed)
         if budget is not None and budget.stopped:
             raise _over_budget(budget, result, journal)
         errors = self.options.errors
         if failures and (errors == "raise" or any(ends_the_job(f.error) for f in failures)):
             error = failures[0].error
-            raise self._stopped(error, failures, result, journal, started) from error
+            raise _stopped(error, failures, result, journal, started) from error
         if failures:
             _log.warning(
                 "%d of %d rows failed; their runflow_error column says why. %s",
@@ -207,6 +232,14 @@ class SubmitJob:
                 syncing.cancel_scope.cancel()
         return failures
 
+    def _plan(self, journal: Journal, limit: int | None) -> Resume:
+        """What the journal says is left to send (of the first ``limit`` rows), encoded."""
+        resume = journal.plan(self.refs, self.items)
+        if limit is not None:  # unsent is in frame order
+            resume = replace(resume, unsent=resume.unsent[: bisect_left(resume.unsent, limit)])
+        self.items.encode([*(r for _, rows in resume.pending for r in rows), *resume.unsent])
+        return resume
+
     def _chunks(self, resume: Resume) -> Iterator[Chunk]:
         """Pending intents first, byte for byte and with their recorded keys; then the rows
         never sent."""
@@ -244,46 +277,6 @@ class SubmitJob:
                 stopped_by.add_note(f"closing the checkpoint failed too: {also!r}")
         return result, None
 
-    def _stopped(
-        self,
-        cause: BaseException,
-        failures: Sequence[ChunkFailure],
-        result: pd.DataFrame,
-        journal: Journal,
-        started: float,
-    ) -> SubmissionError:
-        rows = len(self.refs)
-        submitted = int(result["runflow_run_id"].notna().sum())
-        uncertain = sum(len(f.chunk.refs) for f in failures if f.maybe_created)
-        if journal.where is not None:
-            how = (
-                f"re-run the same call with checkpoint={os.fspath(journal.where)!r} to send the "
-                "rest (nothing is sent twice)"
-            )
-        elif uncertain:
-            how = (
-                f"{uncertain} of the rows without a handle may have been created all the same "
-                "(no answer came back): re-sending them could run them twice. Use checkpoint= "
-                "to make jobs resumable"
-            )
-        else:
-            how = "to send the rest, pass df[err.result['runflow_run_id'].isna()]"
-        what = f"Failed: {_summary(failures)}; first error" if failures else "Stopped by"
-        head = (
-            f"all {rows} rows were submitted, but"
-            if submitted == rows
-            else f"{rows - submitted} of {rows} rows were not submitted after "
-            f"{time.monotonic() - started:.1f} s. {what}:"
-        )
-        return SubmissionError(
-            f"{head} {cause}. The {submitted} submitted rows' handles are in this error's "
-            f".result (runflow_error says why a row failed); {how}.",
-            result=result,
-            submitted=submitted,
-            not_submitted=rows - submitted,
-            uncertain=uncertain,
-        )
-
 
 def _poller(
     client: AsyncRunflowClient, gate: Gate, connection: Connection
@@ -302,6 +295,46 @@ def _poller(
         )
 
     return get
+
+
+def _stopped(
+    cause: BaseException,
+    failures: Sequence[ChunkFailure],
+    result: pd.DataFrame,
+    journal: Journal,
+    started: float,
+) -> SubmissionError:
+    rows = len(result)  # a row per frame row
+    submitted = int(result["runflow_run_id"].notna().sum())
+    uncertain = sum(len(f.chunk.refs) for f in failures if f.maybe_created)
+    if journal.where is not None:
+        how = (
+            f"re-run the same call with checkpoint={os.fspath(journal.where)!r} to send the "
+            "rest (nothing is sent twice)"
+        )
+    elif uncertain:
+        how = (
+            f"{uncertain} of the rows without a handle may have been created all the same "
+            "(no answer came back): re-sending them could run them twice. Use checkpoint= "
+            "to make jobs resumable"
+        )
+    else:
+        how = "to send the rest, pass df[err.result['runflow_run_id'].isna()]"
+    what = f"Failed: {_summary(failures)}; first error" if failures else "Stopped by"
+    head = (
+        f"all {rows} rows were submitted, but"
+        if submitted == rows
+        else f"{rows - submitted} of {rows} rows were not submitted after "
+        f"{time.monotonic() - started:.1f} s. {what}:"
+    )
+    return SubmissionError(
+        f"{head} {cause}. The {submitted} submitted rows' handles are in this error's "
+        f".result (runflow_error says why a row failed); {how}.",
+        result=result,
+        submitted=submitted,
+        not_submitted=rows - submitted,
+        uncertain=uncertain,
+    )
 
 
 def _over_budget(budget: Budget, result: pd.DataFrame, journal: Journal) -> BudgetExceeded:
@@ -341,6 +374,11 @@ def _rows_by_batch(handles: pa.Table) -> dict[str, int]:
 def _error_messages(failures: Sequence[ChunkFailure]) -> dict[str, str]:
     """The runflow_error of each row of a failed chunk."""
     return {ref: f.message() for f in failures for ref in f.chunk.refs}
+
+
+def _is_directory_checkpoint(checkpoint: str | os.PathLike[str] | None) -> bool:
+    """Whether ``checkpoint`` is a checkpoint directory that exists (one stat)."""
+    return not (checkpoint is None or is_url(checkpoint)) and Path(checkpoint, MANIFEST).exists()
 
 
 def _summary(failures: Sequence[ChunkFailure]) -> str:

@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._errors import CheckpointError, InputError
+from ._items import Items
 from ._journal import (
     _SEGMENT_OPTIONS,
     LEASE,
@@ -349,7 +350,7 @@ class ObjectJournal(CheckpointJournal):
     def _save_manifest(self) -> None:
         self.store.put(MANIFEST, orjson.dumps(self.manifest))
 
-    def plan(self, refs: Sequence[str], items: Sequence[bytes]) -> Resume:
+    def plan(self, refs: Sequence[str], items: Items) -> Resume:
         resume = self._resume(refs, items)
         self._guarded("folding what earlier runs recorded", self._fold)
         self._started = True

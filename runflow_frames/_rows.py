@@ -118,14 +118,15 @@ def client_refs(df: pd.DataFrame, key: Hashable | None) -> list[str]:
         )
 
     refs = _key_strings(keys, where)
-    too_long = [r for r in refs if len(r) > MAX_CLIENT_REF_LEN]
-    if too_long:
+    if max(map(len, refs), default=0) > MAX_CLIENT_REF_LEN:
+        too_long = [r for r in refs if len(r) > MAX_CLIENT_REF_LEN]
         raise InputError(
             f"{where}: {len(too_long)} key(s) are longer than {MAX_CLIENT_REF_LEN} characters "
             f"as strings, e.g. {too_long[0][:40]!r}...",
             keys=too_long,
         )
-    if any(r == "" for r in refs):
+    unique = set(refs)
+    if "" in unique:
         raise InputError(f"{where}: the empty string cannot be a row key", keys=[""])
     # The contract says client_ref is "stripped": if the server trims whitespace, such keys
     # would come back different and could not be joined. Refuse them up front.
@@ -137,7 +138,7 @@ def client_refs(df: pd.DataFrame, key: Hashable | None) -> list[str]:
             column=None if key is None else str(key),
             keys=padded,
         )
-    if len(set(refs)) != len(refs):
+    if len(unique) != len(refs):
         ref_index = pd.Index(refs)
         dup = ref_index[ref_index.duplicated(keep=False)]
         originals = keys[ref_index.isin(dup)].tolist()

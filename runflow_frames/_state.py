@@ -2,8 +2,8 @@
 what a resume must still do.
 
 A row goes *unsent* -> *intended* -> *submitted*. Before a chunk's first POST, an intent (its
-chunk number, Idempotency-Key, client_refs and a digest of each row's item bytes) is made
-durable; after the 201, its handles are recorded; a chunk the server refused (nothing created)
+chunk number, Idempotency-Key, client_refs, a digest of each row's item bytes and a hash of
+its values) is made durable; after the 201, its handles are recorded; a chunk the server refused (nothing created)
 is marked so, and its rows are unsent again. ``_journal.py`` stores these; this module only
 keeps and compares them.
 """
@@ -17,10 +17,10 @@ from typing import Any, Final
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import xxhash
 
 from ._errors import CheckpointError
 from ._handles import HANDLE_SCHEMA, Handles, HandleTable
+from ._items import UNKNOWN, Hashes, Items
 
 # Handle columns first: a segment table doubles as the handle table join_handles takes.
 SEGMENT_SCHEMA: Final = pa.schema(
@@ -28,16 +28,11 @@ SEGMENT_SCHEMA: Final = pa.schema(
         *HANDLE_SCHEMA,
         ("chunk", pa.int64()),
         ("digest", pa.int64()),
+        ("value_hash", pa.int64()),  # 0: unknown (format 4, or a frame without value hashes)
         ("intent_at", pa.float64()),
         ("submitted_at", pa.float64()),
     ]
 )
-
-
-def row_digests(items: Sequence[bytes]) -> np.ndarray[Any, np.dtype[np.int64]]:
-    """A 64-bit digest (xxh3) of each row's item bytes: how a resume knows a row did not change."""
-    digests = np.fromiter(map(xxhash.xxh3_64_intdigest, items), np.uint64, len(items))
-    return digests.view(np.int64)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -48,7 +43,8 @@ class Intent:
     key: str
     at: float
     refs: tuple[str, ...]
-    digests: np.ndarray[Any, np.dtype[np.int64]]  # row_digests of its rows, in order
+    digests: Hashes  # row_digests of its rows, in order
+    hashes: Hashes  # value hashes of its rows, in order
 
 
 @dataclass(slots=True)
@@ -67,7 +63,8 @@ class State:
     written: int = 0  # leading rows of ``segments`` that are already in segment files
     intents: dict[int, Intent] = field(default_factory=dict)  # chunks without an answer
     answered: HandleTable = field(default_factory=HandleTable)
-    answered_digests: list[np.ndarray[Any, np.dtype[np.int64]]] = field(default_factory=list)
+    answered_digests: list[Hashes] = field(default_factory=list)
+    answered_hashes: list[Hashes] = field(default_factory=list)
     # The chunks in ``answered``, in order: rows, intent and answer times.
     answered_chunks: dict[int, tuple[int, float, float]] = field(default_factory=dict)
     rejected: set[int] = field(default_factory=set)  # refused chunks: numbers not to reuse
@@ -88,6 +85,7 @@ class State:
             raise CheckpointError(f"checkpoint: chunk {chunk} has handles but no intent")
         self.answered.add(intent.refs, handles)
         self.answered_digests.append(intent.digests)
+        self.answered_hashes.append(intent.hashes)
         # One value per chunk, repeated per row only when absorbed (numpy does it at C speed).
         self.answered_chunks[chunk] = (len(intent.refs), intent.at, at)
 
@@ -105,10 +103,12 @@ class State:
         ):
             columns[name] = np.repeat(np.array(values), sizes)
         columns["digest"] = np.concatenate(self.answered_digests)
+        columns["value_hash"] = np.concatenate(self.answered_hashes)
         table = pa.table(columns, schema=SEGMENT_SCHEMA)
         self.segments = pa.concat_tables([self.segments, table])
         self.answered = HandleTable()
         self.answered_digests = []
+        self.answered_hashes = []
         self.answered_chunks = {}
 
     def submitted(self) -> pa.Table:
@@ -116,8 +116,9 @@ class State:
         self.absorb()
         return self.segments
 
-    def recorded(self) -> tuple[pa.Array, np.ndarray[Any, np.dtype[np.int64]]]:
-        """client_refs and digests of every recorded row: submitted, then pending."""
+    def recorded(self) -> tuple[pa.Array, Hashes, Hashes]:
+        """client_refs, digests and value hashes of every recorded row: submitted, then
+        pending."""
         submitted = self.submitted()
         pending = self.pending()
         refs = pa.concat_arrays(
@@ -127,20 +128,25 @@ class State:
             ]
         )
         digests = np.concatenate([submitted["digest"].to_numpy(), *(i.digests for i in pending)])
-        return refs, digests
+        # A format 4 segment has no value hashes: read as null, they are UNKNOWN.
+        kept = pc.fill_null(submitted["value_hash"], UNKNOWN).to_numpy()
+        hashes = np.concatenate([kept, *(i.hashes for i in pending)])
+        return refs, digests, hashes
 
 
 def plan_resume(
-    state: State, refs: Sequence[str], digests: np.ndarray[Any, np.dtype[np.int64]]
+    state: State, refs: Sequence[str], items: Items
 ) -> tuple[list[tuple[Intent, list[int]]], Sequence[int]]:
     """What a run must still do: the pending intents to re-send (with their rows' positions),
     and the positions of the rows never recorded, in frame order.
 
-    Refuses (CheckpointError) an input that lacks recorded rows, or whose recorded rows now
-    encode to different bytes: their chunks could not be re-sent byte for byte, and the
-    returned handles would not be for these values.
+    Refuses (CheckpointError) an input that lacks recorded rows, or whose recorded rows changed:
+    a submitted row whose values now hash differently (or cannot be hashed) and whose bytes
+    differ too, or a pending row whose bytes differ (its chunk must be re-sent byte for byte).
+    The returned handles would not be for these values. Only the rows compared by their bytes
+    are encoded here.
     """
-    recorded, was = state.recorded()
+    recorded, was, was_hash = state.recorded()
     if not len(recorded):
         return [], range(len(refs))  # a new job
     current = pa.array(refs, type=pa.string())
@@ -153,7 +159,13 @@ def plan_resume(
             changes=[f"missing row {r!r}" for r in missing],
         )
     positions = where.to_numpy()
-    differs = digests[positions] != was
+    pending = state.pending()
+    submitted = len(positions) - sum(len(i.refs) for i in pending)  # pending rows come last
+    unproven = np.ones(len(positions), dtype=bool)
+    if items.hashes is not None:  # an UNKNOWN recorded hash matches no row's
+        unproven[:submitted] = items.hashes[positions[:submitted]] != was_hash[:submitted]
+    differs = np.zeros(len(positions), dtype=bool)
+    differs[unproven] = items.digests(positions[unproven].tolist()) != was[unproven]
     if differs.any():
         changed = sorted(recorded.filter(pa.array(differs)).to_pylist())
         raise CheckpointError(
@@ -163,8 +175,7 @@ def plan_resume(
         )
     unsent = np.ones(len(refs), dtype=bool)
     unsent[positions] = False
-    pending = state.pending()
-    offset = len(recorded) - sum(len(i.refs) for i in pending)  # pending rows come last
+    offset = submitted
     planned = []
     for intent in pending:
         planned.append((intent, positions[offset : offset + len(intent.refs)].tolist()))

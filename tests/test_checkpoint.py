@@ -19,9 +19,11 @@ import pytest
 
 from runflow_frames import (
     CheckpointError,
+    InputError,
     RetryPolicy,
     StaleIntentWarning,
     SubmissionError,
+    _items,
     _journal,
     arun_batches,
     read_checkpoint,
@@ -370,7 +372,9 @@ def test_a_checkpoint_of_another_format_is_refused_before_any_request(
     run(df, tmp_path, emulator)
     manifest = orjson.loads((tmp_path / "manifest.json").read_bytes())
     (tmp_path / "manifest.json").write_bytes(orjson.dumps({**manifest, "format": 1}))
-    with pytest.raises(CheckpointError, match=r"has format 1; this version .* reads format 4"):
+    with pytest.raises(
+        CheckpointError, match=r"has format 1; this version .* reads formats 4 and 5"
+    ):
         run(frame(200), tmp_path, emulator)
     assert emulator.accounting().batches_created == 1
 
@@ -658,4 +662,84 @@ def test_a_mid_run_segment_retires_the_journal_that_held_its_answers(
     assert in_segments  # written mid-run (how many depends on how fast the writer thread is)
     assert in_journal
     assert in_segments.isdisjoint(in_journal)
+    assert_matches_server(out, emulator)
+
+
+# -- value hashes: what a resume encodes ---------------------------------------------------------
+
+
+def test_a_resume_encodes_only_the_rows_it_sends(
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recorded rows whose values hash as recorded are not encoded again: only new rows are."""
+    run(frame(900), tmp_path, emulator)
+    encoded: list[str] = []
+    real = _items.encode_rows
+
+    def counting(df: pd.DataFrame, refs: Any, *args: Any, **kwargs: Any) -> list[bytes]:
+        encoded.extend(refs)
+        return real(df, refs, *args, **kwargs)
+
+    monkeypatch.setattr(_items, "encode_rows", counting)
+    out = run(frame(1000), tmp_path, emulator)
+    assert sorted(encoded) == [f"k{i:05d}" for i in range(900, 1000)]
+    assert emulator.accounting().batches_created == 9 + 1
+    assert_matches_server(out, emulator)
+
+
+def test_values_are_compared_exactly_and_a_dtype_that_keeps_the_bytes_resumes(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    df = frame(200).assign(x=0.0)
+    run(df, tmp_path, emulator)
+    # Another dtype, the same bytes: its hash differs, so its bytes are compared, and match.
+    same = df.astype({"n": "Int64", "text": object})
+    out = run(same, tmp_path, emulator)
+    assert emulator.accounting().batches_created == 2
+    assert_matches_server(out, emulator)
+    signed = df.copy()
+    signed.loc["k00042", "x"] = -0.0  # == 0.0, but it is sent as -0.0
+    with pytest.raises(CheckpointError, match="1 row") as info:
+        run(signed, tmp_path, emulator)
+    assert info.value.changes == ["changed row 'k00042'"]
+    assert emulator.accounting().batches_created == 2
+
+
+def test_a_format_4_checkpoint_resumes_by_its_bytes_and_is_upgraded(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """Format 4 kept no value hashes (in segments or intents): its rows are compared by their
+    bytes, its pending chunk is re-sent and replayed, and what the resume adds is format 5."""
+    df = interrupted(tmp_path, emulator)
+    for segment in tmp_path.glob("segment-*.parquet"):
+        pq.write_table(pq.read_table(segment).drop_columns(["value_hash"]), segment)
+    for path in tmp_path.glob("journal-*.log"):
+        records = [{k: v for k, v in r.items() if k != "h"} for r in _read_journal(path)]
+        path.write_bytes(b"".join(_journal._frame(r) for r in records))
+    manifest = orjson.loads((tmp_path / "manifest.json").read_bytes())
+    (tmp_path / "manifest.json").write_bytes(orjson.dumps({**manifest, "format": 4}))
+    changed = df.copy()
+    changed.loc["k00001", "text"] = "edited"
+    with pytest.raises(CheckpointError, match="1 row"):
+        run(changed, tmp_path, emulator)
+    out = run(df, tmp_path, emulator)
+    assert_matches_server(out, emulator)
+    assert orjson.loads((tmp_path / "manifest.json").read_bytes())["format"] == 5
+    assert (load_state(tmp_path).submitted()["value_hash"].to_numpy() != 0).sum() >= 200
+
+
+def test_a_refused_frame_makes_no_checkpoint_and_leaves_one_usable(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """The frame is checked while an existing checkpoint is read: a refusal then releases it."""
+    bad = frame(10)
+    bad.index = pd.Index([*bad.index[:9], None])
+    with pytest.raises(InputError, match="null key"):
+        run(bad, tmp_path / "new", emulator)
+    assert not (tmp_path / "new").exists()
+    run(frame(10), tmp_path, emulator)
+    with pytest.raises(InputError, match="null key"):
+        run(bad, tmp_path, emulator)
+    out = run(frame(10), tmp_path, emulator)  # not "in use by another running job"
+    assert emulator.accounting().batches_created == 1
     assert_matches_server(out, emulator)

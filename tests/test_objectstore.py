@@ -198,6 +198,7 @@ def test_a_run_whose_lease_was_taken_over_fails_its_next_write_before_sending(
     wrote first, so the paused one's next group of intents is refused, not recorded."""
     import anyio
 
+    from runflow_frames._items import Items
     from runflow_frames._objectstore import ObjectJournal
     from runflow_frames._rows import Chunk
 
@@ -209,7 +210,8 @@ def test_a_run_whose_lease_was_taken_over_fails_its_next_write_before_sending(
     def chunk(number: int) -> Chunk:
         return Chunk(number, (number,), (f"r{number}",), b"{}", f"key-{number}")
 
-    refs, items = [f"r{i}" for i in range(4)], [b"{}"] * 4
+    refs = [f"r{i}" for i in range(4)]
+    items = Items(pd.DataFrame(index=refs), refs, [], "omit")
     paused = journal()
     paused.plan(refs, items)
     anyio.run(paused.intend, [chunk(0)])
