@@ -10,6 +10,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -144,6 +145,14 @@ class HandleTable:
         return pa.table(self.columns, schema=HANDLE_SCHEMA)
 
 
+def in_chunk_order(handles: pa.Table, chunks: np.ndarray[Any, Any]) -> pa.Table:
+    """``handles`` with its rows sorted by their chunk numbers ``chunks`` (stable: a chunk's
+    rows keep their order); answers come back in the order they end."""
+    if len(chunks) < 2 or bool((chunks[1:] >= chunks[:-1]).all()):
+        return handles
+    return handles.take(np.argsort(chunks, kind="stable"))
+
+
 def join_handles(
     df: pd.DataFrame,
     refs: Sequence[str],
@@ -157,8 +166,11 @@ def join_handles(
     ``runflow_error`` of rows that failed.
     """
     ref_array = pa.array(refs, type=pa.string())
-    where = pc.index_in(ref_array, value_set=handles["client_ref"])
-    joined = handles.select(HANDLE_SCHEMA.names).take(where)  # a null index: a null row
+    joined = handles.select(HANDLE_SCHEMA.names)
+    # Handles in chunk order are in frame order for a job sent in one go: no lookup then.
+    if len(handles) != len(refs) or not handles["client_ref"].combine_chunks().equals(ref_array):
+        where = pc.index_in(ref_array, value_set=handles["client_ref"])
+        joined = joined.take(where)  # a null index: a null row
     out = df.copy(deep=False)
     out[CLIENT_REF_COLUMN] = pd.arrays.ArrowStringArray(ref_array)
     for name, field in zip(HANDLE_COLUMNS[1:-1], HANDLE_SCHEMA.names[1:], strict=True):

@@ -17,7 +17,7 @@ loses no refusal. For any other frame every row is encoded up front, as before.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import numpy as np
 import pandas as pd
@@ -64,27 +64,33 @@ class Items:
     def __len__(self) -> int:
         return len(self._bytes)
 
-    def __getitem__(self, row: int) -> bytes:
-        item = self._bytes[row]
-        assert item is not None, "encode() the rows first"
-        return item
+    def take(self, rows: Sequence[int]) -> list[bytes]:
+        """The bytes of the rows at these positions, encoded already."""
+        every = self._bytes
+        items = [every[r] for r in rows]
+        if None in items:
+            raise AssertionError("encode() the rows first")
+        return items  # type: ignore[return-value]
 
     def encode(self, rows: Sequence[int]) -> None:
         """Encode the rows at these positions that are not encoded yet."""
-        todo = [r for r in rows if self._bytes[r] is None]
+        every = self._bytes
+        todo = [r for r in rows if every[r] is None]
         if not todo:
             return
-        whole = len(todo) == len(self._bytes)
-        part = self._frame if whole else self._frame.iloc[todo]
-        refs = self._refs if whole else [self._refs[r] for r in todo]
+        if len(todo) == len(every):
+            everything = encode_rows(self._frame, self._refs, self._fields, missing=self._missing)
+            self._bytes = cast("list[bytes | None]", everything)
+            return
+        part, refs = self._frame.iloc[todo], [self._refs[r] for r in todo]
         encoded = encode_rows(part, refs, self._fields, missing=self._missing)
         for row, item in zip(todo, encoded, strict=True):
-            self._bytes[row] = item
+            every[row] = item
 
     def digests(self, rows: Sequence[int]) -> Hashes:
         """``row_digests`` of the rows at these positions (encoding them first)."""
         self.encode(rows)
-        return row_digests([self[r] for r in rows])
+        return row_digests(self.take(rows))
 
     def hashes_of(self, rows: Sequence[int]) -> Hashes:
         """The value hashes of these rows (``UNKNOWN`` each when the frame has none)."""

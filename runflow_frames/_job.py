@@ -245,13 +245,13 @@ class SubmitJob:
         never sent."""
         items, suffix, refs = self.items, self.suffix, self.refs
         for intent, rows in resume.pending:
-            body = chunk_body([items[i] for i in rows], suffix)
+            body = chunk_body(items.take(rows), suffix)
             yield Chunk(intent.chunk, tuple(rows), intent.refs, body, intent.key, resent=True)
         size = self.options.chunk_size
         for n, start in enumerate(range(0, len(resume.unsent), size)):
             rows = list(resume.unsent[start : start + size])
             number = resume.first_chunk + n
-            body = chunk_body([items[i] for i in rows], suffix)
+            body = chunk_body(items.take(rows), suffix)
             key = f"rff-{resume.job_id}-{number}"
             yield Chunk(number, tuple(rows), tuple(refs[i] for i in rows), body, key)
 

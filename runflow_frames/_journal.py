@@ -71,7 +71,7 @@ import xxhash
 
 from ._admission import Pace
 from ._errors import CheckpointError, StaleIntentWarning
-from ._handles import Handles, HandleTable
+from ._handles import Handles, HandleTable, in_chunk_order
 from ._items import UNKNOWN, Items
 from ._rows import Chunk
 from ._state import SEGMENT_SCHEMA, Intent, State, plan_resume
@@ -654,7 +654,8 @@ class Journal(ABC):
 
     @abstractmethod
     def handles(self) -> pa.Table:
-        """Every submitted row's handle, old and new (``HANDLE_SCHEMA`` columns first)."""
+        """Every submitted row's handle, old and new (``HANDLE_SCHEMA`` columns first), in
+        chunk order."""
 
     @abstractmethod
     def close(self) -> None:
@@ -676,6 +677,8 @@ class MemoryJournal(Journal):
 
     def __init__(self) -> None:
         self._handles = HandleTable()
+        self._numbers: list[int] = []  # the chunk of each answer in _handles, and its rows
+        self._sizes: list[int] = []
         self._job_id = uuid.uuid4().hex
         self._tried: set[str] = set()  # refs some chunk held
         self._next = 0  # chunk numbers are never reused
@@ -693,6 +696,8 @@ class MemoryJournal(Journal):
 
     def answered(self, chunk: Chunk, handles: Handles) -> None:
         self._handles.add(chunk.refs, handles)
+        self._numbers.append(chunk.number)
+        self._sizes.append(len(chunk.refs))
 
     def created_nothing(self, chunk: Chunk) -> None:  # noqa: ARG002
         return None  # nothing was recorded for it
@@ -701,7 +706,8 @@ class MemoryJournal(Journal):
         return None
 
     def handles(self) -> pa.Table:
-        return self._handles.to_arrow()
+        chunks = np.repeat(np.array(self._numbers, dtype=np.int64), self._sizes)
+        return in_chunk_order(self._handles.to_arrow(), chunks)
 
     def close(self) -> None:
         return None
@@ -800,7 +806,8 @@ class CheckpointJournal(Journal):
         self._append([{"t": "x", "c": chunk.number}])
 
     def handles(self) -> pa.Table:
-        return self.state.submitted()
+        submitted = self.state.submitted()
+        return in_chunk_order(submitted, submitted["chunk"].to_numpy())
 
     def _failed(self, what: str, exc: BaseException) -> CheckpointError:
         return CheckpointError(

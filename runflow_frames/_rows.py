@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import math
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, Literal, cast
@@ -117,7 +117,13 @@ def client_refs(df: pd.DataFrame, key: Hashable | None) -> list[str]:
             keys=[None] * len(positions),
         )
 
-    refs = _key_strings(keys, where)
+    if isinstance(keys.dtype, np.dtype) and keys.dtype.kind in "iu":  # the common RangeIndex
+        refs: list[str] = list(map(str, keys.to_numpy().tolist()))
+        # Their text is short, trimmed and never empty, and unique when the integers are.
+        if keys.is_unique:
+            return refs
+    else:
+        refs = _key_strings(keys, where)
     if max(map(len, refs), default=0) > MAX_CLIENT_REF_LEN:
         too_long = [r for r in refs if len(r) > MAX_CLIENT_REF_LEN]
         raise InputError(
@@ -155,8 +161,6 @@ def _key_strings(keys: pd.Series, where: str) -> list[str]:
     dtype = keys.dtype
     if dtype.kind == "M" or isinstance(dtype, pd.DatetimeTZDtype):
         return [str(v) for v in _datetime_strings(keys)]
-    if isinstance(dtype, np.dtype) and dtype.kind in "iu":  # the common RangeIndex, fast
-        return list(map(str, keys.to_numpy().tolist()))
     if isinstance(dtype, pd.StringDtype):  # nulls were refused above
         strings: list[str] = keys.to_numpy(dtype=object).tolist()
         return strings
@@ -448,28 +452,97 @@ def encode_rows(
     Converts ``_BLOCK_ROWS`` rows at a time; raises InputError (naming column and row keys) for
     anything JSON cannot carry, so a job refuses bad data before its first request.
     """
-    null = None if missing == "null" else MISSING
-    dumps = orjson.dumps
+    make = _item_maker(columns)
     out: list[bytes] = []
     for start in range(0, len(df), _BLOCK_ROWS):
         part = df.iloc[start : start + _BLOCK_ROWS]
         part_refs = refs[start : start + _BLOCK_ROWS]
         cols = [column_values(part[c], c, part_refs) for c in columns]
-        rows = zip(*cols, strict=True) if cols else itertools.repeat((), len(part_refs))
-        for ref, values in zip(part_refs, rows, strict=True):
-            item: dict[str, Any] = {CLIENT_REF_FIELD: ref}
-            for n, v in zip(columns, values, strict=True):
-                if v is MISSING:
-                    if null is MISSING:
-                        continue
-                    v = None
-                item[n] = v
-            try:
-                # A compact copy: orjson's own result keeps its whole 4 KiB working buffer, which
-                # for a million kept rows is 4 GB of RSS and seconds of page faults (measured).
-                out.append(memoryview(dumps(item)).tobytes())
-            except orjson.JSONEncodeError as exc:
-                raise _unencodable_item(item, exc) from None
+        out += _encode_block(part_refs, columns, cols, missing, make)
+    return out
+
+
+def _item_maker(columns: Sequence[str]) -> Callable[..., dict[str, Any]]:
+    """``f(ref, *values)``: an item's dict. A dict display compiled for these names makes it in
+    a third of the time of ``dict(zip(names, values))``; the names go in as ``repr`` literals."""
+    params = ", ".join(f"v{i}" for i in range(len(columns) + 1))
+    fields = ", ".join(f"{name!r}: v{i}" for i, name in enumerate([CLIENT_REF_FIELD, *columns]))
+    maker: Callable[..., dict[str, Any]] = eval(f"lambda {params}: {{{fields}}}")  # noqa: S307
+    return maker
+
+
+def _encode_block(
+    refs: Sequence[str],
+    columns: Sequence[str],
+    cols: list[list[Any]],
+    missing: Missing,
+    make: Callable[..., dict[str, Any]],
+) -> list[bytes]:
+    """One block's items: the rows with every field at once, the rows that omit a missing
+    field one by one."""
+    gaps: set[int] = set()
+    for n, col in enumerate(cols):
+        if col.count(MISSING):  # at C speed; a column without a missing value is the rule
+            if missing == "null":
+                cols[n] = [None if v is MISSING else v for v in col]
+            else:
+                gaps.update(i for i, v in enumerate(col) if v is MISSING)
+    if not gaps:
+        return _all_at_once(refs, columns, cols, make)
+    out = [b""] * len(refs)
+    whole = [i for i in range(len(refs)) if i not in gaps]
+    values = [[col[i] for i in whole] for col in cols]
+    out_whole = _all_at_once([refs[i] for i in whole], columns, values, make)
+    for i, item in zip(whole, out_whole, strict=True):
+        out[i] = item
+    part = sorted(gaps)
+    out_part = _one_by_one([refs[i] for i in part], columns, [[c[i] for i in part] for c in cols])
+    for i, item in zip(part, out_part, strict=True):
+        out[i] = item
+    return out
+
+
+_HEAD: Final = b'{"client_ref":'
+# Between two items in a JSON array. Inside a string a quote is escaped, so only a nested
+# value can hold it; then a block has more of them than rows, and is encoded item by item.
+_SEP: Final = b"}," + _HEAD
+
+
+def _all_at_once(
+    refs: Sequence[str],
+    columns: Sequence[str],
+    cols: list[list[Any]],
+    make: Callable[..., dict[str, Any]],
+) -> list[bytes]:
+    """The items of rows without a missing value, from one ``orjson.dumps`` of all of them,
+    cut at the item boundaries: byte for byte what dumping each would give, in a quarter of
+    the time (a call per item costs orjson a fresh 4 KiB buffer)."""
+    if not refs:
+        return []
+    try:
+        whole = orjson.dumps(list(map(make, refs, *cols)))
+    except orjson.JSONEncodeError:
+        return _one_by_one(refs, columns, cols)  # names the value it cannot encode
+    inner = whole[len(_HEAD) + 1 : -2].split(_SEP)  # [{"client_ref":...},...,{...}]
+    if len(inner) != len(refs):
+        return _one_by_one(refs, columns, cols)
+    return [_HEAD + item + b"}" for item in inner]
+
+
+def _one_by_one(refs: Sequence[str], columns: Sequence[str], cols: list[list[Any]]) -> list[bytes]:
+    """Items one ``orjson.dumps`` each; a missing value's field is left out."""
+    dumps = orjson.dumps
+    out = []
+    rows = zip(*cols, strict=True) if cols else itertools.repeat((), len(refs))
+    for ref, values in zip(refs, rows, strict=True):
+        item = {CLIENT_REF_FIELD: ref}
+        item.update((n, v) for n, v in zip(columns, values, strict=True) if v is not MISSING)
+        try:
+            # A compact copy: orjson's own result keeps its whole 4 KiB working buffer, which
+            # for a million kept rows is 4 GB of RSS and seconds of page faults (measured).
+            out.append(memoryview(dumps(item)).tobytes())
+        except orjson.JSONEncodeError as exc:
+            raise _unencodable_item(item, exc) from None
     return out
 
 

@@ -12,7 +12,7 @@ import orjson
 import pandas as pd
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import pandas as hpd
 
@@ -328,3 +328,45 @@ def test_any_finite_frame_round_trips_through_json(df: pd.DataFrame) -> None:
             assert "s" not in item
         else:
             assert item["s"] == row["s"]
+
+
+_SCALARS = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8)
+# What could look like the cut between two items, inside values.
+_TRAPS = st.sampled_from(['},{"client_ref":', "client_ref", '"}]', "},{", "\\", ""])
+_VALUES = st.recursive(
+    _SCALARS | _TRAPS | st.floats(allow_nan=True, allow_infinity=False),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(_TRAPS | st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(st.tuples(_VALUES, _VALUES), max_size=30),
+    st.sampled_from(["omit", "null"]),
+)
+@example([([{}, {"client_ref": 1}], 1), ("x", None)], "omit")  # the cut, nested
+def test_items_are_byte_for_byte_what_one_dumps_per_item_gives(
+    rows: list[tuple[Any, Any]], missing: Any
+) -> None:
+    """Rows are encoded a block at a time and cut apart; nested values that hold the cut, and
+    missing values, must not change a byte."""
+    refs = [f"r{i}" for i in range(len(rows))]
+    index = pd.Index(refs, dtype=object)
+    df = pd.DataFrame(
+        {n: pd.Series([r[k] for r in rows], dtype=object, index=index) for k, n in enumerate("ab")}
+    )
+    expected = []
+    for ref, (a, b) in zip(refs, rows, strict=True):
+        item: dict[str, Any] = {"client_ref": ref}
+        for name, v in (("a", a), ("b", b)):
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                if missing == "null":
+                    item[name] = None
+                continue
+            item[name] = v
+        expected.append(orjson.dumps(item))
+    assert encode_rows(df, refs, ["a", "b"], missing=missing) == expected

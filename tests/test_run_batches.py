@@ -362,6 +362,58 @@ def test_handles_are_joined_by_client_ref_not_by_position(emulator: Emulator) ->
         assert run_id == received[str(key)]["run_id"]
 
 
+class LastFirst(httpx.AsyncBaseTransport):
+    """Forwards to the emulator; each create answers later the earlier it was sent, so the
+    answers end in the reverse of the chunk order."""
+
+    def __init__(self, emulator: Emulator, creates: int) -> None:
+        self.inner = httpx.ASGITransport(app=create_app(emulator))
+        self.left = creates
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            self.left -= 1
+            await anyio.sleep(0.02 * self.left)
+        return await self.inner.handle_async_request(request)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_answers_ending_out_of_chunk_order_join_to_their_rows(
+    emulator: Emulator, tmp_path: Any, checkpointed: bool
+) -> None:
+    df = frame(500)
+    out = run_batches(
+        df,
+        "acme",
+        "echo",
+        api_key=API_KEY,
+        base_url=LOCAL,
+        max_concurrency=5,
+        checkpoint=tmp_path / "ckpt" if checkpointed else None,
+        transport=LastFirst(emulator, creates=5),
+    )
+    received = server_view(emulator)
+    assert [r["client_ref"] for r in emulator.received()][:100] == [
+        f"k{i:04d}" for i in range(400, 500)
+    ]
+    assert list(out.index) == list(df.index)
+    for key, run_id in out["runflow_run_id"].items():
+        assert run_id == received[str(key)]["run_id"]
+    if checkpointed:  # the same rows in another order: nothing sent, each still its own handle
+        again = run_batches(
+            df.iloc[::-1],
+            "acme",
+            "echo",
+            api_key=API_KEY,
+            base_url=LOCAL,
+            checkpoint=tmp_path / "ckpt",
+            transport=httpx.ASGITransport(app=create_app(emulator)),
+        )
+        assert emulator.accounting().batches_created == 5
+        for key, run_id in again["runflow_run_id"].items():
+            assert run_id == received[str(key)]["run_id"]
+
+
 def test_a_body_that_cannot_be_decoded_is_a_protocol_error(emulator: Emulator) -> None:
     class Garbled(httpx.AsyncBaseTransport):
         inner = httpx.ASGITransport(app=create_app(emulator))
