@@ -16,6 +16,7 @@ Reported: creates/s achieved as a fraction of what the server allowed (R x wall 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ import distributed
 import httpx
 import pandas as pd
 from _common import append_results, emulator_process, spread
+from _figures import record
 
 import runflow_frames
 from runflow_frames import dask as rfd
@@ -106,6 +108,13 @@ def main() -> None:
                 f"{spread(limited, '.3f')}; rows/s {spread(rates)}"
             )
             print(lines[-1], flush=True)
+            if how == "cluster":
+                record(
+                    "dask_rate_limit",
+                    statistics.median(fractions),
+                    f"{statistics.median(fractions):.3f} (median of {args.runs})",
+                    "python " + " ".join(["benchmarks/bench_dask.py", *sys.argv[1:]]),
+                )
     append_results(
         "Dask: a cluster against a server rate limit", "python " + " ".join(sys.argv), lines
     )

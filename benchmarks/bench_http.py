@@ -29,6 +29,7 @@ import time
 
 import orjson
 from _common import append_results
+from _figures import record
 from run_all import _bare_server
 
 OPTIONS = ("ours", "httpx-pool", "httpx-aiohttp", "aiohttp-alone")
@@ -126,6 +127,14 @@ def main() -> None:
     for option in options:
         cells = [f"{statistics.median(cpu_ms[(option, c)]):.2f}" for c in args.concurrency]
         lines.append(f"| {option} | " + " | ".join(cells) + " |")
+    ours = [statistics.median(cpu_ms[(OPTIONS[0], c)]) for c in args.concurrency]
+    record(
+        "cpu_per_create_ms",
+        max(ours),
+        " / ".join(f"{v:.2f}" for v in ours)
+        + f" ms at C = {' / '.join(map(str, args.concurrency))} (median of {args.runs})",
+        "python " + " ".join(["benchmarks/bench_http.py", *sys.argv[1:]]),
+    )
     append_results(
         "HTTP path: client CPU per create by transport", "python " + " ".join(sys.argv), lines
     )

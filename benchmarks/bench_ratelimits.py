@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import httpx
 import numpy as np
 import pandas as pd
 from _common import append_results, emulator_process
+from _figures import record
 
 from runflow_frames import run_batches
 
@@ -153,6 +155,8 @@ def main() -> None:
         print("\n".join(lines))
         return
     _chart(rows, HERE / "ratelimits.png")
+    if not args.only:
+        _record(rows, runs, "python " + " ".join(["benchmarks/bench_ratelimits.py", *sys.argv[1:]]))
     append_results(
         "Rate limits: the throttle against every limiter shape (issue 14)",
         "python benchmarks/bench_ratelimits.py",
@@ -192,6 +196,25 @@ def _verdict(rows: list[tuple[str, str, float, str, dict[str, float]]]) -> str:
             f"; 2-worker cluster, worst steady {min(f['steady'] for f in cluster):.2f} (goal 0.90)"
         )
     return text
+
+
+def _record(
+    rows: list[tuple[str, str, float, str, dict[str, float]]], runs: int, command: str
+) -> None:
+    single = [f for *_, mode, f in rows if mode == "one process"]
+    cluster = [f for *_, mode, f in rows if mode != "one process"]
+    met = sum(_meets(f) for f in single)
+    record(
+        "throttle_cases",
+        met / len(single),
+        f"{met} of {len(single)} cases; worst steady {min(f['steady'] for f in single):.2f}, "
+        f"overall {min(f['overall'] for f in single):.2f}, 429 share "
+        f"{max(f['share'] for f in single):.3f} (median of {runs} each)",
+        command,
+    )
+    if cluster:
+        worst = min(f["steady"] for f in cluster)
+        record("throttle_cluster_steady", worst, f"{worst:.2f} (median of {runs} each)", command)
 
 
 def _meets(f: dict[str, float]) -> bool:

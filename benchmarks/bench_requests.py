@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pandas as pd
 from _common import append_results, emulator_process
+from _figures import record
 
 from runflow_frames import run_batches
 
@@ -38,6 +39,12 @@ def main() -> None:
             routes.pop("GET /v1/health", None)  # the harness's readiness check, not the job's
         assert out["runflow_status"].eq("succeeded").all()
         per_thousand.append(sum(routes.values()) / args.rows * 1000)
+    record(
+        "requests_per_1000",
+        statistics.median(per_thousand),
+        f"{statistics.median(per_thousand):.1f} (median of {args.runs})",
+        "python " + " ".join(["benchmarks/bench_requests.py", *sys.argv[1:]]),
+    )
     append_results(
         "API requests per 1,000 rows, submit + collect (wait=True)",
         "python " + " ".join(sys.argv),

@@ -17,6 +17,7 @@ import time
 
 import pandas as pd
 from _common import append_results, emulator_process, spread
+from _figures import record
 
 from runflow_frames import run_batches
 
@@ -46,6 +47,13 @@ def main() -> None:
             gaps.append(gap)
             walls.append(wall)
             print(f"last run over -> returned: {gap:.2f} s (whole call {wall:.1f} s)", flush=True)
+    record(
+        "wait_gap_s",
+        statistics.median(gaps),
+        f"{statistics.median(gaps):.2f} s (median of {len(gaps)}; min {min(gaps):.2f}, max "
+        f"{max(gaps):.2f})",
+        "python " + " ".join(["benchmarks/bench_wait.py", *sys.argv[1:]]),
+    )
     append_results(
         "wait=True: from the last run's end to the outcomes in hand",
         "python " + " ".join(sys.argv),

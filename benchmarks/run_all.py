@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ import httpx
 import numpy as np
 import pandas as pd
 from _common import RESULTS, append_results, emulator_process
+from _figures import CHART, FIGURES, record, render
 
 from runflow_frames import run_batches
 
@@ -284,12 +286,12 @@ def peer(quick: bool, runs: int) -> tuple[list[str], dict[str, list[float]]]:
     ], rates
 
 
-def cpu(quick: bool, runs: int) -> list[str]:
+def cpu(quick: bool, runs: int) -> tuple[list[str], dict[int, float]]:
     from runflow_frames._handles import Handles, HandleTable, join_handles
     from runflow_frames._items import Items
     from runflow_frames._rows import body_suffix, chunk_body, client_refs, item_columns
 
-    lines = []
+    lines, ratios = [], {}
     for rows in [20_000] if quick else [100_000, 1_000_000]:
         df = frame(rows)
         ours, naive = [], []
@@ -332,7 +334,8 @@ def cpu(quick: bool, runs: int) -> list[str]:
             f"median {statistics.median(ours):.2f} us (min {min(ours):.2f}, max {max(ours):.2f}); "
             f"naive to_dict + json.dumps {statistics.median(naive):.2f} us (encode only)"
         )
-    return lines
+        ratios[rows] = statistics.median(ours) / statistics.median(naive)
+    return lines, ratios
 
 
 def chart(
@@ -396,14 +399,21 @@ def main() -> None:
     runs = args.runs or (1 if args.quick else 3)
     lines, ratios, bound = ceiling(args.quick, runs)
     peer_lines, rates = peer(args.quick, runs)
-    lines += peer_lines + cpu(args.quick, runs)
+    cpu_lines, per_row = cpu(args.quick, runs)
+    lines += peer_lines + cpu_lines
+    # A quick run records and renders into scratch copies: the smoke test runs every step.
+    scratch = Path(tempfile.mkdtemp()) if args.quick else HERE
     if args.quick:
-        scratch = Path(tempfile.mkdtemp())
-        chart(ratios, bound, rates, scratch / "suite.png")
+        shutil.copy(FIGURES, scratch / FIGURES.name)
+        shutil.copy(RESULTS, scratch / RESULTS.name)
+    command = "python " + " ".join(["benchmarks/run_all.py", *sys.argv[1:]])
+    record_figures(ratios, bound, runs, per_row, command, scratch / FIGURES.name)
+    chart(ratios, bound, rates, scratch / "suite.png")
+    if args.quick:
+        render(scratch / FIGURES.name, scratch / RESULTS.name, scratch / CHART.name)
         print("\n".join(lines))
-        print(f"quick run: chart at {scratch / 'suite.png'}; RESULTS.md ({RESULTS}) untouched")
+        print(f"quick run: charts and RESULTS.md in {scratch}; {RESULTS} untouched")
         return
-    chart(ratios, bound, rates, HERE / "suite.png")
     append_results(
         "Benchmark suite (benchmarks/run_all.py); chart: benchmarks/suite.png",
         "python " + " ".join(sys.argv),
@@ -413,6 +423,33 @@ def main() -> None:
         # 4. The figures of the earlier issues, each script appending its own section.
         for script, *script_args in ONE_COMMAND:
             subprocess.run([sys.executable, str(HERE / script), *script_args], check=True)
+    render()
+
+
+def record_figures(
+    ratios: Ratios,
+    bound: set[tuple[float, int]],
+    runs: int,
+    per_row: dict[int, float],
+    command: str,
+    path: Path,
+) -> None:
+    """The suite's goals into figures.json: L=20 ms C=1, L=100 ms C<=16 and every point the
+    emulator does not bound (median of ``runs`` each), and CPU per row."""
+
+    def worst(points: list[tuple[float, int]]) -> tuple[float, str]:
+        value, lat, c = min((statistics.median(ratios[lat][c]), lat, c) for lat, c in points)
+        return value, f"{value:.3f} (L={lat * 1000:g} ms C={c}; median of {runs})"
+
+    free = [(lat, c) for lat in ratios for c in ratios[lat] if (lat, c) not in bound]
+    if (0.02, 1) in free:
+        record("suite_l20_c1", *worst([(0.02, 1)]), command, path=path)
+    l100 = [(lat, c) for lat, c in free if lat == 0.1 and c <= 16]
+    if l100:
+        record("suite_l100", *worst(l100), command, path=path)
+    record("suite_free", *worst(free), command, path=path)
+    shown = ", ".join(f"{ratio:.2f} at {rows:,} rows" for rows, ratio in per_row.items())
+    record("cpu_per_row_ratio", max(per_row.values()), shown, command, path=path)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from _common import append_results
+from _figures import record
 
 from tests.crash_harness import soak
 
@@ -45,6 +46,13 @@ def main() -> None:
         )
     assert result.result is not None
     delays = result.kill_delays
+    record(
+        "crash_duplicates",
+        len(result.duplicates) + args.rows - len(result.runs_by_ref),
+        f"{len(result.duplicates)} duplicate runs, {args.rows - len(result.runs_by_ref)} rows "
+        f"lost ({len(delays)} kills)",
+        "python " + " ".join(["benchmarks/soak_crash.py", *sys.argv[1:]]),
+    )
     append_results(
         "Crash soak: SIGKILL at random moments, resume until done",
         "python " + " ".join(sys.argv),
