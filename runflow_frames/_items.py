@@ -1,8 +1,9 @@
 """Every row's item: its bytes, encoded when first needed, and a hash of its values (pure).
 
 A resume must prove that the rows a checkpoint recorded still hold the values that were sent.
-Encoding a row to compare digests of its bytes costs about 1.6 us; hashing its values column by
-column (numpy and pandas' C hashing) costs about 0.1 us. So the checkpoint keeps both for each
+Encoding a row to compare digests of its bytes costs about 1 us; hashing its values column by
+column (numpy and pandas' C hashing) costs about 0.3 us for a text column and 0.01 us for a
+numeric one. So the checkpoint keeps both for each
 row, and a resume encodes only the rows it will send, plus the recorded rows whose value hash
 differs (or is unknown) to compare their bytes.
 
@@ -70,7 +71,7 @@ class Items:
         items = [every[r] for r in rows]
         if None in items:
             raise AssertionError("encode() the rows first")
-        return items  # type: ignore[return-value]
+        return cast("list[bytes]", items)
 
     def encode(self, rows: Sequence[int]) -> None:
         """Encode the rows at these positions that are not encoded yet."""

@@ -5,10 +5,10 @@ each block of ``run_batches_file`` and the command line, ``retry_failed`` and ea
 partition. What it records goes to a ``Journal`` (``_journal.py``): in memory, or a checkpoint
 directory; the job never asks which.
 
-1. **Plan** (``SubmitJob(...)``): every row is keyed, and its values hashed or else encoded,
-   before anything is sent, so every refusal (bad keys, values JSON cannot carry) happens while
-   nothing is sent (``_items.py``: a frame that can be hashed cannot fail to encode). The rows
-   to send are encoded once the journal says which they are (``run``).
+1. **Plan** (``SubmitJob(...)``, then ``open``): every row is keyed, and its values hashed or
+   else encoded, before anything is sent, so every refusal (bad keys, values JSON cannot carry)
+   happens while nothing is sent (``_items.py``: a frame that can be hashed cannot fail to
+   encode). The rows to send are encoded once the journal says which they are (``run``).
 2. **Chunks**: the journal's pending intents first, byte for byte under their recorded keys,
    then the rows never sent, ``chunk_size`` at a time under fresh keys.
 3. **Run**: ``submit_chunks`` keeps ``max_concurrency`` requests in flight; each group of chunks
@@ -147,7 +147,7 @@ class SubmitJob:
         reporter.close()
         result, closing_failed = self._join(journal, failures)
         if closing_failed is not None:  # every answer is in the journal; the frame is here
-            raise _stopped(closing_failed, failures, result, journal, started) from (closing_failed)
+            raise _stopped(closing_failed, failures, result, journal, started) from closing_failed
         if budget is not None and budget.stopped:
             raise _over_budget(budget, result, journal)
         errors = self.options.errors

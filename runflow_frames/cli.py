@@ -928,6 +928,14 @@ def demo(rows: int) -> None:
 @click.option("--latency", type=float, default=0.0, help="service time of a create POST")
 @click.option("--jitter", type=float, default=0.0, help="lognormal sigma of that service time")
 @click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="processes serving the one port, each with its own state: right for create-only "
+    "throughput sweeps; a GET, retry or accounting query may land on another worker",
+)
+@click.option(
     "--faults",
     default="",
     help=(
@@ -949,6 +957,7 @@ def emulator(
     running: float,
     latency: float,
     jitter: float,
+    workers: int,
     faults: str,
 ) -> None:
     """Serve the local Runflow emulator (any bearer token is accepted).
@@ -982,9 +991,21 @@ def emulator(
             click.echo("warning: its /_emulator/ routes have no access control", err=True)
         if injected is not None:
             click.echo(f"injecting {injected}")
+        if workers > 1:
+            click.echo(
+                f"{workers} workers, each with its own state: a batch, an Idempotency-Key, a "
+                "limit and the accounting are per worker",
+                err=True,
+            )
 
     try:
-        run_forever(Emulator(timing=timing, faults=injected), host=host, port=port, on_ready=ready)
+        run_forever(
+            Emulator(timing=timing, faults=injected),
+            host=host,
+            port=port,
+            on_ready=ready,
+            workers=workers,
+        )
     except OSError as exc:
         _fail(
             f"cannot serve on {shown}:{port}: {exc.strerror or exc}; try another --port", EXIT_USAGE

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import multiprocessing
+import signal
 import socket
 import threading
 import time
@@ -123,15 +125,51 @@ def run_forever(
     host: str = "127.0.0.1",
     port: int = 8080,
     on_ready: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> None:
     """Serve in the foreground until interrupted (what ``runflow-frames emulator`` runs);
     ``on_ready`` hears the port once it is bound (an OSError when it cannot be).
 
+    With ``workers`` > 1, that many processes (forked, so POSIX only) accept on the one socket,
+    each with its own copy of ``emulator``: its state, limits and accounting are per worker.
+    A create's answer is right, but a later GET, an idempotent retry or an accounting query
+    lands on whichever worker accepts it: 404 for a batch another worker made, a second run for
+    a retried create, a part of the counts. It suits create-only throughput sweeps, where one
+    process would be the bottleneck.
+
     The ``/_emulator/`` routes have no access control: ``runflow-frames emulator`` refuses a
     ``host`` that :func:`is_loopback` does not accept unless given ``--allow-remote``."""
     emulator = emulator if emulator is not None else Emulator()
-    server = _server(emulator)
-    with _bind(host, port) as sock, _callbacks(emulator):
+    with _bind(host, port) as sock:
+        if workers > 1:
+            sock.listen(2048)  # bound and listening before a worker forks, so none is missed
         if on_ready is not None:
             on_ready(sock.getsockname()[1])
-        server.run(sockets=[sock])
+        if workers == 1:
+            _serve_on(emulator, sock)
+            return
+        # A SIGTERM ends the workers too (each runs uvicorn, which handles its own signals).
+        signal.signal(signal.SIGTERM, _exit)
+        context = multiprocessing.get_context("fork")
+        procs = [
+            context.Process(target=_serve_on, args=(emulator, sock), name=f"emulator-{n}")
+            for n in range(workers)
+        ]
+        for proc in procs:
+            proc.start()
+        try:
+            for proc in procs:
+                proc.join()
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.join()
+
+
+def _exit(signum: int, frame: object) -> None:  # noqa: ARG001 - a signal handler's signature
+    raise SystemExit(128 + signum)
+
+
+def _serve_on(emulator: Emulator, sock: socket.socket) -> None:
+    with _callbacks(emulator):
+        _server(emulator).run(sockets=[sock])
