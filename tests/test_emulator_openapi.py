@@ -294,7 +294,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 def test_the_emulator_command_serves_loopback(served: list[dict[str, Any]], host: str) -> None:
     result = CliRunner().invoke(main, ["emulator", "--host", host, "--port", "9"])
     assert result.exit_code == 0, result.output
-    assert served == [{"host": host, "port": 9}]
+    assert served == [{"host": host, "port": 9, "workers": 1}]
     assert "warning" not in result.output
 
 
@@ -312,7 +312,7 @@ def test_the_emulator_command_refuses_another_host_without_allow_remote(
 def test_allow_remote_serves_another_host_and_says_so(served: list[dict[str, Any]]) -> None:
     result = CliRunner().invoke(main, ["emulator", "--host", "0.0.0.0", "--allow-remote"])
     assert result.exit_code == 0, result.output
-    assert served == [{"host": "0.0.0.0", "port": 8080}]
+    assert served == [{"host": "0.0.0.0", "port": 8080, "workers": 1}]
     assert "no access control" in result.output
 
 
