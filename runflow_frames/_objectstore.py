@@ -255,7 +255,7 @@ def open_manifest(
     return manifest
 
 
-def load(store: ObjectStore) -> tuple[State, int, list[str]]:
+def load(store: ObjectStore, *, each_row_once: bool = True) -> tuple[State, int, list[str]]:
     """What the checkpoint recorded, the next free object number and the log objects read."""
     names = store.names()
     logs = _numbered(names, _LOG_RE)
@@ -266,7 +266,8 @@ def load(store: ObjectStore) -> tuple[State, int, list[str]]:
         logs.append((last, f"log/{last:08d}.json"))
     tables = [_read_parquet(store, name, SEGMENT_SCHEMA) for _, name in segments]
     records = (_read_log(store, name) for _, name in logs)
-    return state_from(store.url, tables, records), last + 1, [name for _, name in logs]
+    state = state_from(store.url, tables, records, each_row_once=each_row_once)
+    return state, last + 1, [name for _, name in logs]
 
 
 def _read_log(store: ObjectStore, name: str) -> list[dict[str, Any]]:
@@ -298,7 +299,7 @@ class ObjectJournal(CheckpointJournal):
         key_fingerprint: Callable[[str], str],
         max_intent_age: float,
     ) -> None:
-        state, self._next, self._read_logs = load(store)
+        state, self._next, self._read_logs = load(store, each_row_once=False)  # plan checks
         super().__init__(
             store.url,
             manifest,

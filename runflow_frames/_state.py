@@ -134,8 +134,18 @@ class State:
         return refs, digests, hashes
 
 
+def recorded_twice(where: str, refs: pa.Array) -> CheckpointError:
+    """The error for a checkpoint that records a row in more than one chunk."""
+    counts = pc.value_counts(refs)
+    twice = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:5]
+    return CheckpointError(
+        f"checkpoint {where} records row(s) {twice} in more than one chunk; it is "
+        "inconsistent and cannot be resumed safely"
+    )
+
+
 def plan_resume(
-    state: State, refs: Sequence[str], items: Items
+    state: State, refs: Sequence[str], items: Items, checkpoint: str
 ) -> tuple[list[tuple[Intent, list[int]]], Sequence[int]]:
     """What a run must still do: the pending intents to re-send (with their rows' positions),
     and the positions of the rows never recorded, in frame order.
@@ -175,6 +185,8 @@ def plan_resume(
         )
     unsent = np.ones(len(refs), dtype=bool)
     unsent[positions] = False
+    if np.count_nonzero(~unsent) != len(positions):  # a row recorded twice: one position twice
+        raise recorded_twice(checkpoint, recorded)
     offset = submitted
     planned = []
     for intent in pending:

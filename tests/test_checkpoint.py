@@ -743,3 +743,17 @@ def test_a_refused_frame_makes_no_checkpoint_and_leaves_one_usable(
     out = run(frame(10), tmp_path, emulator)  # not "in use by another running job"
     assert emulator.accounting().batches_created == 1
     assert_matches_server(out, emulator)
+
+
+def test_a_checkpoint_recording_a_row_twice_is_refused_before_any_request(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    df = frame(200)
+    run(df, tmp_path, emulator)
+    (segment,) = tmp_path.glob("segment-*.parquet")
+    (tmp_path / "segment-000099.parquet").write_bytes(segment.read_bytes())  # every row twice
+    with pytest.raises(CheckpointError, match="in more than one chunk"):
+        run(frame(300), tmp_path, emulator)
+    with pytest.raises(CheckpointError, match="in more than one chunk"):
+        read_checkpoint(tmp_path)
+    assert emulator.accounting().batches_created == 2
