@@ -48,6 +48,12 @@ def server_view(emulator: Emulator) -> dict[str, dict[str, Any]]:
     return {r["client_ref"]: r for r in emulator.received()}
 
 
+def assert_run_ids_are_the_servers(out: pd.DataFrame, emulator: Emulator) -> None:
+    received = server_view(emulator)
+    for key, run_id in out["runflow_run_id"].items():
+        assert run_id == received[str(key)]["run_id"]
+
+
 def test_every_row_gets_its_own_handle_over_real_http(emulator: Emulator, base_url: str) -> None:
     df = frame(1234)
     out = run_batches(df, "acme", "echo", base_url=base_url, api_key=API_KEY)
@@ -357,9 +363,7 @@ def test_handles_are_joined_by_client_ref_not_by_position(emulator: Emulator) ->
         base_url=LOCAL,
         transport=Tamper(emulator, lambda items: items.reverse()),
     )
-    received = server_view(emulator)
-    for key, run_id in out["runflow_run_id"].items():
-        assert run_id == received[str(key)]["run_id"]
+    assert_run_ids_are_the_servers(out, emulator)
 
 
 class LastFirst(httpx.AsyncBaseTransport):
@@ -392,26 +396,25 @@ def test_answers_ending_out_of_chunk_order_join_to_their_rows(
         checkpoint=tmp_path / "ckpt" if checkpointed else None,
         transport=LastFirst(emulator, creates=5),
     )
-    received = server_view(emulator)
     assert [r["client_ref"] for r in emulator.received()][:100] == [
         f"k{i:04d}" for i in range(400, 500)
     ]
     assert list(out.index) == list(df.index)
-    for key, run_id in out["runflow_run_id"].items():
-        assert run_id == received[str(key)]["run_id"]
+    assert_run_ids_are_the_servers(out, emulator)
     if checkpointed:  # the same rows in another order: nothing sent, each still its own handle
+        asgi = httpx.ASGITransport(app=create_app(emulator))
+        ckpt = tmp_path / "ckpt"
         again = run_batches(
             df.iloc[::-1],
             "acme",
             "echo",
             api_key=API_KEY,
             base_url=LOCAL,
-            checkpoint=tmp_path / "ckpt",
-            transport=httpx.ASGITransport(app=create_app(emulator)),
+            checkpoint=ckpt,
+            transport=asgi,
         )
         assert emulator.accounting().batches_created == 5
-        for key, run_id in again["runflow_run_id"].items():
-            assert run_id == received[str(key)]["run_id"]
+        assert_run_ids_are_the_servers(again, emulator)
 
 
 def test_a_body_that_cannot_be_decoded_is_a_protocol_error(emulator: Emulator) -> None:
