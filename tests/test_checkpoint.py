@@ -757,3 +757,21 @@ def test_a_checkpoint_recording_a_row_twice_is_refused_before_any_request(
     with pytest.raises(CheckpointError, match="in more than one chunk"):
         read_checkpoint(tmp_path)
     assert emulator.accounting().batches_created == 2
+
+
+def test_a_frame_without_value_hashes_resumes_by_its_bytes(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """Nested values have no value hash: every recorded row is encoded and compared."""
+    df = frame(150).assign(meta=[{"i": i, "tags": ["a", "b"]} for i in range(150)])
+    run(df, tmp_path, emulator)
+    assert (load_state(tmp_path).submitted()["value_hash"].to_numpy() == 0).all()
+    out = run(df, tmp_path, emulator)  # the same values: nothing sent
+    assert emulator.accounting().batches_created == 2
+    assert_matches_server(out, emulator)
+    changed = df.copy()
+    changed.at["k00003", "meta"] = {"i": 3, "tags": ["a"]}
+    with pytest.raises(CheckpointError, match="1 row") as info:
+        run(changed, tmp_path, emulator)
+    assert info.value.changes == ["changed row 'k00003'"]
+    assert emulator.accounting().batches_created == 2
