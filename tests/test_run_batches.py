@@ -623,3 +623,21 @@ def test_the_pandas_accessor_runs_collects_retries_and_summarizes(
     again = done.runflow.retry_failed("acme/uppercase", **options)
     assert again["runflow_attempt"].tolist() == [1, 1, 2]
     assert emulator.accounting().runs_by_client_ref == {"x": 1, "y": 1, "z": 2}
+
+
+def test_a_sync_call_never_formats_its_result(
+    emulator: Emulator, asgi: httpx.ASGITransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11's asyncio, restoring the SIGINT handler at the end of a run, formats the
+    main task's result (twice): a frame's repr costs milliseconds, so it must not be that."""
+    formatted: list[int] = []
+    real = pd.DataFrame.__repr__
+
+    def counting(self: pd.DataFrame) -> str:
+        formatted.append(len(self))
+        return real(self)
+
+    monkeypatch.setattr(pd.DataFrame, "__repr__", counting)
+    out = run_batches(frame(30), "acme", "echo", api_key=API_KEY, base_url=LOCAL, transport=asgi)
+    assert out["runflow_run_id"].notna().all()
+    assert formatted == []
