@@ -168,7 +168,8 @@ def test_wait_and_collect_keep_outcomes_in_the_bucket(bucket: str) -> None:
 def test_sigkill_with_the_checkpoint_in_the_bucket_never_duplicates_or_loses_a_row(
     tmp_path: Path, bucket: str
 ) -> None:
-    rows = 5000  # enough work left for 22 kills, however fast the runs between them
+    rows = 8000  # enough work left for 22 kills, however fast the runs between them (5,000 ran
+    # out after 19 once resumes got faster)
     result = soak(
         tmp_path,
         rows=rows,
