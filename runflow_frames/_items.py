@@ -62,9 +62,6 @@ class Items:
         if self.hashes is None:
             self.encode(range(len(refs)))
 
-    def __len__(self) -> int:
-        return len(self._bytes)
-
     def take(self, rows: Sequence[int]) -> list[bytes]:
         """The bytes of the rows at these positions, encoded already."""
         every = self._bytes

@@ -333,8 +333,8 @@ def parse_manifest(where: str, data: bytes) -> dict[str, Any]:
     if manifest["format"] not in _READS:
         raise CheckpointError(
             f"checkpoint {where} has format {manifest['format']}; this version of "
-            f"runflow-frames reads formats {' and '.join(map(str, _READS))}. Nothing was sent. Finish the job with the "
-            "version that started it, or start anew in another directory"
+            f"runflow-frames reads formats {' and '.join(map(str, _READS))}. Nothing was sent. "
+            "Finish the job with the version that started it, or start anew in another directory"
         )
     return manifest
 
@@ -768,10 +768,8 @@ class CheckpointJournal(Journal):
         records = []
         for c in chunks:
             if c.number not in self.state.intents:
-                rows = c.rows
-                intent = Intent(
-                    c.number, c.key, now, c.refs, items.digests(rows), items.hashes_of(rows)
-                )
+                digests, hashes = items.digests(c.rows), items.hashes_of(c.rows)
+                intent = Intent(c.number, c.key, now, c.refs, digests, hashes)
                 self.state.intents[c.number] = intent
                 records.append(_intent_record(intent))
         return records

@@ -502,7 +502,7 @@ def _encode_block(
     return out
 
 
-_HEAD: Final = b'{"client_ref":'
+_HEAD: Final = b'{"' + CLIENT_REF_FIELD.encode() + b'":'
 # Between two items in a JSON array. Inside a string a quote is escaped, so only a nested
 # value can hold it; then a block has more of them than rows, and is encoded item by item.
 _SEP: Final = b"}," + _HEAD

@@ -3,8 +3,8 @@ what a resume must still do.
 
 A row goes *unsent* -> *intended* -> *submitted*. Before a chunk's first POST, an intent (its
 chunk number, Idempotency-Key, client_refs, a digest of each row's item bytes and a hash of
-its values) is made durable; after the 201, its handles are recorded; a chunk the server refused (nothing created)
-is marked so, and its rows are unsent again. ``_journal.py`` stores these; this module only
+its values) is made durable; after the 201, its handles are recorded; a chunk the server
+refused (nothing created) is marked so, and its rows are unsent again. ``_journal.py`` stores these; this module only
 keeps and compares them.
 """
 
@@ -187,8 +187,7 @@ def plan_resume(
     unsent[positions] = False
     if np.count_nonzero(~unsent) != len(positions):  # a row recorded twice: one position twice
         raise recorded_twice(checkpoint, recorded)
-    offset = submitted
-    planned = []
+    planned, offset = [], submitted
     for intent in pending:
         planned.append((intent, positions[offset : offset + len(intent.refs)].tolist()))
         offset += len(intent.refs)
