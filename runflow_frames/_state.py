@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import pyarrow as pa
@@ -95,7 +95,7 @@ class State:
         if not self.answered_chunks:
             return
         sizes, intent_ats, submitted_ats = zip(*self.answered_chunks.values(), strict=True)
-        columns: dict[str, Any] = dict(self.answered.columns)
+        columns = self.answered.arrays()
         for name, values in (
             ("chunk", list(self.answered_chunks)),
             ("intent_at", intent_ats),
