@@ -53,11 +53,9 @@ class Items:
         refs: Sequence[str],
         fields: Sequence[str],
         missing: Missing,
-        *,
-        hashed: bool = True,  # False: no hashes (nothing will compare them), everything encoded
     ) -> None:
         self._frame, self._refs, self._fields, self._missing = frame, refs, fields, missing
-        self.hashes = value_hashes(frame, refs, fields) if hashed else None
+        self.hashes = value_hashes(frame, refs, fields)
         self._bytes: list[bytes | None] = [None] * len(refs)
         if self.hashes is None:
             self.encode(range(len(refs)))

@@ -27,6 +27,7 @@ from itertools import islice
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ._admission import Admission, Outcome, Pace, Ticket
 from ._client import AsyncRunflowClient
@@ -265,6 +266,9 @@ class _Sender:
         self.refilled = anyio.Event()
 
     async def refill(self) -> None:
+        # Making a group takes milliseconds: first let the request that started this refill go
+        # out (aiohttp writes a body in a task of its own, queued behind this one).
+        await anyio.lowlevel.checkpoint()
         batch = list(islice(self.source, self.group))
         if batch and self.before_send is not None:
             await self.before_send(batch)

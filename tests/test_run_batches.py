@@ -102,6 +102,48 @@ def test_key_column_columns_and_chunk_size(emulator: Emulator, asgi: httpx.ASGIT
     assert out.index.equals(df.index)
 
 
+def test_rows_are_encoded_as_their_chunks_go(
+    emulator: Emulator, asgi: httpx.ASGITransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first request leaves before the whole frame is encoded; the rest is encoded ahead in
+    blocks that a chunk size of 30 does not divide, and every row still goes once, as it is."""
+    import runflow_frames._items as items_module
+
+    encoded: list[int] = []
+    real = items_module.encode_rows
+
+    def counting(df: pd.DataFrame, *args: Any, **kwargs: Any) -> list[bytes]:
+        encoded.append(len(df))
+        return real(df, *args, **kwargs)
+
+    monkeypatch.setattr(items_module, "encode_rows", counting)
+    at_first_request: list[int] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if not at_first_request:
+            at_first_request.append(sum(encoded))
+        return await asgi.handle_async_request(request)
+
+    df = frame(12_000)
+    out = run_batches(
+        df,
+        "acme",
+        "echo",
+        chunk_size=30,
+        max_concurrency=4,
+        api_key=API_KEY,
+        transport=httpx.MockTransport(handler),
+        base_url=LOCAL,
+    )
+    assert at_first_request[0] < len(df)
+    assert sum(encoded) == len(df)  # each row once
+    received = server_view(emulator)
+    assert emulator.accounting().runs_by_client_ref == dict.fromkeys(df.index, 1)
+    for key, row in df.iterrows():
+        assert received[str(key)]["input"] == {"text": row["text"], "n": row["n"], "f": row["f"]}
+    assert_run_ids_are_the_servers(out, emulator)
+
+
 def test_metadata_and_callback_url_go_on_every_batch(
     emulator: Emulator, http: httpx.Client, base_url: str
 ) -> None:
