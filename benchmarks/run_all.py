@@ -289,6 +289,7 @@ def peer(quick: bool, runs: int) -> tuple[list[str], dict[str, list[float]]]:
 def cpu(quick: bool, runs: int) -> tuple[list[str], dict[int, float]]:
     from runflow_frames._handles import Handles, HandleTable, join_handles
     from runflow_frames._items import Items
+    from runflow_frames._job import ENCODE_AHEAD
     from runflow_frames._rows import body_suffix, chunk_body, client_refs, item_columns
 
     lines, ratios = [], {}
@@ -301,7 +302,8 @@ def cpu(quick: bool, runs: int) -> tuple[list[str], dict[int, float]]:
             # digests per chunk, handles, the join.
             refs = client_refs(df, None)
             items = Items(df, refs, item_columns(df, None, None), "omit")
-            items.encode(range(rows))
+            for i in range(0, rows, ENCODE_AHEAD):  # as a job encodes: a block at a time
+                items.encode(range(i, min(i + ENCODE_AHEAD, rows)))
             suffix = body_suffix(None, None)
             bodies, digests = [], []
             for i in range(0, rows, 100):

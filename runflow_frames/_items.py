@@ -78,7 +78,11 @@ class Items:
             everything = encode_rows(self._frame, self._refs, self._fields, missing=self._missing)
             self._bytes = cast("list[bytes | None]", everything)
             return
-        part, refs = self._frame.iloc[todo], [self._refs[r] for r in todo]
+        first, last = todo[0], todo[-1] + 1
+        if todo == list(range(first, last)):  # a run of rows (a job's next block): a slice
+            part, refs = self._frame.iloc[first:last], self._refs[first:last]
+        else:
+            part, refs = self._frame.iloc[todo], [self._refs[r] for r in todo]
         encoded = encode_rows(part, refs, self._fields, missing=self._missing)
         for row, item in zip(todo, encoded, strict=True):
             every[row] = item

@@ -23,6 +23,7 @@ JSON mapping (documented in the README):
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import itertools
 import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -452,7 +453,7 @@ def encode_rows(
     Converts ``_BLOCK_ROWS`` rows at a time; raises InputError (naming column and row keys) for
     anything JSON cannot carry, so a job refuses bad data before its first request.
     """
-    make = _item_maker(columns)
+    make = _item_maker(tuple(columns))
     out: list[bytes] = []
     for start in range(0, len(df), _BLOCK_ROWS):
         part = df.iloc[start : start + _BLOCK_ROWS]
@@ -462,9 +463,11 @@ def encode_rows(
     return out
 
 
-def _item_maker(columns: Sequence[str]) -> Callable[..., dict[str, Any]]:
+@functools.lru_cache(maxsize=8)
+def _item_maker(columns: tuple[str, ...]) -> Callable[..., dict[str, Any]]:
     """``f(ref, *values)``: an item's dict. A dict display compiled for these names makes it in
-    a third of the time of ``dict(zip(names, values))``; the names go in as ``repr`` literals."""
+    a third of the time of ``dict(zip(names, values))``; the names go in as ``repr`` literals.
+    Kept: a job encodes its rows block by block, and compiling costs 0.06 ms."""
     params = ", ".join(f"v{i}" for i in range(len(columns) + 1))
     fields = ", ".join(f"{name!r}: v{i}" for i, name in enumerate([CLIENT_REF_FIELD, *columns]))
     maker: Callable[..., dict[str, Any]] = eval(f"lambda {params}: {{{fields}}}")  # noqa: S307
