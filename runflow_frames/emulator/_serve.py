@@ -153,7 +153,7 @@ def run_forever(
         signal.signal(signal.SIGTERM, _exit)
         context = multiprocessing.get_context("fork")
         procs = [
-            context.Process(target=_serve_on, args=(emulator, sock), name=f"emulator-{n}")
+            context.Process(target=_work, args=(emulator, sock, n), name=f"emulator-{n}")
             for n in range(workers)
         ]
         for proc in procs:
@@ -169,6 +169,11 @@ def run_forever(
 
 def _exit(signum: int, frame: object) -> None:  # noqa: ARG001 - a signal handler's signature
     raise SystemExit(128 + signum)
+
+
+def _work(emulator: Emulator, sock: socket.socket, number: int) -> None:
+    emulator.as_worker(number)
+    _serve_on(emulator, sock)
 
 
 def _serve_on(emulator: Emulator, sock: socket.socket) -> None:
