@@ -71,18 +71,16 @@ class Items:
     def encode(self, rows: Sequence[int]) -> None:
         """Encode the rows at these positions that are not encoded yet."""
         every = self._bytes
+        if isinstance(rows, range) and rows.step == 1:
+            run = slice(rows.start, rows.stop)
+            if every[run].count(None) == len(rows):  # a job's next block: by slices
+                part, refs = self._frame.iloc[run], self._refs[run]
+                every[run] = encode_rows(part, refs, self._fields, missing=self._missing)
+                return
         todo = [r for r in rows if every[r] is None]
         if not todo:
             return
-        if len(todo) == len(every):
-            everything = encode_rows(self._frame, self._refs, self._fields, missing=self._missing)
-            self._bytes = cast("list[bytes | None]", everything)
-            return
-        first, last = todo[0], todo[-1] + 1
-        if todo == list(range(first, last)):  # a run of rows (a job's next block): a slice
-            part, refs = self._frame.iloc[first:last], self._refs[first:last]
-        else:
-            part, refs = self._frame.iloc[todo], [self._refs[r] for r in todo]
+        part, refs = self._frame.iloc[todo], [self._refs[r] for r in todo]
         encoded = encode_rows(part, refs, self._fields, missing=self._missing)
         for row, item in zip(todo, encoded, strict=True):
             every[row] = item

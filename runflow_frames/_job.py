@@ -240,11 +240,9 @@ class SubmitJob:
         resume = journal.plan(self.refs, self.items)
         if limit is not None:  # unsent is in frame order
             resume = replace(resume, unsent=resume.unsent[: bisect_left(resume.unsent, limit)])
+        self.items.encode([r for _, rows in resume.pending for r in rows])
         # The first group of chunks, before the job starts; the rest as it goes (``_chunks``).
-        first = self._group() * self.options.chunk_size
-        self.items.encode(
-            [*(r for _, rows in resume.pending for r in rows), *resume.unsent[:first]]
-        )
+        self.items.encode(_as_run(resume.unsent[: self._group() * self.options.chunk_size]))
         return resume
 
     def _group(self) -> int:
@@ -263,7 +261,7 @@ class SubmitJob:
         for n, start in enumerate(range(0, len(unsent), size)):
             if start >= encoded:
                 encoded = start + size * max(1, ENCODE_AHEAD // size)
-                items.encode(unsent[start:encoded])
+                items.encode(_as_run(unsent[start:encoded]))
             rows = list(unsent[start : start + size])
             number = resume.first_chunk + n
             body = chunk_body(items.take(rows), suffix)
@@ -291,6 +289,14 @@ class SubmitJob:
                 # The first error is the one to see.
                 stopped_by.add_note(f"closing the checkpoint failed too: {also!r}")
         return result, None
+
+
+def _as_run(rows: Sequence[int]) -> Sequence[int]:
+    """Rows in frame order (``Resume.unsent``) as a range when they are one run, which
+    ``Items.encode`` encodes by slices of the frame."""
+    if rows and rows[-1] - rows[0] == len(rows) - 1:
+        return range(rows[0], rows[-1] + 1)
+    return rows
 
 
 def _poller(
