@@ -75,7 +75,10 @@ class Items:
             run = slice(rows.start, rows.stop)
             if every[run].count(None) == len(rows):  # a job's next block: by slices
                 part, refs = self._frame.iloc[run], self._refs[run]
-                every[run] = encode_rows(part, refs, self._fields, missing=self._missing)
+                encoded = encode_rows(part, refs, self._fields, missing=self._missing)
+                if len(encoded) != len(rows):  # a slice takes any length: it must not
+                    raise AssertionError("one item per row")
+                every[run] = encoded
                 return
         todo = [r for r in rows if every[r] is None]
         if not todo:
