@@ -71,7 +71,10 @@ class SubmitJob:
         self, frame: pd.DataFrame, model: str, options: JobOptions, connection: Connection
     ) -> None:
         check_no_collision(list(frame.columns))
-        self.frame = frame
+        # Its own view: rows are read as they are sent, and a change the caller makes to
+        # ``frame`` meanwhile copies the caller's data, not this one's (pandas 3's copy on
+        # write; pandas 2 does so with ``pd.options.mode.copy_on_write = True``).
+        self.frame = frame.copy(deep=False)
         self.model = model
         self.options = options
         self.connection = connection

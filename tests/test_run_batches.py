@@ -144,6 +144,38 @@ def test_rows_are_encoded_as_their_chunks_go(
     assert_run_ids_are_the_servers(out, emulator)
 
 
+def test_a_frame_changed_while_its_job_runs_is_sent_as_it_was(
+    emulator: Emulator, asgi: httpx.ASGITransport
+) -> None:
+    """Rows are encoded as they go, so the job keeps its own view of the frame: a change the
+    caller makes to it meanwhile (a notebook cell while the job runs as a task) is not sent."""
+    df = frame(12_000)
+    original = df.copy()
+    changed: list[bool] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if not changed:  # the first request is out: change every value in place
+            df.loc[:, "text"] = "changed"
+            changed.append(True)
+        return await asgi.handle_async_request(request)
+
+    run_batches(
+        df,
+        "acme",
+        "echo",
+        max_concurrency=2,
+        api_key=API_KEY,
+        transport=httpx.MockTransport(handler),
+        base_url=LOCAL,
+    )
+    assert changed
+    assert (df["text"] == "changed").all()
+    received = server_view(emulator)
+    assert len(received) == len(df)
+    for key, text in original["text"].items():
+        assert received[str(key)]["input"]["text"] == text
+
+
 def test_metadata_and_callback_url_go_on_every_batch(
     emulator: Emulator, http: httpx.Client, base_url: str
 ) -> None:
