@@ -150,8 +150,8 @@ class HandleTable:
         """The columns, ``HANDLE_SCHEMA``'s; each batch id repeated at C speed (converting the
         repeated string row by row took as long as the other columns together)."""
         chunks = np.repeat(np.arange(len(self._batches)), self._sizes)
-        batch_ids = pa.array(self._batches, pa.string()).take(chunks)
-        return {name: self.columns.get(name, batch_ids) for name in HANDLE_SCHEMA.names}
+        columns = {**self.columns, "batch_id": pa.array(self._batches, pa.string()).take(chunks)}
+        return {name: columns[name] for name in HANDLE_SCHEMA.names}
 
     def to_arrow(self) -> pa.Table:
         return pa.table(self.arrays(), schema=HANDLE_SCHEMA)

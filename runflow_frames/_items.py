@@ -71,9 +71,12 @@ class Items:
     def encode(self, rows: Sequence[int]) -> None:
         """Encode the rows at these positions that are not encoded yet."""
         every = self._bytes
-        if isinstance(rows, range) and rows.step == 1:
+        if isinstance(rows, range) and rows.step == 1:  # a job's blocks: checked at C speed
             run = slice(rows.start, rows.stop)
-            if every[run].count(None) == len(rows):  # a job's next block: by slices
+            left = every[run].count(None)
+            if not left:
+                return
+            if left == len(rows):  # none encoded yet: by slices
                 part, refs = self._frame.iloc[run], self._refs[run]
                 encoded = encode_rows(part, refs, self._fields, missing=self._missing)
                 if len(encoded) != len(rows):  # a slice takes any length: it must not

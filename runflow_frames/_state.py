@@ -4,8 +4,8 @@ what a resume must still do.
 A row goes *unsent* -> *intended* -> *submitted*. Before a chunk's first POST, an intent (its
 chunk number, Idempotency-Key, client_refs, a digest of each row's item bytes and a hash of
 its values) is made durable; after the 201, its handles are recorded; a chunk the server
-refused (nothing created) is marked so, and its rows are unsent again. ``_journal.py`` stores these; this module only
-keeps and compares them.
+refused (nothing created) is marked so, and its rows are unsent again. ``_journal.py`` stores
+these; this module only keeps and compares them.
 """
 
 from __future__ import annotations
