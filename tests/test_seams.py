@@ -486,3 +486,34 @@ def test_a_file_jobs_checkpoint_across_csv_nulls_json_and_the_python_face(
         )  # fmt: skip
         assert counts["blocks_skipped"] == counts["blocks"] == 1
     assert_each_row_ran_once(emulator)
+
+
+def test_a_grown_frame_resumed_with_wait_sends_each_new_row_once_as_it_is(
+    tmp_path: Path,
+) -> None:
+    """Rows are encoded as they are sent: a checkpoint of every row but each third, grown to the
+    whole frame and re-run with ``wait=True``, sends the 8,000 missing rows (not one run, more
+    than the group encoded before the first request) once each, with their own values; collect
+    on the checkpoint then sends nothing."""
+    emulator = Emulator(timing=FAST)
+    df = pd.DataFrame(
+        {"text": [f"t{i}" for i in range(24_000)], "n": range(24_000)},
+        index=pd.Index([f"k{i:05d}" for i in range(24_000)], name="key"),
+    )
+    ckpt = tmp_path / "ck"
+    with serve(emulator) as url:
+        options = {"checkpoint": ckpt, "api_key": API_KEY, "base_url": url}
+        run_batches(df[df["n"] % 3 != 0], "acme", "echo", **options)
+        assert emulator.accounting().batches_created == 160
+        out = run_batches(df, "acme", "echo", wait=True, **options)
+        assert emulator.accounting().batches_created == 240
+        collected = collect(ckpt, api_key=API_KEY, base_url=url, poll_interval=FAST_POLL)
+        assert emulator.accounting().batches_created == 240
+    assert_each_row_ran_once(emulator, rows=24_000)
+    received = {r["client_ref"]: r["input"] for r in emulator.received()}
+    for key, text, n in zip(df.index, df["text"], df["n"], strict=True):
+        assert received[key] == {"text": text, "n": n}
+    assert out["runflow_status"].eq("succeeded").all()
+    # collect on a checkpoint knows no frame: its rows come in the order they were recorded
+    by_ref = dict(zip(collected["runflow_client_ref"], collected["runflow_run_id"], strict=True))
+    assert by_ref == dict(zip(out["runflow_client_ref"], out["runflow_run_id"], strict=True))
