@@ -238,14 +238,12 @@ class SubmitJob:
         return failures
 
     def _plan(self, journal: Journal, limit: int | None) -> Resume:
-        """What the journal says is left to send (of the first ``limit`` rows); the pending
-        intents and the first group encoded."""
+        """What the journal says is left to send (of the first ``limit`` rows), its pending
+        intents encoded."""
         resume = journal.plan(self.refs, self.items)
         if limit is not None:  # unsent is in frame order
             resume = replace(resume, unsent=resume.unsent[: bisect_left(resume.unsent, limit)])
         self.items.encode([r for _, rows in resume.pending for r in rows])
-        # The first group of chunks, before the job starts; the rest as it goes (``_chunks``).
-        self.items.encode(_as_run(resume.unsent[: self._group() * self.options.chunk_size]))
         return resume
 
     def _group(self) -> int:
@@ -254,8 +252,9 @@ class SubmitJob:
 
     def _chunks(self, resume: Resume) -> Iterator[Chunk]:
         """Pending intents first, byte for byte and with their recorded keys; then the rows
-        never sent, encoded ahead ``ENCODE_AHEAD`` rows at a time in whole chunks (the first
-        request does not wait for the whole frame, and no block holds the event loop long)."""
+        never sent, encoded ahead in whole chunks, a block at a time: one chunk, then as many
+        rows as were made so far, up to ``ENCODE_AHEAD`` (the first request waits for its own
+        rows only, and no block holds the event loop long)."""
         items, suffix, refs = self.items, self.suffix, self.refs
         for intent, rows in resume.pending:
             body = chunk_body(items.take(rows), suffix)
@@ -263,7 +262,7 @@ class SubmitJob:
         size, unsent, encoded = self.options.chunk_size, resume.unsent, 0
         for n, start in enumerate(range(0, len(unsent), size)):
             if start >= encoded:
-                encoded = start + size * max(1, ENCODE_AHEAD // size)
+                encoded = start + size * max(1, min(ENCODE_AHEAD, start) // size)
                 items.encode(_as_run(unsent[start:encoded]))
             rows = list(unsent[start : start + size])
             number = resume.first_chunk + n

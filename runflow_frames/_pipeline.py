@@ -11,7 +11,9 @@ the pause it called for. A 429 holds back only the request that got it (its ``Re
 Chunks leave the source in groups: ``before_send`` sees each group before any of its chunks is
 handed to a worker, which is where the checkpoint makes their intents durable (one fsync per
 group, not per chunk). The next group is prepared in a task of its own while half of the
-current one is still waiting, so workers do not stall on it.
+current one is still waiting, so workers do not stall on it. The first group is one chunk per
+worker, and each next one twice the last, up to ``group``: the first request does not wait for
+a whole group to be made.
 """
 
 from __future__ import annotations
@@ -212,6 +214,7 @@ async def submit_chunks(
         path,
         iter(chunks),
         group=group,
+        first=max_concurrency,
         before_send=before_send,
         policy=policy or RetryPolicy(),
         rng=rng or random.Random(),  # noqa: S311 - jitter, not secrets
@@ -250,6 +253,7 @@ class _Sender:
         source: Iterator[Chunk],
         *,
         group: int,
+        first: int,
         before_send: Callable[[Sequence[Chunk]], Awaitable[None]] | None,
         policy: RetryPolicy,
         rng: random.Random,
@@ -258,6 +262,7 @@ class _Sender:
     ) -> None:
         self.client, self.path, self.source = client, path, source
         self.group, self.before_send, self.admit = group, before_send, admit
+        self.size = max(1, min(group, first))  # of the next group
         self.policy, self.rng, self.throttle = policy, rng, throttle
         self.ready: deque[Chunk] = deque()
         self.failures: list[ChunkFailure] = []
@@ -269,18 +274,19 @@ class _Sender:
         # Making a group takes milliseconds: first let the request that started this refill go
         # out (aiohttp writes a body in a task of its own, queued behind this one).
         await anyio.lowlevel.checkpoint()
-        batch = list(islice(self.source, self.group))
+        size, self.size = self.size, min(self.group, 2 * self.size)
+        batch = list(islice(self.source, size))
         if batch and self.before_send is not None:
             await self.before_send(batch)
         self.ready.extend(batch)
-        self.exhausted = len(batch) < self.group
+        self.exhausted = len(batch) < size
         self.refilling = False
         self.refilled.set()
         self.refilled = anyio.Event()
 
     async def take(self, tg: anyio.abc.TaskGroup) -> Chunk | None:
         while not self.stopped:
-            if not (self.refilling or self.exhausted) and len(self.ready) <= self.group // 2:
+            if not (self.refilling or self.exhausted) and len(self.ready) <= self.size // 2:
                 self.refilling = True
                 tg.start_soon(self.refill)
             if self.ready:
