@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
@@ -270,7 +272,8 @@ async def submit_frame(
     if not wait:
         result = await job.run(await journal(), progress, budget=budget)
     else:  # outcomes are collected while the job still sends, the rest after it
-        prefetch = Prefetch(connection.client(), WAIT_POLL, connection.retry)
+        poll = replace(WAIT_POLL, sent_at=time.monotonic())
+        prefetch = Prefetch(connection.client(), poll, connection.retry)
         with one_error():
             async with prefetch.client, anyio.create_task_group() as collecting:
                 collecting.start_soon(prefetch.run)
@@ -283,7 +286,7 @@ async def submit_frame(
             connection,
             checkpoint=checkpoint,
             progress=progress,
-            poll=WAIT_POLL,
+            poll=poll,
             prefetched=prefetch.rows.frame(),
         )
     if report is not None:
@@ -303,9 +306,10 @@ async def _fly(
     """Send the canary's rows, wait for their runs and judge them: CanaryFailedError when too
     many failed (nothing else sent), else the report."""
     rows = min(canary.rows, len(job.refs))
+    poll = replace(WAIT_POLL, sent_at=time.monotonic())
     sent = await job.run(journal, progress, limit=rows, budget=budget)
     head = await collect_frame(
-        sent.iloc[:rows], connection, checkpoint=checkpoint, progress=progress, poll=WAIT_POLL
+        sent.iloc[:rows], connection, checkpoint=checkpoint, progress=progress, poll=poll
     )
     report = judge(head, canary.max_failed)
     if report.passed:

@@ -254,16 +254,33 @@ STUCK_ROUNDS: Final = 3
 FOLLOW: Final = 0.2
 
 
+# When the batches' age is known, no wait between polls longer than this share of it.
+AGE_SHARE: Final = 0.1
+
+
 @dataclass(frozen=True)
 class PollPolicy:
     """How collection polls: intervals that grow from ``initial`` to ``max`` seconds, at most
-    ``max_concurrency`` requests at once, and an overall ``deadline`` (None: no limit)."""
+    ``max_concurrency`` requests at once, and an overall ``deadline`` (None: no limit).
+
+    ``sent_at`` (``time.monotonic()`` when the batches were sent, known to ``wait=True``) keeps
+    each wait under ``AGE_SHARE`` of their age: runs that take seconds are seen ending within a
+    tenth of that, and runs of minutes are polled at ``max`` all the same. Without it, where
+    the runs' end falls between two polls decides how late their outcomes come."""
 
     initial: float = DEFAULT_POLL_INITIAL
     max: float = DEFAULT_POLL_MAX
     growth: float = 1.5
     max_concurrency: int = 4
     deadline: float | None = None
+    sent_at: float | None = None
+
+    def wait(self, interval: float) -> float:
+        """Seconds to the next poll, ``interval`` being the one grown so far."""
+        if self.sent_at is None:
+            return interval
+        age = time.monotonic() - self.sent_at
+        return min(interval, max(self.initial, AGE_SHARE * age))
 
 
 async def collect_items(
@@ -335,7 +352,7 @@ async def collect_items(
             await anyio.sleep(min(FOLLOW, left))
             interval = poll.initial
             continue
-        await anyio.sleep(min(interval, left))
+        await anyio.sleep(min(poll.wait(interval), left))
         interval = min(poll.max, interval * poll.growth)
     return pending
 
@@ -532,7 +549,9 @@ class Prefetch:
             if pending and await self._sweeper.probe(pending[0]):
                 done = set(await self._sweeper.sweep_all(pending))
                 self.done |= done
-            with anyio.move_on_after(FOLLOW if done or not pending else interval):
+            with anyio.move_on_after(
+                FOLLOW if done or not pending else self._sweeper.poll.wait(interval)
+            ):
                 await self._stop.wait()
             poll = self._sweeper.poll
             interval = FOLLOW if done else min(poll.max, interval * poll.growth)

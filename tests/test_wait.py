@@ -73,3 +73,29 @@ def test_outcomes_are_collected_while_the_job_sends_and_never_fetched_twice() ->
     assert Counter(transport.over) == Counter(
         f"/v1/batches/{b}/items" for b in out["runflow_batch_id"].unique()
     ), "a finished batch's items were fetched more or less than once"
+
+
+def test_outcomes_come_soon_after_the_last_run_ends_wherever_it_falls_between_polls() -> None:
+    """Polls while waiting are never further apart than a tenth of the batches' age. Runs of
+    about 4 s end between two polls of the intervals grown so far (3.4 s and 5.3 s after the
+    job started, with waits growing from 0.25 s by half each time up to 2 s): the outcomes
+    would come about 1.3 s late; a poll every 0.4 s sees them end."""
+    server = Emulator(timing=Timing(queued=0.4, dispatching=0.0, running=3.6))
+    df = pd.DataFrame(
+        {"text": [f"t{i}" for i in range(2_000)]}, index=[f"r{i}" for i in range(2_000)]
+    )
+    with serve(server) as url:
+        out = run_batches(
+            df,
+            "acme/echo",
+            wait=True,
+            max_concurrency=4,
+            api_key=API_KEY,
+            base_url=url,
+            progress=False,
+        )
+        returned = time.time()
+    assert (out["runflow_status"] == "succeeded").all()
+    last_end = pd.to_datetime(out["runflow_completed_at"], utc=True).max().timestamp()
+    assert returned - last_end < 0.8
+    assert server.accounting().runs_by_client_ref == dict.fromkeys(df.index, 1)
