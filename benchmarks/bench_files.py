@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from _common import PEAK_KB, append_results, emulator_process, spread
 from _figures import record
 
+COMMAND = "python " + " ".join(["benchmarks/bench_files.py", *sys.argv[1:]])
 JOB = (
     PEAK_KB
     + """
@@ -113,14 +114,13 @@ def main() -> None:
                 f"{args.block_rows:,}: {int(done) / float(wall):,.0f} rows/s, {float(wall):.0f} s, "
                 f"peak RSS {rss[rows]:,.0f} MB"
             )
-    command = "python " + " ".join(["benchmarks/bench_files.py", *sys.argv[1:]])
     if len(rss) >= 2:
         small, large = min(rss), max(rss)
         ratio = rss[large] / rss[small]
         lines.append(f"peak RSS {large:,} rows / {small:,} rows = {ratio:.2f} (target <= 1.2)")
         shown = f"{ratio:.2f} ({rss[large]:.0f} / {rss[small]:.0f} MB, each job's own VmHWM)"
-        record("file_rss_ratio", ratio, shown, command)
-    append_results("Streaming file jobs: rows/s and peak RSS", command, lines)
+        record("file_rss_ratio", ratio, shown, COMMAND)
+    append_results("Streaming file jobs: rows/s and peak RSS", COMMAND, lines)
 
 
 def run_job(
@@ -229,12 +229,11 @@ def object_store(rows: int, block_rows: int, runs: int) -> None:
         f"answers only (a block's last answers, at its close): "
         f"{requests.get('create log (answers only)', 0)}",
     ]
-    command = "python " + " ".join(["benchmarks/bench_files.py", *sys.argv[1:]])
     runs = f"median of {len(local_rates)} run{'s' if len(local_rates) != 1 else ''} each"
-    record("object_store_throughput", ratio, f"{ratio:.2f} ({runs})", command)
+    record("object_store_throughput", ratio, f"{ratio:.2f} ({runs})", COMMAND)
     shown = f"{memory:.2f} ({statistics.median(remote_rss):.0f} / {statistics.median(local_rss):.0f} MB; {runs})"
-    record("object_store_rss", memory, shown, command)
-    append_results("Streaming file jobs on object storage: bucket vs local files", command, lines)
+    record("object_store_rss", memory, shown, COMMAND)
+    append_results("Streaming file jobs on object storage: bucket vs local files", COMMAND, lines)
 
 
 if __name__ == "__main__":

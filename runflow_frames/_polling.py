@@ -542,18 +542,16 @@ class Prefetch:
                 )
 
     async def _rounds(self) -> None:
-        interval = self._sweeper.poll.initial
+        poll = self._sweeper.poll
+        interval = poll.initial
         while not self._stop.is_set():
             pending = [b for b in self.expected if b not in self.done]
             done: set[str] = set()
             if pending and await self._sweeper.probe(pending[0]):
                 done = set(await self._sweeper.sweep_all(pending))
                 self.done |= done
-            with anyio.move_on_after(
-                FOLLOW if done or not pending else self._sweeper.poll.wait(interval)
-            ):
+            with anyio.move_on_after(FOLLOW if done or not pending else poll.wait(interval)):
                 await self._stop.wait()
-            poll = self._sweeper.poll
             interval = FOLLOW if done else min(poll.max, interval * poll.growth)
 
 
