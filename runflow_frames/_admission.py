@@ -13,7 +13,8 @@ Three limits, the tightest wins:
   flight (a rate limit refuses at any level): the cap becomes that level, and such 429s do
   not slow the pace. Only once paced, and only when the refused tries were not sent faster than
   anything got through (then a rate explains them as well): the first burst of a job tells a
-  rate from a cap by nothing. After ``CAP_PROBE`` seconds without a refusal above it, the cap
+  rate from a cap by nothing. The first time a cap is learned, the pace is forgotten: the 429s it
+  was learned from were the cap's. After ``CAP_PROBE`` seconds without a refusal above it, the cap
   rises by one; a refusal of that probe puts it back.
 - **Overload** (503): the concurrency limit halves, at most once per episode, and grows back
   by one per ``limit`` successes (AIMD, as TCP does), within ``max_concurrency``; every request
@@ -116,6 +117,8 @@ class Admission:
             if _precise(wait):  # the server says when it admits again: nobody goes sooner
                 self.paused_until = max(self.paused_until, now + wait)
             if self._over_cap(ticket):
+                if self.cap is None and self._capped_at == -math.inf:  # the first sign of a cap
+                    self.pace = RateController()  # the 429s that set the pace were the cap's
                 self.cap = self._capped
                 self._capped_at = now
             else:

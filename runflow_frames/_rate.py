@@ -9,9 +9,11 @@ Until the server refuses a request, nothing is paced. From then on requests leav
 apart (no bursts), and the rate follows the answers:
 
 - **The first refusal** sets the rate to what was not refused so far, per second; until
-  something gets through at that pace, further refusals only lower that guess.
+  something sent at that pace gets through (not merely something sent before it), further
+  refusals only lower that guess.
 - **A refusal at a paced rate** is judged by the requests sent since the last cut (a request
-  sent before the cut took effect says nothing of the new rate):
+  sent before the cut took effect says nothing of the new rate, and is left out of the share of
+  refusals too):
 
   - a few of many refused (under ``LOW_SHARE``): over a limit that lets the rest through, by
     that share: the rate drops to the share that got through, ``MARGIN`` under it;
@@ -23,16 +25,18 @@ apart (no bursts), and the rate follows the answers:
     When it is the first window (the job's opening burst spent it), until a request gets
     through again none leaves faster than what got through so far.
 
-  The rate cut from, or the rate requests really left at if lower (``offered``: a pause before
-  a burst does not hide the burst's pace), is remembered as ``ceiling``.
+  The rate cut from, or the rate requests really left at if lower (``offered``: the gap
+  before the refused request when it waited for the pace, else the median gap around it, so a
+  pause before a burst does not hide the burst's pace), is remembered as ``ceiling``.
 - **Quiet** (no counted refusal for ``QUIET`` seconds): the rate climbs back quickly to just
   under ``ceiling`` (``APPROACH`` of the gap per second), then beyond it slowly and ever faster,
   ``ceiling * (1 + PROBE + CUBIC * seconds**3)`` (TCP CUBIC's shape), so a limit that rose is
   found; never above twice the rate requests really leave at (an unused pace is untested).
 - **Stray refusals**: a refusal counts only when more than ``noise`` of the last ``RECENT``
   answers were refusals. A cut after which the next ``2 * RECENT`` answers were refused about
-  as often as before was a cut for nothing: it is undone and ``noise`` rises to twice the share
-  seen, so a server that refuses a few requests at random, whatever the rate, costs little.
+  as often as before was a cut for nothing: it is undone, ``noise`` rises to twice the share
+  seen and the ceiling is forgotten (no limit was shown), so a server that refuses a few
+  requests at random, whatever the rate, costs little.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from typing import Final
 HORIZON: Final = 5.0  # seconds of answers behind the rate that got through
 SPAN: Final = 3  # sends behind the rate a request was sent at
 RECENT: Final = 30  # answers behind the share of refusals
+HISTORY: Final = 120
 NOISE: Final = 0.05  # the share of refusals that is not a limit, until one is learned
 MAX_NOISE: Final = 0.25
 HIGH_SHARE: Final = 0.5
@@ -61,6 +66,7 @@ MAX_CUT: Final = 0.5
 FLOOR: Final = 0.85  # of what got through: the deepest a series of cuts goes
 STRIKE_MEMORY: Final = 3.0  # a refusal this soon after a cut: the cut was not enough
 UNDO: Final = 0.85  # a cut is kept when the share of refusals fell below this part of its value
+HELD: Final = 0.25  # of an interval: a send this late after its turn waited for the pace
 MIN_RATE: Final = 0.05
 _MIN_SPAN: Final = 0.05
 
@@ -101,8 +107,10 @@ class RateController:
         self._first: float | None = None
         self._admitted = 0  # sends not refused (so far)
         self._sends: deque[float] = deque(maxlen=64)
+        self._held: deque[bool] = deque(maxlen=64)  # whether a send waited for the pace
         self._oks: deque[float] = deque()
         self._recent: deque[bool] = deque(maxlen=RECENT)
+        self._history: deque[bool] = deque(maxlen=HISTORY)
         self._cut_at = -math.inf
         self._limited_at = -math.inf
         self._last_ok: float | None = None
@@ -123,13 +131,18 @@ class RateController:
             self._first = now
         self._sends.append(now)
         self._admitted += 1
+        held = False
         if self.rate is not None:
             rate = self.rate if self._hold is None else min(self.rate, self._hold)
+            held = 0 <= now - self._next < HELD / rate  # a timer wakes a little late
             self._next = max(now, self._next) + 1 / rate
+        self._held.append(held)
 
     def answered(self, now: float, sent_at: float, *, limited: bool) -> None:
         """The answer to a request sent at ``sent_at``: refused with a 429 or not."""
-        self._recent.append(limited)
+        if not (limited and self.rate is not None and sent_at < self._cut_at + 1 / self.rate):
+            self._recent.append(limited)
+            self._history.append(limited)
         if self._trial is not None:
             self._trial.count(sent_at, limited=limited)
         if sent_at >= self._cut_at:
@@ -158,10 +171,13 @@ class RateController:
         return max(_MIN_SPAN, now - (now if self._first is None else self._first))
 
     def offered(self, sent_at: float) -> float:
-        """The rate at which requests were leaving around ``sent_at``: one over the median gap
-        between the ``SPAN`` sends on either side of it (a pause before a burst does not hide
-        the burst's pace); inf when too few are remembered."""
+        """The rate at which requests were leaving around ``sent_at``: one over the gap before
+        it when it waited for the pace (the spacing a strict limit judged), else over the median
+        gap between the ``SPAN`` sends on either side of it (a pause before a burst does not
+        hide the burst's pace); inf when too few are remembered."""
         at = bisect.bisect_left(self._sends, sent_at)
+        if 0 < at < len(self._sends) and self._held[at]:  # its gap was the pace's
+            return 1 / max(1e-3, self._sends[at] - self._sends[at - 1])
         near = list(itertools.islice(self._sends, max(0, at - SPAN), at + SPAN + 1))
         gaps = [b - a for a, b in itertools.pairwise(near)]
         if not gaps:
@@ -169,15 +185,15 @@ class RateController:
         return 1 / max(1e-3, statistics.median(gaps))
 
     def _refused(self, now: float, sent_at: float) -> None:
-        if self.rate is not None and self._last_ok is None:  # nothing through yet: guess again
+        if self.rate is not None and not self._paced_ok:  # nothing through at a pace: guess again
             self.rate = max(MIN_RATE, min(self.rate, max(self._admitted, 1) / self._elapsed(now)))
             return
         if self.rate is not None and sent_at < self._cut_at + 1 / self.rate:
             return  # sent before the last cut took effect: it says nothing of the new rate
         self._fresh[0] += 1
-        self._beyond_since = None  # any refusal ends a probe beyond the ceiling
         if self.share() <= self.noise:
             return  # a stray few: no cut
+        self._beyond_since = None  # a counted refusal ends a probe beyond the ceiling
         self._limited_at = now
         if now - self._cut_at > STRIKE_MEMORY:
             self._strikes = 0
@@ -216,8 +232,10 @@ class RateController:
     def _cut(self, now: float, target: float, ceiling: float) -> None:
         target = max(MIN_RATE, target)
         if self._trial is None:
-            refused = sum(self._recent)
-            self._trial = _Trial(self.rate, self.ceiling, now, [refused, len(self._recent)], [0, 0])
+            refused = sum(self._history)
+            self._trial = _Trial(
+                self.rate, self.ceiling, now, [refused, len(self._history)], [0, 0]
+            )
         self.ceiling = ceiling
         self.rate = target
         self._cut_at = now
@@ -255,8 +273,9 @@ class RateController:
         self._trial = None
         before, after = trial.share(trial.before), trial.share(trial.after)
         if UNDO * before <= after <= MAX_NOISE:  # the cut did not lower a few refusals
-            self.rate, self.ceiling = trial.rate, trial.ceiling
-            self.noise = min(MAX_NOISE, max(self.noise, 2 * after))
+            self.rate, self.ceiling = trial.rate, math.inf  # no limit shown: search again
+            spread = 3 * math.sqrt(after * (1 - after) / RECENT)  # of a share of RECENT answers
+            self.noise = min(MAX_NOISE, max(self.noise, 2 * after, after + spread))
 
 
 def _per_second(times: deque[float], now: float, horizon: float, first: float | None) -> float:

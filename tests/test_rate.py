@@ -34,22 +34,19 @@ from .conftest import API_KEY
 GOAL = {"overall": 0.85, "steady": 0.95, "share": 0.05}
 # Where the throttle does not meet a goal yet: what it does reach (see the module docstring).
 SHORT_OF_GOAL: dict[tuple[str, str], dict[str, float]] = {
-    ("strict", "none"): {"steady": 0.88},
-    ("strict", "exact"): {"steady": 0.88},
-    ("strict", "ceil"): {"steady": 0.78, "overall": 0.68, "share": 0.06},
-    ("bucket", "ceil"): {"steady": 0.85},
-    ("fixed", "ceil"): {"steady": 0.84, "share": 0.06},
+    ("strict", "none"): {"steady": 0.92},
+    ("strict", "exact"): {"steady": 0.93},
+    ("strict", "ceil"): {"steady": 0.84, "overall": 0.78},
+    ("fixed", "none"): {"share": 0.07},
+    ("fixed", "ceil"): {"share": 0.07},
     ("sliding", "exact"): {"steady": 0.93},
-    ("sliding", "ceil"): {"steady": 0.86},
-    ("window-5s", "none"): {"share": 0.16},
-    ("window-5s", "ceil"): {"share": 0.11},
-    ("cap", "none"): {"steady": 0.92},
-    ("cap", "exact"): {"steady": 0.92},
-    ("cap", "ceil"): {"steady": 0.89},
+    ("sliding", "ceil"): {"steady": 0.9},
+    ("window-5s", "none"): {"share": 0.13},
+    ("window-5s", "ceil"): {"steady": 0.92, "share": 0.13},
 }
 
 
-def run_shape(name: str, latency: float, form: str, seeds: int = 3) -> dict[str, float]:
+def run_shape(name: str, latency: float, form: str, seeds: int = 5) -> dict[str, float]:
     return figures(SHAPES[name], latency, form, seeds)
 
 
@@ -73,9 +70,10 @@ def test_the_throttle_reaches_each_limit_in_simulated_time(
     assert got["share"] <= bound["share"], got
 
 
-def test_stray_429s_barely_slow_a_job_down() -> None:
-    # 5% of the requests refused at random (a flaky server, no limit): 16 workers at 100 ms.
-    runs = [simulate(Flaky(0.05, seed), Job(1600, 16, 0.1, "none", seed)) for seed in range(3)]
+@pytest.mark.parametrize("share", [0.02, 0.05, 0.1])
+def test_stray_429s_barely_slow_a_job_down(share: float) -> None:
+    # A share of the requests refused at random (a flaky server, no limit): 16 workers at 100 ms.
+    runs = [simulate(Flaky(share, seed), Job(1600, 16, 0.1, "none", seed)) for seed in range(5)]
     assert statistics.median(r.fraction(160) for r in runs) >= 0.9
 
 
@@ -89,7 +87,7 @@ def test_a_resumed_job_starts_at_the_pace_it_learned() -> None:
 
     assert refused_first_second(fresh) >= 10  # sixteen at once: fifteen refused
     assert refused_first_second(resumed) <= 2
-    assert resumed.fraction(20) > fresh.fraction(20)
+    assert resumed.fraction(20) >= 0.9  # near the limit from its first second
 
 
 def test_the_pace_cuts_a_little_when_a_little_over_and_climbs_back() -> None:
@@ -110,11 +108,35 @@ def test_the_pace_cuts_a_little_when_a_little_over_and_climbs_back() -> None:
     assert 0.8 * probed < pace.rate < probed  # a cut, not a collapse
 
 
+def test_an_opening_burst_answered_out_of_order_leaves_a_pace_to_climb_from() -> None:
+    """Over HTTP the first answer can be an admission that overtakes the burst's 429s. Sixteen
+    sent at once, one admitted (answered first), fifteen refused with a whole-second
+    Retry-After: when they come back, one more refusal among the first answers is judged by
+    those answers, not by the burst's."""
+    pace = RateController()
+    for i in range(16):
+        pace.sent(i * 0.0003)
+    pace.answered(0.06, 0.0, limited=False)
+    pace.sent(0.06)  # the admitted one's worker goes on at once
+    for i in range(1, 16):
+        pace.answered(0.07, i * 0.0003, limited=True)
+    pace.answered(0.071, 0.06, limited=True)
+    assert pace.rate is not None
+    assert 5 < pace.rate < 30  # one admitted in 70 ms, not sixteen sent
+    now, answers = 1.07, [False, False, True, False, False]  # back after a second
+    for limited in answers:
+        now = max(now, now + pace.delay(now))
+        pace.sent(now)
+        pace.answered(now + 0.003, now, limited=limited)
+        now += 0.003
+    assert pace.rate > 5  # cut a little, not to a tenth
+
+
 def test_a_cap_on_requests_in_flight_is_learned_as_a_cap_not_a_rate() -> None:
     admission = Admission(16)
     outcome = simulate(ConcurrencyCap(8), Job(800, 16, 0.1, "none", 2), admission)
-    assert admission.learned()["cap"] in (7, 8)
-    assert outcome.steady(80) >= 0.9
+    assert admission.learned() == {"rate": None, "cap": 8}  # the pace its 429s set, forgotten
+    assert outcome.steady(80) >= 0.95
     assert outcome.refused_share() <= 0.05
 
 
