@@ -27,11 +27,16 @@ apart (no bursts), and the rate follows the answers:
 
   The rate cut from, or the rate requests really left at if lower (``offered``: the gap
   before the refused request when it waited for the pace, else the median gap around it, so a
-  pause before a burst does not hide the burst's pace), is remembered as ``ceiling``.
+  pause before a burst does not hide the burst's pace), but never less than what got through
+  (a spent window refuses everything for a while, which says nothing of its limit), is
+  remembered as ``ceiling``.
 - **Quiet** (no counted refusal for ``QUIET`` seconds): the rate climbs back quickly to just
-  under ``ceiling`` (``APPROACH`` of the gap per second), then beyond it slowly and ever faster,
-  ``ceiling * (1 + PROBE + CUBIC * seconds**3)`` (TCP CUBIC's shape), so a limit that rose is
-  found; never above twice the rate requests really leave at (an unused pace is untested).
+  under ``ceiling`` (``APPROACH`` of the gap per second) and stays there: a batch job runs at
+  one limit for minutes, and every probe beyond it costs refusals (a window of 5 s finds a probe
+  out up to 5 s late). After ``PROBE_AFTER`` quiet seconds there, it probes beyond, slowly and
+  ever faster, ``ceiling * (1 + PROBE * (1 + s) + CUBIC * s**3)`` (TCP CUBIC's shape), so a
+  limit that rose is found (20/s rising to 40/s: found within 15 s); never above twice the rate
+  requests really leave at (an unused pace is untested).
 - **Stray refusals**: a refusal counts only when more than ``noise`` of the last ``RECENT``
   answers were refusals. A cut after which the next ``2 * RECENT`` answers were refused about
   as often as before was a cut for nothing: it is undone, ``noise`` rises to twice the share
@@ -61,12 +66,13 @@ MARGIN: Final = 0.02
 QUIET: Final = 0.5
 APPROACH: Final = 2.0  # of the gap to just under ``ceiling``, per second
 PROBE: Final = 0.005  # growth under the ceiling, at least, per second
-CUBIC: Final = 0.005  # beyond it: the rate is ``ceiling * (1 + PROBE + CUBIC * seconds**3)``
+CUBIC: Final = 0.001  # beyond it: see the module docstring
 MAX_CUT: Final = 0.5
 FLOOR: Final = 0.85  # of what got through: the deepest a series of cuts goes
 STRIKE_MEMORY: Final = 3.0  # a refusal this soon after a cut: the cut was not enough
 UNDO: Final = 0.85  # a cut is kept when the share of refusals fell below this part of its value
 HELD: Final = 0.25  # of an interval: a send this late after its turn waited for the pace
+PROBE_AFTER: Final = 10.0  # quiet seconds at the ceiling before probing beyond it
 MIN_RATE: Final = 0.05
 _MIN_SPAN: Final = 0.05
 
@@ -215,7 +221,7 @@ class RateController:
             self._cut(now, max(self._admitted, 1) / self._elapsed(now), offered)
             return
         through = self.through(now)
-        ceiling = min(self.rate, offered)
+        ceiling = max(min(self.rate, offered), through)  # never under what got through
         refused, answers = self._fresh
         share = refused / answers if answers >= SPAN else self.share()
         if answers >= RECENT // 2 and share < LOW_SHARE:  # a little over, by that share
@@ -261,8 +267,10 @@ class RateController:
             return
         if self._beyond_since is None:
             self._beyond_since = now
-        beyond = now - self._beyond_since
-        self.rate = max(self.rate, min(under * (1 + PROBE + CUBIC * beyond**3), used))
+        beyond = max(0.0, now - self._beyond_since - PROBE_AFTER)
+        self.rate = max(
+            self.rate, min(under * (1 + PROBE * (1 + beyond) + CUBIC * beyond**3), used)
+        )
 
     def _judge_trial(self) -> None:
         """A cut, judged once ``2 * RECENT`` answers to requests sent after it have come:

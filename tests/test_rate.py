@@ -4,10 +4,9 @@ over HTTP against the emulator.
 
 The bounds are issue 14's goals (steady state >= 0.95 of the allowed rate, >= 0.85 overall,
 <= 5% of the creates refused in steady state) where the throttle meets them, and what it reaches
-where it does not yet, said so next to the bound: strict spacing loses a few percent to the
-jitter between when the client sends and when the server counts; a whole-second Retry-After
-holds a refused request up to a second longer than needed; a window of 5 s is longer than the
-throttle's memory of refusals, so about one create in ten is refused there.
+where it does not yet: a window of 5 s, whose closing a probe beyond the limit finds out up to
+5 s late, and whose whole-second Retry-After sends each refused request back when the window
+may still be closed.
 """
 
 from __future__ import annotations
@@ -34,15 +33,8 @@ from .conftest import API_KEY
 GOAL = {"overall": 0.85, "steady": 0.95, "share": 0.05}
 # Where the throttle does not meet a goal yet: what it does reach (see the module docstring).
 SHORT_OF_GOAL: dict[tuple[str, str], dict[str, float]] = {
-    ("strict", "none"): {"steady": 0.92},
-    ("strict", "exact"): {"steady": 0.93},
-    ("strict", "ceil"): {"steady": 0.84, "overall": 0.78},
-    ("fixed", "none"): {"share": 0.07},
-    ("fixed", "ceil"): {"share": 0.07},
-    ("sliding", "exact"): {"steady": 0.93},
-    ("sliding", "ceil"): {"steady": 0.9},
-    ("window-5s", "none"): {"share": 0.13},
-    ("window-5s", "ceil"): {"steady": 0.92, "share": 0.13},
+    ("window-5s", "none"): {"share": 0.09},
+    ("window-5s", "ceil"): {"share": 0.12},
 }
 
 
@@ -106,6 +98,26 @@ def test_the_pace_cuts_a_little_when_a_little_over_and_climbs_back() -> None:
         pace.answered(now, now - 1 / probed, limited=limited)
     assert pace.rate is not None
     assert 0.8 * probed < pace.rate < probed  # a cut, not a collapse
+
+
+class _Rising:
+    """Strict spacing at 20/s that becomes 40/s at ``at`` seconds."""
+
+    def __init__(self, at: float) -> None:
+        self.before, self.after, self.at = TokenBucket(20, 1), TokenBucket(40, 1), at
+
+    def admit(self, now: float) -> float | None:
+        return (self.before if now < self.at else self.after).admit(now)
+
+    def done(self, now: float) -> None:
+        return None
+
+
+def test_a_limit_that_rises_is_found() -> None:
+    # The pace stays just under a limit it found, and probes beyond only after 10 quiet seconds.
+    outcome = simulate(_Rising(10.0), Job(1600, 16, 0.003, "none", 0))
+    late = [at for at, ok in outcome.answers if ok and 30.0 <= at < outcome.duration - 1]
+    assert len(late) / (outcome.duration - 31.0) >= 0.9 * 40
 
 
 def test_an_opening_burst_answered_out_of_order_leaves_a_pace_to_climb_from() -> None:
