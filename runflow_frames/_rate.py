@@ -39,9 +39,10 @@ apart (no bursts), and the rate follows the answers:
   requests really leave at (an unused pace is untested).
 - **Stray refusals**: a refusal counts only when more than ``noise`` of the last ``RECENT``
   answers were refusals. A cut after which the next ``2 * RECENT`` answers were refused about
-  as often as before was a cut for nothing: it is undone, ``noise`` rises to twice the share
-  seen and the ceiling is forgotten (no limit was shown), so a server that refuses a few
-  requests at random, whatever the rate, costs little.
+  as often as before, and never ``RUN`` in a row (a limit refuses in runs: a window closes), was
+  a cut for nothing: it is undone, ``noise`` rises to twice the share seen and the ceiling is
+  forgotten (no limit was shown), so a server that refuses a few requests at random, whatever
+  the rate, costs little.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ STRIKE_MEMORY: Final = 3.0  # a refusal this soon after a cut: the cut was not e
 UNDO: Final = 0.85  # a cut is kept when the share of refusals fell below this part of its value
 HELD: Final = 0.25  # of an interval: a send this late after its turn waited for the pace
 PROBE_AFTER: Final = 10.0  # quiet seconds at the ceiling before probing beyond it
+RUN: Final = 4  # refusals in a row: a limit, not noise
 MIN_RATE: Final = 0.05
 _MIN_SPAN: Final = 0.05
 
@@ -87,11 +89,16 @@ class _Trial:
     cut_at: float
     before: list[int]  # [refused, answers]
     after: list[int]
+    run: int = 0  # refusals in a row among the answers after it
+    longest: int = 0
 
     def count(self, sent_at: float, *, limited: bool) -> None:
         tally = self.after if sent_at >= self.cut_at else self.before
         tally[0] += limited
         tally[1] += 1
+        if tally is self.after:
+            self.run = self.run + 1 if limited else 0
+            self.longest = max(self.longest, self.run)
 
     def share(self, tally: list[int]) -> float:
         return tally[0] / max(tally[1], 1)
@@ -280,7 +287,9 @@ class RateController:
             return
         self._trial = None
         before, after = trial.share(trial.before), trial.share(trial.after)
-        if UNDO * before <= after <= MAX_NOISE:  # the cut did not lower a few refusals
+        # The cut did not lower a few refusals, scattered (a limit refuses in runs: a window
+        # closes, strict spacing refuses every other request when over)
+        if UNDO * before <= after <= MAX_NOISE and trial.longest < RUN:
             self.rate, self.ceiling = trial.rate, math.inf  # no limit shown: search again
             spread = 3 * math.sqrt(after * (1 - after) / RECENT)  # of a share of RECENT answers
             self.noise = min(MAX_NOISE, max(self.noise, 2 * after, after + spread))
