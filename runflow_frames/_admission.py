@@ -137,7 +137,7 @@ class Admission:
         paced_since = self.pace.paced_since
         if paced_since is None or ticket.sent_at < paced_since:
             return False
-        if self.pace.offered(ticket.sent_at) > 1.5 * self.pace.through(ticket.sent_at):
+        if self.pace.offered(ticket.sent_at) > 1.5 * self.pace.through(ticket.sent_at, 1.0):
             return False  # sent faster than anything got through: a rate explains it as well
         paced = [(t.in_flight, ok) for t, ok in self._levels if t.sent_at >= paced_since]
         cap = _cap_in(paced, below=ticket.in_flight)

@@ -176,9 +176,14 @@ class RateController:
         one refusal among the first two answers is not half of them refused)."""
         return sum(self._recent) / max(len(self._recent), RECENT // 2)
 
-    def through(self, now: float) -> float:
-        """Answers not refused per second, over the last ``HORIZON`` seconds."""
-        return _per_second(self._oks, now, HORIZON, self._first)
+    def through(self, now: float, horizon: float = HORIZON) -> float:
+        """Answers not refused per second, over the last ``horizon`` seconds (at most
+        ``HORIZON``)."""
+        if horizon >= HORIZON:
+            return _per_second(self._oks, now, HORIZON, self._first)
+        recent = len(self._oks) - bisect.bisect_right(self._oks, now - horizon)
+        start = now if self._first is None else self._first
+        return recent / max(_MIN_SPAN, min(horizon, now - start))
 
     def _elapsed(self, now: float) -> float:
         return max(_MIN_SPAN, now - (now if self._first is None else self._first))
