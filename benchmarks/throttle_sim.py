@@ -10,8 +10,9 @@ benchmark (``bench_ratelimits.py``) confirms it.
 
 Beside each shape, ``best pace``: the steady fraction of the best constant pace known in
 advance (swept from 0.90 to 1.04 of the allowed rate, 429s at most 5%): what no throttle can
-beat against that shape with the simulated jitter. Against strict spacing it is 0.94: a
-request that reaches the server a millisecond early is refused, so the pace must leave room.
+beat against that shape with the simulated jitter and timers (loopback's, see
+``_simulate``). Against strict spacing it is 0.98: a request that reaches the server a
+millisecond early is refused, so the pace must leave room.
 
     python benchmarks/throttle_sim.py
 """
