@@ -123,8 +123,7 @@ class RateController:
         self._sends: deque[float] = deque(maxlen=64)
         self._held: deque[bool] = deque(maxlen=64)  # whether a send waited for the pace
         self._oks: deque[float] = deque()
-        self._recent: deque[bool] = deque(maxlen=RECENT)
-        self._history: deque[bool] = deque(maxlen=HISTORY)
+        self._history: deque[bool] = deque(maxlen=HISTORY)  # answers: refused or not
         self._cut_at = -math.inf
         self._limited_at = -math.inf
         self._last_ok: float | None = None
@@ -155,7 +154,6 @@ class RateController:
     def answered(self, now: float, sent_at: float, *, limited: bool) -> None:
         """The answer to a request sent at ``sent_at``: refused with a 429 or not."""
         if not (limited and self.rate is not None and sent_at < self._cut_at + 1 / self.rate):
-            self._recent.append(limited)
             self._history.append(limited)
         if self._trial is not None:
             self._trial.count(sent_at, limited=limited)
@@ -175,13 +173,16 @@ class RateController:
     def share(self) -> float:
         """The share of refusals among the last ``RECENT`` answers (of at least half as many:
         one refusal among the first two answers is not half of them refused)."""
-        return sum(self._recent) / max(len(self._recent), RECENT // 2)
+        skip = max(0, len(self._history) - RECENT)
+        recent = list(itertools.islice(self._history, skip, None))
+        return sum(recent) / max(len(recent), RECENT // 2)
 
     def through(self, now: float, horizon: float = HORIZON) -> float:
         """Answers not refused per second, over the last ``horizon`` seconds (at most
         ``HORIZON``)."""
-        if horizon >= HORIZON:
-            return _per_second(self._oks, now, HORIZON, self._first)
+        horizon = min(horizon, HORIZON)
+        while self._oks and self._oks[0] <= now - HORIZON:
+            self._oks.popleft()
         recent = len(self._oks) - bisect.bisect_right(self._oks, now - horizon)
         start = now if self._first is None else self._first
         return recent / max(_MIN_SPAN, min(horizon, now - start))
@@ -300,10 +301,3 @@ class RateController:
             self.rate, self.ceiling = trial.rate, math.inf  # no limit shown: search again
             spread = 3 * math.sqrt(after * (1 - after) / RECENT)  # of a share of RECENT answers
             self.noise = min(MAX_NOISE, max(self.noise, 2 * after, after + spread))
-
-
-def _per_second(times: deque[float], now: float, horizon: float, first: float | None) -> float:
-    while times and times[0] <= now - horizon:
-        times.popleft()
-    start = now if first is None else first
-    return len(times) / max(_MIN_SPAN, min(horizon, now - start))
